@@ -1,0 +1,12 @@
+"""vqdeploy: vector quantizers that train as one compiled graph and export to ONNX.
+
+Importing the package is cheap: onnx and onnxruntime are only imported by the
+export and runtime modules.
+"""
+
+from .codebooks import CosineSimCodebook, EuclideanCodebook
+from .vector_quantize import QuantizeLossOutput, QuantizeOutput, VectorQuantize
+
+__version__ = "0.1.0"
+
+__all__ = ["VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "EuclideanCodebook", "CosineSimCodebook"]

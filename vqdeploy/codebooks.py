@@ -1,0 +1,290 @@
+"""Codebook state and its training update (EMA, k-means init, dead codes, affine).
+
+Buffer names follow vector-quantize-pytorch 1.14.17 (``embed``, ``embed_avg``,
+``cluster_size``, ``initted``, the affine statistics) so its checkpoints load.
+Each training-only state change lives in a method with a trailing underscore,
+computes its new values out of place and writes them with ``copy_``, guarded by
+``torch.where`` so that a step with NaN/Inf data leaves the codebook untouched.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import distributed as D
+from .primitives import (counts_per_code, cosine_logits, ema_, euclidean_logits, gather_codes, kmeans, l2norm,
+                         laplace_smoothing, masked_mean_var, rows_all_finite, sample_rows, select_codes,
+                         sq_dist_scores, straight_through_weights, zero_dropped_rows, sums_per_code)
+from .state import OptionalStateMixin, flag
+
+
+class CodebookOutput(NamedTuple):
+    quantized: torch.Tensor  # (h, n, d) float32
+    indices: torch.Tensor  # (h, n) int64
+    logits: torch.Tensor | None  # (h, n, k): -distance or cosine similarity, when asked for or sampled from
+
+
+def _uniform_init(*shape: int) -> torch.Tensor:
+    t = torch.empty(shape)
+    nn.init.kaiming_uniform_(t)
+    return t
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class EuclideanCodebook(OptionalStateMixin):
+    """``num_codebooks`` codebooks of ``codebook_size`` codes of size ``dim``,
+    matched by Euclidean distance; the input is (num_codebooks, n, dim)."""
+
+    use_cosine_sim = False
+    _optional_state = ("skipped_updates", "batch_stats_need_init", "batch_mean", "batch_variance")
+
+    def __init__(self, dim: int, codebook_size: int, num_codebooks: int = 1, kmeans_init: bool = False,
+                 kmeans_iters: int = 10, sync_kmeans: bool = True, decay: float = 0.8, eps: float = 1e-5,
+                 threshold_ema_dead_code: float = 2, reset_cluster_size: float | None = None, use_ddp: bool = False,
+                 learnable_codebook: bool = False, sample_codebook_temp: float = 1.0, ema_update: bool = True,
+                 affine_param: bool = False, sync_affine_param: bool = False,
+                 affine_param_batch_decay: float = 0.99, affine_param_codebook_decay: float = 0.9,
+                 stochastic_sample_codes: bool = False, straight_through: bool = False, reinmax: bool = False):
+        super().__init__()
+        if affine_param and self.use_cosine_sim:
+            raise ValueError("affine_param is only compatible with the Euclidean codebook (use_cosine_sim=False)")
+        if reinmax and not straight_through:
+            raise ValueError("reinmax=True needs straight_through=True")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.num_codebooks = num_codebooks
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.decay = decay
+        self.eps = eps
+        self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.reset_cluster_size = threshold_ema_dead_code if reset_cluster_size is None else reset_cluster_size
+        self.use_ddp = use_ddp
+        self.sync_kmeans = use_ddp and sync_kmeans
+        self.learnable_codebook = learnable_codebook
+        self.sample_codebook_temp = sample_codebook_temp
+        self.ema_update = ema_update
+        self.stochastic_sample_codes = stochastic_sample_codes
+        self.straight_through = straight_through
+        self.reinmax = reinmax
+
+        if kmeans_init:
+            embed = torch.zeros(num_codebooks, codebook_size, dim)
+        else:
+            embed = _uniform_init(num_codebooks, codebook_size, dim)
+            if self.use_cosine_sim:
+                embed = l2norm(embed)
+
+        self.register_buffer("initted", flag(not kmeans_init))
+        self.register_buffer("cluster_size", torch.zeros(num_codebooks, codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+        if learnable_codebook:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+        # vqdeploy's own: how many training steps skipped their update because of NaN/Inf data
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
+
+        self.affine_param = affine_param
+        self.sync_affine_param = sync_affine_param
+        self.affine_param_batch_decay = affine_param_batch_decay
+        self.affine_param_codebook_decay = affine_param_codebook_decay
+        if affine_param:
+            stat_shape = (num_codebooks, 1, dim)
+            self.register_buffer("batch_mean", torch.zeros(stat_shape))
+            self.register_buffer("batch_variance", torch.ones(stat_shape))
+            self.register_buffer("batch_stats_need_init", flag(True))
+            self.register_buffer("codebook_mean_needs_init", flag(True))
+            self.register_buffer("codebook_mean", torch.zeros(stat_shape))
+            self.register_buffer("codebook_variance_needs_init", flag(True))
+            self.register_buffer("codebook_variance", torch.ones(stat_shape))
+
+    # ------------------------------------------------------------------ loading
+
+    def _adapt_state_dict(self, state_dict: dict, prefix: str) -> None:
+        # the reference registers batch statistics lazily: their presence means they are initialised
+        if self.affine_param and prefix + "batch_mean" in state_dict and prefix + "batch_stats_need_init" not in state_dict:
+            state_dict[prefix + "batch_stats_need_init"] = flag(False)
+
+    # ------------------------------------------------------------------ helpers
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return l2norm(x) if self.use_cosine_sim else x
+
+    def _sample(self, x, num, weights):
+        return D.sample_rows_synced(x, num, weights) if self.use_ddp else sample_rows(x, num, weights)
+
+    def _stds(self):
+        codebook_std = self.codebook_variance.clamp(min=1e-5).sqrt()
+        batch_std = self.batch_variance.clamp(min=1e-5).sqrt()
+        return codebook_std, batch_std
+
+    def codes_for_matching(self) -> torch.Tensor:
+        """The codes the input is matched against: ``embed``, moved to the batch
+        statistics when affine reparameterisation is on (https://arxiv.org/abs/2305.08842)."""
+        embed = self.embed if self.learnable_codebook else self.embed.detach()
+        if not self.affine_param:
+            return embed
+        codebook_std, batch_std = self._stds()
+        return (embed - self.codebook_mean) * (batch_std / codebook_std) + self.batch_mean
+
+    # ------------------------------------------------------------------ eval
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest code per row, no state change: (h, n, d) -> (h, n)."""
+        x = x.float()
+        codes = self.codes_for_matching().detach()
+        if self.use_cosine_sim:
+            return cosine_logits(x, codes).argmax(dim=-1)
+        return sq_dist_scores(x, codes).argmin(dim=-1)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
+                freeze_codebook: bool = False, return_logits: bool = False) -> CodebookOutput:
+        """x: (h, n, d); weights: (h, n) with 0 for rows to ignore (padding)."""
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            data_ok = None
+            if self.training:
+                # a NaN/Inf batch must not reach the codebook: its update is skipped and counted
+                data_ok = D.all_finite(rows_all_finite(x, weights))
+                clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
+                if self.kmeans_init:
+                    self.init_codebook_(clean, weights, data_ok)
+                if self.affine_param:
+                    self.update_affine_(clean, weights, data_ok)
+
+            codes = self.codes_for_matching()
+            sampling = self.training and (self.stochastic_sample_codes or self.straight_through) and temperature > 0
+            logits = None
+            if self.use_cosine_sim:
+                logits = cosine_logits(x, codes)
+                indices = logits.argmax(dim=-1)
+            else:
+                scores = sq_dist_scores(x, codes)
+                indices = scores.argmin(dim=-1)
+                if return_logits or sampling:
+                    logits = euclidean_logits(x, codes, scores)
+            if self.training and self.stochastic_sample_codes and temperature > 0:
+                indices = select_codes(logits, temperature, stochastic=True)
+
+            quantized = gather_codes(codes, indices)
+            if self.training and self.straight_through and temperature > 0:
+                soft = straight_through_weights(logits, indices, temperature, self.reinmax)
+                quantized = quantized + torch.bmm(soft, codes)
+
+            if self.training and self.ema_update and not freeze_codebook:
+                in_codebook_space = clean
+                if self.affine_param:
+                    codebook_std, batch_std = self._stds()
+                    in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
+                self.update_ema_(in_codebook_space, indices, weights, data_ok)
+                if self.threshold_ema_dead_code > 0:
+                    self.expire_codes_(clean, weights, data_ok)
+            if data_ok is not None:
+                with torch.no_grad():
+                    self.skipped_updates.add_((~data_ok).long())
+
+        return CodebookOutput(quantized, indices, logits if return_logits else None)
+
+    # ------------------------------------------------------------------ training-only state changes
+
+    def _write_(self, data_ok: torch.Tensor, **new_values: torch.Tensor) -> None:
+        with torch.no_grad():
+            for name, value in new_values.items():
+                buffer = getattr(self, name)
+                buffer.copy_(torch.where(data_ok, value.detach(), buffer))
+
+    def _kmeans_branch(self, x, weights, embed, embed_avg, cluster_size, initted):
+        reduce = D.all_reduce_sum if self.sync_kmeans else None
+        sample_fn = D.sample_rows_synced if self.sync_kmeans else sample_rows
+        means, counts = kmeans(x, self.codebook_size, self.kmeans_iters, self.use_cosine_sim, weights,
+                               sample_fn=sample_fn, all_reduce=reduce)
+        return means, means * counts.unsqueeze(-1), counts, torch.ones_like(initted)
+
+    @staticmethod
+    def _keep_branch(x, weights, embed, embed_avg, cluster_size, initted):
+        return embed.clone(), embed_avg.clone(), cluster_size.clone(), initted.clone()
+
+    def init_codebook_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor) -> None:
+        """k-means on the first clean training batch; ``torch.cond`` keeps it out of later steps."""
+        if weights is None:
+            weights = torch.ones(x.shape[:2], device=x.device)
+        needs_init = (self.initted == 0).all() & data_ok
+        operands = (x.detach(), weights, self.embed.detach(), self.embed_avg, self.cluster_size, self.initted)
+        if _is_compiling():
+            new = torch.cond(needs_init, self._kmeans_branch, self._keep_branch, operands)
+        elif bool(needs_init):
+            new = self._kmeans_branch(*operands)
+        else:
+            return
+        embed, embed_avg, cluster_size, initted = new
+        self._write_(data_ok, embed=embed, embed_avg=embed_avg, cluster_size=cluster_size, initted=initted)
+
+    def update_affine_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor) -> None:
+        """EMA of the codebook's and the batch's mean and variance (first value taken as is)."""
+        embed = self.embed.detach()
+        code_mean = embed.mean(dim=1, keepdim=True)
+        code_var = embed.var(dim=1, keepdim=True, unbiased=False)
+        reduce = D.all_reduce_sum if self.sync_affine_param else None
+        batch_mean, batch_var = masked_mean_var(x, weights, reduce)
+
+        def decayed(old, new, needs_init, decay):
+            return torch.where(needs_init > 0, new, old * decay + new * (1 - decay))
+
+        cb_decay, b_decay = self.affine_param_codebook_decay, self.affine_param_batch_decay
+        self._write_(
+            data_ok,
+            codebook_mean=decayed(self.codebook_mean, code_mean, self.codebook_mean_needs_init, cb_decay),
+            codebook_variance=decayed(self.codebook_variance, code_var, self.codebook_variance_needs_init, cb_decay),
+            batch_mean=decayed(self.batch_mean, batch_mean, self.batch_stats_need_init, b_decay),
+            batch_variance=decayed(self.batch_variance, batch_var, self.batch_stats_need_init, b_decay),
+            codebook_mean_needs_init=torch.zeros_like(self.codebook_mean_needs_init),
+            codebook_variance_needs_init=torch.zeros_like(self.codebook_variance_needs_init),
+            batch_stats_need_init=torch.zeros_like(self.batch_stats_need_init),
+        )
+
+    def update_ema_(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None,
+                    data_ok: torch.Tensor) -> None:
+        """EMA of per-code counts and sums (summed over ranks), then codes = sums / smoothed counts."""
+        counts = counts_per_code(indices, self.codebook_size, weights)
+        sums = sums_per_code(x, indices, self.codebook_size, weights)
+        if self.use_ddp:
+            counts, sums = D.all_reduce_sum(counts), D.all_reduce_sum(sums)
+        cluster_size = ema_(self.cluster_size, counts, self.decay)
+        embed_avg = ema_(self.embed_avg, sums, self.decay)
+        smoothed = laplace_smoothing(cluster_size, self.codebook_size, self.eps)
+        embed = embed_avg / smoothed.unsqueeze(-1)
+        if self.use_cosine_sim:
+            embed = l2norm(embed)
+        self._write_(data_ok, cluster_size=cluster_size, embed_avg=embed_avg, embed=embed)
+
+    def expire_codes_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor) -> None:
+        """Replace codes whose EMA count fell under the threshold by rows of this
+        batch (SoundStream), after the EMA update so it cannot overwrite them.
+        A fixed-size sample and ``torch.where`` keep the shapes static."""
+        expired = (self.cluster_size < self.threshold_ema_dead_code).unsqueeze(-1)
+        sampled = self._sample(x, self.codebook_size, weights)
+        if self.use_cosine_sim:
+            sampled = l2norm(sampled)
+        reset = torch.full_like(self.cluster_size, float(self.reset_cluster_size))
+        self._write_(
+            data_ok,
+            embed=torch.where(expired, sampled, self.embed),
+            embed_avg=torch.where(expired, sampled * self.reset_cluster_size, self.embed_avg),
+            cluster_size=torch.where(expired.squeeze(-1), reset, self.cluster_size),
+        )
+
+
+class CosineSimCodebook(EuclideanCodebook):
+    """Codes and inputs on the unit sphere, matched by cosine similarity (Improved VQGAN)."""
+
+    use_cosine_sim = True

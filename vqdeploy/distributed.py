@@ -1,0 +1,80 @@
+"""The few collectives a codebook needs, out of place, traceable by torch.compile.
+
+In-place ``torch.distributed.all_reduce`` has been reported to be silently
+wrong under ``torch.compile``, so everything here goes through the functional
+collectives (``torch.distributed._functional_collectives``), which work
+eagerly too.  Every function is the identity when torch.distributed is not
+initialised or has a single rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .primitives import sample_rows
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def _funcol():
+    import torch.distributed._functional_collectives as funcol
+    return funcol
+
+
+def _settle(t):
+    """Eagerly, functional collectives return an AsyncCollectiveTensor: wait
+    for it so that plain tensors flow on."""
+    funcol = _funcol()
+    if isinstance(t, funcol.AsyncCollectiveTensor):
+        return t.wait()
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return t
+    return _settle(_funcol().all_reduce(t, "sum", dist.group.WORLD))
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return t
+    return _settle(_funcol().all_reduce(t, "min", dist.group.WORLD))
+
+
+def all_gather_stacked(t: torch.Tensor) -> torch.Tensor:
+    """(...) on every rank -> (world, ...) on every rank."""
+    if not is_distributed():
+        return t.unsqueeze(0)
+    funcol = _funcol()
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    out = _settle(gather(t.contiguous(), 0, dist.group.WORLD))
+    return out.reshape(world_size(), *t.shape)
+
+
+def all_finite(ok: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool that is True only when it is True on every rank."""
+    if not is_distributed():
+        return ok
+    return all_reduce_min(ok.to(torch.int32).reshape(1)).reshape(()) > 0
+
+
+def sample_rows_synced(x: torch.Tensor, num: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Like :func:`sample_rows`, but every rank gets the same rows: each rank
+    samples ``num`` rows of its own batch and row ``j`` is taken from rank
+    ``j % world`` (static shapes, no variable-size gathers)."""
+    local = sample_rows(x, num, weights)
+    if not is_distributed():
+        return local
+    gathered = all_gather_stacked(local)  # (world, h, num, d)
+    source = torch.arange(num, device=x.device) % world_size()
+    h, d = local.shape[0], local.shape[-1]
+    index = source.view(1, 1, num, 1).expand(1, h, num, d)
+    return gathered.gather(0, index).squeeze(0)

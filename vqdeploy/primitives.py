@@ -1,0 +1,247 @@
+"""Graph-friendly building blocks shared by every quantizer.
+
+Every function here has static output shapes, branches only on Python values
+known at trace time (shapes, flags), and behaves the same eagerly, under
+``torch.compile(fullgraph=True)`` and when exported.  Masks are carried as
+float weights (1 keeps a row, 0 drops it) instead of boolean indexing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------
+# small numerics
+
+
+def l2norm(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return F.normalize(t, p=2, dim=dim)
+
+
+def safe_log(t: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
+    return torch.log(t.clamp(min=eps))
+
+
+def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
+    noise = torch.rand_like(like)
+    return -safe_log(-safe_log(noise))
+
+
+def laplace_smoothing(counts: torch.Tensor, num_categories: int, eps: float) -> torch.Tensor:
+    """Additive smoothing of EMA cluster sizes, rescaled to keep their total
+    (so that a never-used code does not divide by zero)."""
+    total = counts.sum(dim=-1, keepdim=True)
+    return (counts + eps) / (total + num_categories * eps) * total
+
+
+def ema_(old: torch.Tensor, new: torch.Tensor, decay: float) -> torch.Tensor:
+    """Out-of-place exponential moving average ``decay * old + (1 - decay) * new``."""
+    return torch.lerp(old, new, 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------
+# distances and nearest codes
+
+
+def sq_dist_scores(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``||c||^2 - 2 x.c`` for every row and code: (h, n, d), (h, k, d) -> (h, n, k).
+
+    This is the squared Euclidean distance less ``||x||^2``: its argmin is the
+    nearest code, without the square root, the clamp or ``||x||^2`` (which do
+    not change the winner), as FAISS and most VQ codebases do."""
+    sq_norms = codes.pow(2).sum(dim=-1).unsqueeze(1)
+    return torch.baddbmm(sq_norms, x, codes.transpose(1, 2), alpha=-2.0)
+
+
+def euclidean_logits(x: torch.Tensor, codes: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative Euclidean distance ``-||x - c||`` (h, n, k), as the reference
+    library exposes it for sampling and cross-entropy losses."""
+    if scores is None:
+        scores = sq_dist_scores(x, codes)
+    sq = x.pow(2).sum(dim=-1, keepdim=True) + scores
+    return -sq.clamp(min=0.0).sqrt()
+
+
+def cosine_logits(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(x, codes.transpose(1, 2))
+
+
+def nearest_codes(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = False) -> torch.Tensor:
+    """Index of the nearest code for every row: (h, n, d), (h, k, d) -> (h, n)."""
+    if use_cosine_sim:
+        return cosine_logits(x, codes).argmax(dim=-1)
+    return sq_dist_scores(x, codes).argmin(dim=-1)
+
+
+def gather_codes(codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Look codes up per codebook: (h, k, d), (h, n) -> (h, n, d)."""
+    h, n = indices.shape
+    expanded = indices.unsqueeze(-1).expand(h, n, codes.shape[-1])
+    return codes.gather(1, expanded)
+
+
+# ---------------------------------------------------------------------------
+# masked statistics (weights instead of boolean indexing)
+
+
+def counts_per_code(indices: torch.Tensor, num_codes: int, weights: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weighted bincount per codebook: (h, n) -> (h, k), with no (n, k) one-hot."""
+    h = indices.shape[0]
+    values = torch.ones(indices.shape, dtype=dtype, device=indices.device) if weights is None else weights.to(dtype)
+    out = torch.zeros(h, num_codes, dtype=dtype, device=indices.device)
+    return out.scatter_add(1, indices, values)
+
+
+def sums_per_code(x: torch.Tensor, indices: torch.Tensor, num_codes: int,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum of the rows assigned to each code: (h, n, d), (h, n) -> (h, k, d)."""
+    h, n, d = x.shape
+    if weights is not None:
+        x = x * weights.unsqueeze(-1)
+    offsets = torch.arange(h, device=indices.device).unsqueeze(-1) * num_codes
+    flat_indices = (indices + offsets).reshape(-1)
+    out = torch.zeros(h * num_codes, d, dtype=x.dtype, device=x.device)
+    out = out.index_add(0, flat_indices, x.reshape(h * n, d))
+    return out.reshape(h, num_codes, d)
+
+
+def masked_mean_var(x: torch.Tensor, weights: torch.Tensor | None, all_reduce=None):
+    """Per-codebook mean and biased variance over rows: (h, n, d) -> (h, 1, d) each.
+
+    ``all_reduce`` (sum over ranks) turns this into the statistics of the
+    union of every rank's rows."""
+    reduce = all_reduce if all_reduce is not None else (lambda t: t)
+    if weights is None:
+        weights = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+    w = weights.to(x.dtype).unsqueeze(-1)
+    count = reduce(w.sum(dim=1, keepdim=True))
+    count = count.clamp(min=1.0)
+    mean = reduce((x * w).sum(dim=1, keepdim=True)) / count
+    var = reduce((w * (x - mean).pow(2)).sum(dim=1, keepdim=True)) / count
+    return mean, var
+
+
+def rows_all_finite(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """True (0-d bool tensor) when every kept row is free of NaN and Inf."""
+    finite_rows = torch.isfinite(x).all(dim=-1)
+    if weights is not None:
+        finite_rows = finite_rows | (weights <= 0)
+    return finite_rows.all()
+
+
+def zero_dropped_rows(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Zero the rows whose weight is 0, so that NaN padding cannot leak into sums."""
+    if weights is None:
+        return x
+    return torch.where(weights.unsqueeze(-1) > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# ---------------------------------------------------------------------------
+# sampling a fixed number of rows
+
+
+def sample_row_indices(weights: torch.Tensor, num: int) -> torch.Tensor:
+    """Pick ``num`` row indices per codebook: (h, n) weights -> (h, num).
+
+    Rows with weight > 0 are drawn without replacement while there are enough
+    of them (Gumbel top-k), and with replacement for the rest, so the output
+    shape never depends on the data.  If a codebook has no kept row at all,
+    every row is eligible."""
+    h, n = weights.shape
+    keep = weights > 0
+    keep = keep | ~keep.any(dim=-1, keepdim=True)
+    keys = torch.where(keep, torch.rand(h, n, device=weights.device), torch.full((), -1.0, device=weights.device))
+
+    # with replacement: inverse CDF over the kept rows
+    cdf = keep.to(torch.float32).cumsum(dim=-1)
+    targets = torch.rand(h, num, device=weights.device) * cdf[:, -1:]
+    with_replacement = torch.searchsorted(cdf, targets, right=True).clamp(max=n - 1)
+
+    if n < num:
+        return with_replacement
+    top_keys, without_replacement = keys.topk(num, dim=-1)
+    return torch.where(top_keys >= 0, without_replacement, with_replacement)
+
+
+def sample_rows(x: torch.Tensor, num: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``num`` rows of each codebook's batch: (h, n, d) -> (h, num, d)."""
+    if weights is None:
+        weights = torch.ones(x.shape[:2], device=x.device)
+    return gather_codes(x, sample_row_indices(weights, num))
+
+
+# ---------------------------------------------------------------------------
+# k-means
+
+
+def kmeans(x: torch.Tensor, num_clusters: int, num_iters: int, use_cosine_sim: bool = False,
+           weights: torch.Tensor | None = None, sample_fn=None, all_reduce=None):
+    """Lloyd's k-means with a fixed number of iterations: (h, n, d) -> means (h, k, d), counts (h, k).
+
+    ``sample_fn(x, num, weights)`` picks the starting means (shared across
+    ranks when distributed) and ``all_reduce`` sums counts and sums over ranks.
+    Empty clusters keep their previous mean."""
+    sample_fn = sample_fn if sample_fn is not None else sample_rows
+    reduce = all_reduce if all_reduce is not None else (lambda t: t)
+    means = sample_fn(x, num_clusters, weights)
+    counts = torch.zeros(x.shape[0], num_clusters, dtype=x.dtype, device=x.device)
+    for _ in range(num_iters):
+        assigned = nearest_codes(x, means, use_cosine_sim)
+        counts = reduce(counts_per_code(assigned, num_clusters, weights, dtype=x.dtype))
+        sums = reduce(sums_per_code(x, assigned, num_clusters, weights))
+        new_means = sums / counts.clamp(min=1.0).unsqueeze(-1)
+        if use_cosine_sim:
+            new_means = l2norm(new_means)
+        means = torch.where((counts == 0).unsqueeze(-1), means, new_means)
+    return means, counts
+
+
+# ---------------------------------------------------------------------------
+# losses
+
+
+def orthogonal_loss(codes: torch.Tensor, code_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared cosine similarity between codes, minus its floor
+    (eq. 2 of https://arxiv.org/abs/2112.00384): (h, k, d) -> scalar.
+
+    ``code_weights`` (h, k) of 0/1 restricts the loss to a subset of codes
+    with a static shape (the subset size is ``code_weights.sum()`` per head,
+    assumed equal across heads, as the reference's shared-codebook case)."""
+    h, k = codes.shape[:2]
+    normed = l2norm(codes)
+    cosine_sim = torch.bmm(normed, normed.transpose(1, 2))
+    if code_weights is None:
+        return cosine_sim.pow(2).sum() / (h * k ** 2) - 1.0 / k
+    w = code_weights.to(cosine_sim.dtype)
+    pair_weights = w.unsqueeze(-1) * w.unsqueeze(-2)
+    n = w.sum(dim=-1).clamp(min=1.0)
+    return ((cosine_sim.pow(2) * pair_weights).sum(dim=(-1, -2)) / n.pow(2)).mean() - (1.0 / n).mean()
+
+
+# ---------------------------------------------------------------------------
+# code selection: gumbel sampling and straight-through relaxations
+
+
+def select_codes(logits: torch.Tensor, temperature: float, stochastic: bool) -> torch.Tensor:
+    """Argmax over codes, with Gumbel noise at ``temperature`` when stochastic."""
+    if stochastic and temperature > 0:
+        logits = logits / temperature + gumbel_noise(logits)
+    return logits.argmax(dim=-1)
+
+
+def straight_through_weights(logits: torch.Tensor, indices: torch.Tensor, temperature: float,
+                             reinmax: bool = False) -> torch.Tensor:
+    """Soft code weights whose value is zero and whose gradient is that of the
+    straight-through Gumbel-softmax (or ReinMax, https://arxiv.org/abs/2304.08612,
+    algorithm 2).  Add ``weights @ codes`` to the hard lookup: (h, n, k)."""
+    if not reinmax:
+        soft = (logits / temperature).softmax(dim=-1)
+        return soft - soft.detach()
+    pi0 = logits.softmax(dim=-1)
+    half_soft = (logits / temperature).softmax(dim=-1) * 0.5
+    pi1 = half_soft.scatter_add(-1, indices.unsqueeze(-1), torch.full_like(half_soft[..., :1], 0.5))
+    pi1 = ((safe_log(pi1) - logits).detach() + logits).softmax(dim=-1)
+    pi2 = 2 * pi1 - 0.5 * pi0
+    return pi2 - pi2.detach()

@@ -1,0 +1,351 @@
+"""VectorQuantize: the API of vector-quantize-pytorch 1.14.17, as one static graph.
+
+Shapes, argument names and checkpoint keys follow the reference library;
+the training update is graph-friendly (see codebooks.py), so the whole module,
+training included, compiles with ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from . import distributed as D
+from .codebooks import CosineSimCodebook, EuclideanCodebook
+from .layout import TokenLayout, check_index_range, check_indices_dtype, to_tokens
+from .primitives import counts_per_code, gather_codes, orthogonal_loss
+
+
+class QuantizeOutput(NamedTuple):
+    """What ``forward`` returns; unpacks like the reference's tuple."""
+
+    quantized: torch.Tensor  # the input's shape
+    indices: torch.Tensor  # (b, *tokens) or (b, *tokens, heads)
+    loss: torch.Tensor  # (1,)
+
+
+class QuantizeLossOutput(NamedTuple):
+    """What ``forward(x, indices=...)`` returns: the quantized input and the
+    cross-entropy of the distances against the given codes (NaturalSpeech 2)."""
+
+    quantized: torch.Tensor
+    ce_loss: torch.Tensor
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class VectorQuantize(nn.Module):
+    """Vector quantization with EMA codebooks (VQ-VAE, SoundStream, Improved VQGAN tricks)."""
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_dim: int | None = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        freeze_codebook: bool = False,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        sync_kmeans: bool = True,
+        use_cosine_sim: bool = False,
+        threshold_ema_dead_code: float = 0,
+        channel_last: bool = True,
+        accept_image_fmap: bool = False,
+        commitment_weight: float = 1.0,
+        commitment_use_cross_entropy_loss: bool = False,
+        orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: int | None = None,
+        stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
+        straight_through: bool = False,
+        reinmax: bool = False,
+        sync_codebook: bool | None = None,
+        sync_affine_param: bool = False,
+        ema_update: bool = True,
+        learnable_codebook: bool = False,
+        in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        affine_param: bool = False,
+        affine_param_batch_decay: float = 0.99,
+        affine_param_codebook_decay: float = 0.9,
+        sync_update_v: float = 0.0,
+    ):
+        super().__init__()
+        _positive_int("dim", dim)
+        _positive_int("codebook_size", codebook_size)
+        _positive_int("heads", heads)
+        _positive_int("kmeans_iters", kmeans_iters)
+        if codebook_dim is not None:
+            _positive_int("codebook_dim", codebook_dim)
+        if orthogonal_reg_max_codes is not None:
+            _positive_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must lie in [0, 1], got {decay}")
+        if ema_update and learnable_codebook:
+            raise ValueError("learnable_codebook=True needs ema_update=False (the EMA would overwrite learned codes)")
+        if not 0.0 <= sync_update_v <= 1.0:
+            raise ValueError(f"sync_update_v must lie in [0, 1], got {sync_update_v}")
+        if sync_update_v > 0 and not learnable_codebook:
+            raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
+        if reinmax and not straight_through:
+            raise ValueError("reinmax=True needs straight_through=True")
+
+        self.dim = dim
+        self.heads = heads
+        self.separate_codebook_per_head = separate_codebook_per_head
+        self.codebook_size = codebook_size
+        codebook_dim = dim if codebook_dim is None else codebook_dim
+        self.codebook_dim = codebook_dim
+        codebook_input_dim = codebook_dim * heads
+        self.has_projections = codebook_input_dim != dim
+        self.project_in = nn.Linear(dim, codebook_input_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_input_dim, dim) if self.has_projections else nn.Identity()
+
+        self.eps = eps
+        self.freeze_codebook = freeze_codebook
+        self.commitment_weight = commitment_weight
+        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
+        self.learnable_codebook = learnable_codebook
+        self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0
+        self.orthogonal_reg_weight = orthogonal_reg_weight
+        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.sync_update_v = sync_update_v
+        self.accept_image_fmap = accept_image_fmap
+        self.channel_last = channel_last
+
+        if sync_codebook is None:
+            sync_codebook = D.is_distributed()
+        self.sync_codebook = sync_codebook
+
+        codebook_class = CosineSimCodebook if use_cosine_sim else EuclideanCodebook
+        self._codebook = codebook_class(
+            dim=codebook_dim,
+            codebook_size=codebook_size,
+            num_codebooks=heads if separate_codebook_per_head else 1,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            sync_kmeans=sync_kmeans,
+            decay=decay,
+            eps=eps,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            use_ddp=sync_codebook,
+            learnable_codebook=self.has_codebook_orthogonal_loss or learnable_codebook,
+            sample_codebook_temp=sample_codebook_temp,
+            ema_update=ema_update,
+            affine_param=affine_param,
+            sync_affine_param=sync_affine_param,
+            affine_param_batch_decay=affine_param_batch_decay,
+            affine_param_codebook_decay=affine_param_codebook_decay,
+            stochastic_sample_codes=stochastic_sample_codes,
+            straight_through=straight_through,
+            reinmax=reinmax,
+        )
+        self.in_place_codebook_optimizer = (
+            in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
+        )
+
+    # ------------------------------------------------------------------ codebook access
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(codebook_size, codebook_dim), or (heads, codebook_size, codebook_dim) with separate codebooks."""
+        embed = self._codebook.embed
+        return embed if self.separate_codebook_per_head else embed[0]
+
+    @codebook.setter
+    def codebook(self, codes: torch.Tensor) -> None:
+        expected = tuple(self._codebook.embed.shape[1:] if not self.separate_codebook_per_head
+                         else self._codebook.embed.shape)
+        if tuple(codes.shape) != expected:
+            raise ValueError(f"codebook must have shape {expected}, got {tuple(codes.shape)}")
+        if not self.separate_codebook_per_head:
+            codes = codes.unsqueeze(0)
+        with torch.no_grad():
+            self._codebook.embed.copy_(codes)
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes for ``indices`` (b, ...) or (b, ..., heads), before ``project_out``:
+        (b, ..., heads * codebook_dim), channel-first when ``channel_last=False``."""
+        codes = self._lookup(indices)
+        return codes if self.channel_last else codes.movedim(-1, 1)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``get_codes_from_indices`` followed by ``project_out`` (channel-first when ``channel_last=False``)."""
+        out = self.project_out(self._lookup(indices))
+        return out if self.channel_last else out.movedim(-1, 1)
+
+    def _lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        check_indices_dtype(indices)
+        if self.heads > 1 and (indices.ndim < 2 or indices.shape[-1] != self.heads):
+            raise ValueError(f"indices must end with a heads dimension of size {self.heads}, got {tuple(indices.shape)}")
+        check_index_range(indices, self.codebook_size)
+        embed = self._codebook.embed
+        if self.heads == 1:
+            return F.embedding(indices.long(), embed[0])
+        flat_codes = embed.reshape(-1, self.codebook_dim)
+        if self.separate_codebook_per_head:
+            indices = indices.long() + torch.arange(self.heads, device=indices.device) * self.codebook_size
+        codes = F.embedding(indices.long(), flat_codes)
+        return codes.flatten(-2)
+
+    # ------------------------------------------------------------------ pure eval API
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes for ``x`` without touching any state (the export encoder)."""
+        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
+        rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens)))
+        return layout.restore_indices(self._merge_indices(self._codebook.encode(rows), tokens.shape[0]))
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """The quantized output for ``indices``, in the layout ``forward`` returns."""
+        out = self.project_out(self._lookup(indices))
+        has_tokens = indices.ndim > (2 if self.heads > 1 else 1)
+        return out.movedim(-1, 1) if has_tokens and (self.accept_image_fmap or not self.channel_last) else out
+
+    # ------------------------------------------------------------------ head handling
+
+    def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(b, n, heads * d) -> codebook rows (num_codebooks, rows, d)."""
+        if self.separate_codebook_per_head:
+            return rearrange(tokens, "b n (h d) -> h (b n) d", h=self.heads)
+        return rearrange(tokens, "b n (h d) -> 1 (b h n) d", h=self.heads)
+
+    def _merge_rows(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        if self.separate_codebook_per_head:
+            return rearrange(rows, "h (b n) d -> b n (h d)", b=batch)
+        return rearrange(rows, "1 (b h n) d -> b n (h d)", b=batch, h=self.heads)
+
+    def _split_token_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token values (b, n) -> per-row (num_codebooks, rows)."""
+        if self.separate_codebook_per_head:
+            return repeat(values, "b n -> h (b n)", h=self.heads)
+        return repeat(values, "b n -> 1 (b h n)", h=self.heads)
+
+    def _split_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(b, n, heads) -> (num_codebooks, rows)."""
+        if self.separate_codebook_per_head:
+            return rearrange(indices, "b n h -> h (b n)")
+        return rearrange(indices, "b n h -> 1 (b h n)")
+
+    def _merge_indices(self, indices: torch.Tensor, batch: int) -> torch.Tensor:
+        """(num_codebooks, rows) -> (b, n) or (b, n, heads)."""
+        if self.separate_codebook_per_head:
+            merged = rearrange(indices, "h (b n) -> b n h", b=batch)
+        else:
+            merged = rearrange(indices, "1 (b h n) -> b n h", b=batch, h=self.heads)
+        return merged if self.heads > 1 else merged[..., 0]
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                sample_codebook_temp: float | None = None, freeze_codebook: bool = False):
+        """x: (b, dim), (b, n, dim), (b, dim, n) with ``channel_last=False``, or
+        (b, dim, *spatial) with ``accept_image_fmap=True``; mask: bool (b, n).
+
+        Returns ``(quantized, indices, loss)``, or ``(quantized, ce_loss)`` when
+        ``indices`` are given."""
+        freeze_codebook = freeze_codebook or self.freeze_codebook
+        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
+        batch = tokens.shape[0]
+        token_weights = layout.token_weights(mask, batch)
+        row_weights = None if token_weights is None else self._split_token_values(token_weights)
+        target_rows = None
+        if indices is not None:
+            target_rows = self._split_indices(layout.token_indices(indices, self.heads))
+            check_index_range(target_rows, self.codebook_size, allow_minus_one=True)
+
+        rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens)))
+        want_logits = indices is not None or (self.training and self.commitment_use_cross_entropy_loss)
+        codebook_kwargs = dict(weights=row_weights, sample_codebook_temp=sample_codebook_temp,
+                               freeze_codebook=freeze_codebook, return_logits=want_logits)
+        quantized, code_indices, logits = self._codebook(rows, **codebook_kwargs)
+
+        if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
+            self._in_place_codebook_step(quantized, rows, row_weights)
+            quantized, code_indices, logits = self._codebook(rows, **codebook_kwargs)
+
+        quantized = quantized.to(rows.dtype)
+        commit_quantized = quantized
+        if self.training:
+            if not self.learnable_codebook or freeze_codebook:
+                commit_quantized = quantized.detach()
+            quantized = rows + (quantized - rows).detach()  # straight-through estimator
+            if self.sync_update_v > 0:
+                # optimistic/pessimistic synchronous update, eq. 21 of https://arxiv.org/abs/2305.08842
+                quantized = quantized + self.sync_update_v * (quantized - quantized.detach())
+
+        out = self._merge_rows(quantized, batch)
+        out = self.project_out(out)
+        if token_weights is not None:
+            out = torch.where(token_weights.unsqueeze(-1) > 0, out, tokens)
+        out = layout.restore_features(out)
+
+        if indices is not None:
+            return QuantizeLossOutput(out, F.cross_entropy(logits.flatten(0, 1), target_rows.flatten(), ignore_index=-1))
+
+        loss = torch.zeros(1, device=x.device)
+        if self.training:
+            loss = loss + self._aux_loss(rows, commit_quantized, code_indices, logits, row_weights)
+        out_indices = layout.restore_indices(self._merge_indices(code_indices, batch))
+        return QuantizeOutput(out, out_indices, loss)
+
+    # ------------------------------------------------------------------ losses
+
+    def _aux_loss(self, rows, commit_quantized, code_indices, logits, row_weights) -> torch.Tensor:
+        loss = torch.zeros((), device=rows.device)
+        if self.commitment_weight > 0:
+            if self.commitment_use_cross_entropy_loss:
+                target = code_indices if row_weights is None else torch.where(row_weights > 0, code_indices, -1)
+                commit_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1)
+            elif row_weights is None:
+                commit_loss = F.mse_loss(commit_quantized, rows)
+            else:
+                sq_err = (commit_quantized - rows).pow(2) * row_weights.unsqueeze(-1)
+                commit_loss = sq_err.sum() / (row_weights.sum() * rows.shape[-1]).clamp(min=1.0)
+            loss = loss + commit_loss * self.commitment_weight
+        if self.has_codebook_orthogonal_loss:
+            loss = loss + self._orthogonal_loss(code_indices) * self.orthogonal_reg_weight
+        return loss
+
+    def _orthogonal_loss(self, code_indices: torch.Tensor) -> torch.Tensor:
+        """Orthogonality of the (updated) codebook, over the codes used in this
+        batch when ``orthogonal_reg_active_codes_only``, and over a random
+        subset of at most ``orthogonal_reg_max_codes`` codes; subsets are 0/1
+        weights so that shapes stay static."""
+        codebook = self._codebook.embed
+        code_weights = None
+        if self.orthogonal_reg_active_codes_only:
+            code_weights = (counts_per_code(code_indices, self.codebook_size) > 0).float()
+        max_codes = self.orthogonal_reg_max_codes
+        if max_codes is not None and self.codebook_size > max_codes:
+            eligible = code_weights if code_weights is not None else torch.ones(codebook.shape[:2], device=codebook.device)
+            keys = torch.where(eligible > 0, torch.rand_like(eligible), torch.full_like(eligible, -1.0))
+            chosen = keys.topk(max_codes, dim=-1).indices
+            codebook = gather_codes(codebook, chosen)
+            code_weights = eligible.gather(1, chosen) if self.orthogonal_reg_active_codes_only else None
+        return orthogonal_loss(codebook, code_weights)
+
+    @torch.compiler.disable
+    def _in_place_codebook_step(self, quantized, rows, row_weights) -> None:
+        """One step of the user's codebook optimizer on ``mse(quantized, x)``.
+        It runs a user's optimizer, so it stays eager (a graph break under torch.compile)."""
+        sq_err = (quantized - rows.detach()).pow(2)
+        if row_weights is None:
+            loss = sq_err.mean()
+        else:
+            loss = (sq_err * row_weights.unsqueeze(-1)).sum() / (row_weights.sum() * rows.shape[-1]).clamp(min=1.0)
+        params = [p for p in self._codebook.parameters() if p.requires_grad]
+        loss.backward(inputs=params)
+        self.in_place_codebook_optimizer.step()
+        self.in_place_codebook_optimizer.zero_grad()
