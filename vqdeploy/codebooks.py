@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .primitives import (counts_per_code, cosine_logits, ema_, euclidean_logits, gather_codes, kmeans, l2norm,
-                         laplace_smoothing, masked_mean_var, rows_all_finite, sample_rows, select_codes,
-                         sq_dist_scores, straight_through_weights, zero_dropped_rows, sums_per_code)
+from .primitives import (counts_per_code, draw_uniform, cosine_logits, ema_, euclidean_logits, gather_codes, kmeans, l2norm,
+                         laplace_smoothing, masked_mean_var, rows_all_finite, row_sample_noise_shape, sample_codes, sample_rows,
+                         snapshot, sq_dist_scores, straight_through_weights, zero_dropped_rows, sums_per_code)
 from .state import OptionalStateMixin, flag
 
 
@@ -117,8 +117,22 @@ class EuclideanCodebook(OptionalStateMixin):
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return l2norm(x) if self.use_cosine_sim else x
 
-    def _sample(self, x, num, weights):
-        return D.sample_rows_synced(x, num, weights) if self.use_ddp else sample_rows(x, num, weights)
+    def _sample(self, x, num, weights, uniform):
+        sample_fn = D.sample_rows_synced if self.use_ddp else sample_rows
+        return sample_fn(x, num, weights, uniform)
+
+    def noise_shapes(self, num_rows: int, temperature: float | None = None) -> dict:
+        """Shapes of the uniform noise one training step consumes for ``num_rows`` rows per codebook."""
+        temperature = self.sample_codebook_temp if temperature is None else temperature
+        h, k = self.num_codebooks, self.codebook_size
+        shapes = {}
+        if self.kmeans_init:
+            shapes["kmeans"] = row_sample_noise_shape(h, num_rows, k)
+        if self.ema_update and self.threshold_ema_dead_code > 0:
+            shapes["expire"] = row_sample_noise_shape(h, num_rows, k)
+        if self.stochastic_sample_codes and temperature > 0:
+            shapes["gumbel"] = (h, num_rows, k)
+        return shapes
 
     def _stds(self):
         codebook_std = self.codebook_variance.clamp(min=1e-5).sqrt()
@@ -147,22 +161,27 @@ class EuclideanCodebook(OptionalStateMixin):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
-                freeze_codebook: bool = False, return_logits: bool = False) -> CodebookOutput:
-        """x: (h, n, d); weights: (h, n) with 0 for rows to ignore (padding)."""
+                freeze_codebook: bool = False, return_logits: bool = False, noise: dict | None = None) -> CodebookOutput:
+        """x: (h, n, d); weights: (h, n) with 0 for rows to ignore (padding);
+        noise: the uniform tensors named by :meth:`noise_shapes` (drawn here when None)."""
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             data_ok = None
             if self.training:
+                if noise is None:
+                    noise = draw_uniform(self.noise_shapes(x.shape[1], temperature), x.device)
                 # a NaN/Inf batch must not reach the codebook: its update is skipped and counted
                 data_ok = D.all_finite(rows_all_finite(x, weights))
                 clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
                 if self.kmeans_init:
-                    self.init_codebook_(clean, weights, data_ok)
+                    self.init_codebook_(clean, weights, data_ok, noise["kmeans"])
                 if self.affine_param:
                     self.update_affine_(clean, weights, data_ok)
 
             codes = self.codes_for_matching()
+            if self.training:
+                codes = snapshot(codes)  # the updates below overwrite what codes was read from
             sampling = self.training and (self.stochastic_sample_codes or self.straight_through) and temperature > 0
             logits = None
             if self.use_cosine_sim:
@@ -174,7 +193,7 @@ class EuclideanCodebook(OptionalStateMixin):
                 if return_logits or sampling:
                     logits = euclidean_logits(x, codes, scores)
             if self.training and self.stochastic_sample_codes and temperature > 0:
-                indices = select_codes(logits, temperature, stochastic=True)
+                indices = sample_codes(logits, temperature, noise["gumbel"])
 
             quantized = gather_codes(codes, indices)
             if self.training and self.straight_through and temperature > 0:
@@ -188,7 +207,7 @@ class EuclideanCodebook(OptionalStateMixin):
                     in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
                 self.update_ema_(in_codebook_space, indices, weights, data_ok)
                 if self.threshold_ema_dead_code > 0:
-                    self.expire_codes_(clean, weights, data_ok)
+                    self.expire_codes_(clean, weights, data_ok, noise["expire"])
             if data_ok is not None:
                 with torch.no_grad():
                     self.skipped_updates.add_((~data_ok).long())
@@ -201,25 +220,26 @@ class EuclideanCodebook(OptionalStateMixin):
         with torch.no_grad():
             for name, value in new_values.items():
                 buffer = getattr(self, name)
-                buffer.copy_(torch.where(data_ok, value.detach(), buffer))
+                buffer.copy_(torch.where(data_ok, value, buffer))
 
-    def _kmeans_branch(self, x, weights, embed, embed_avg, cluster_size, initted):
+    def _kmeans_branch(self, x, weights, uniform, embed, embed_avg, cluster_size, initted):
         reduce = D.all_reduce_sum if self.sync_kmeans else None
         sample_fn = D.sample_rows_synced if self.sync_kmeans else sample_rows
         means, counts = kmeans(x, self.codebook_size, self.kmeans_iters, self.use_cosine_sim, weights,
-                               sample_fn=sample_fn, all_reduce=reduce)
+                               sample_fn=sample_fn, all_reduce=reduce, uniform=uniform)
         return means, means * counts.unsqueeze(-1), counts, torch.ones_like(initted)
 
     @staticmethod
-    def _keep_branch(x, weights, embed, embed_avg, cluster_size, initted):
+    def _keep_branch(x, weights, uniform, embed, embed_avg, cluster_size, initted):
         return embed.clone(), embed_avg.clone(), cluster_size.clone(), initted.clone()
 
-    def init_codebook_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor) -> None:
+    def init_codebook_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor,
+                       uniform: torch.Tensor) -> None:
         """k-means on the first clean training batch; ``torch.cond`` keeps it out of later steps."""
         if weights is None:
             weights = torch.ones(x.shape[:2], device=x.device)
         needs_init = (self.initted == 0).all() & data_ok
-        operands = (x.detach(), weights, self.embed.detach(), self.embed_avg, self.cluster_size, self.initted)
+        operands = (x.detach(), weights, uniform, self.embed.detach(), self.embed_avg, self.cluster_size, self.initted)
         if _is_compiling():
             new = torch.cond(needs_init, self._kmeans_branch, self._keep_branch, operands)
         elif bool(needs_init):
@@ -267,12 +287,13 @@ class EuclideanCodebook(OptionalStateMixin):
             embed = l2norm(embed)
         self._write_(data_ok, cluster_size=cluster_size, embed_avg=embed_avg, embed=embed)
 
-    def expire_codes_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor) -> None:
+    def expire_codes_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor,
+                      uniform: torch.Tensor) -> None:
         """Replace codes whose EMA count fell under the threshold by rows of this
         batch (SoundStream), after the EMA update so it cannot overwrite them.
         A fixed-size sample and ``torch.where`` keep the shapes static."""
         expired = (self.cluster_size < self.threshold_ema_dead_code).unsqueeze(-1)
-        sampled = self._sample(x, self.codebook_size, weights)
+        sampled = self._sample(x, self.codebook_size, weights, uniform)
         if self.use_cosine_sim:
             sampled = l2norm(sampled)
         reset = torch.full_like(self.cluster_size, float(self.reset_cluster_size))

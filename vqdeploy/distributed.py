@@ -66,11 +66,12 @@ def all_finite(ok: torch.Tensor) -> torch.Tensor:
     return all_reduce_min(ok.to(torch.int32).reshape(1)).reshape(()) > 0
 
 
-def sample_rows_synced(x: torch.Tensor, num: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+def sample_rows_synced(x: torch.Tensor, num: int, weights: torch.Tensor | None = None,
+                       uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Like :func:`sample_rows`, but every rank gets the same rows: each rank
     samples ``num`` rows of its own batch and row ``j`` is taken from rank
     ``j % world`` (static shapes, no variable-size gathers)."""
-    local = sample_rows(x, num, weights)
+    local = sample_rows(x, num, weights, uniform)
     if not is_distributed():
         return local
     gathered = all_gather_stacked(local)  # (world, h, num, d)

@@ -8,6 +8,8 @@ float weights (1 keeps a row, 0 drops it) instead of boolean indexing.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -23,9 +25,25 @@ def safe_log(t: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
     return torch.log(t.clamp(min=eps))
 
 
-def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
-    noise = torch.rand_like(like)
-    return -safe_log(-safe_log(noise))
+def gumbel_noise(uniform: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) samples from uniform ones."""
+    return -safe_log(-safe_log(uniform))
+
+
+def draw_uniform(shapes: dict, device: torch.device | str | None = None) -> dict:
+    """Every uniform random number a step needs, from a single generator call.
+
+    torch.compile may reorder independent random ops, which changes which
+    numbers each one gets; one draw, split into named views, makes compiled
+    and eager runs from the same seed consume the generator identically."""
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    flat = torch.rand(sum(sizes), device=device)
+    return {name: chunk.view(shape) for (name, shape), chunk in zip(shapes.items(), flat.split(sizes))}
+
+
+def row_sample_noise_shape(num_codebooks: int, num_rows: int, num: int) -> tuple[int, int]:
+    """Shape of the uniform noise :func:`sample_row_indices` consumes."""
+    return (num_codebooks, num_rows + num)
 
 
 def laplace_smoothing(counts: torch.Tensor, num_categories: int, eps: float) -> torch.Tensor:
@@ -38,6 +56,33 @@ def laplace_smoothing(counts: torch.Tensor, num_categories: int, eps: float) -> 
 def ema_(old: torch.Tensor, new: torch.Tensor, decay: float) -> torch.Tensor:
     """Out-of-place exponential moving average ``decay * old + (1 - decay) * new``."""
     return torch.lerp(old, new, 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------
+# reading state that the same step updates in place
+
+
+def _must_save(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE
+
+
+def _pin_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(_must_save)
+
+
+def snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that backward will use even after ``t`` is updated in place.
+
+    Eagerly a clone is enough.  Under torch.compile the min-cut partitioner may
+    recompute a read of a buffer in the backward, after the forward has
+    overwritten it, silently giving wrong gradients (pytorch/pytorch PR 197039,
+    open); marking the clone MUST_SAVE through selective checkpointing pins it."""
+    if not torch.compiler.is_compiling():
+        return t.clone()
+    rows = torch.arange(t.shape[1], device=t.device)
+    return t.index_select(1, rows)
 
 
 # ---------------------------------------------------------------------------
@@ -142,21 +187,24 @@ def zero_dropped_rows(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Te
 # sampling a fixed number of rows
 
 
-def sample_row_indices(weights: torch.Tensor, num: int) -> torch.Tensor:
+def sample_row_indices(weights: torch.Tensor, num: int, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Pick ``num`` row indices per codebook: (h, n) weights -> (h, num).
 
     Rows with weight > 0 are drawn without replacement while there are enough
     of them (Gumbel top-k), and with replacement for the rest, so the output
     shape never depends on the data.  If a codebook has no kept row at all,
-    every row is eligible."""
+    every row is eligible.  ``uniform`` (see :func:`row_sample_noise_shape`)
+    supplies the randomness."""
     h, n = weights.shape
+    if uniform is None:
+        uniform = torch.rand(row_sample_noise_shape(h, n, num), device=weights.device)
     keep = weights > 0
     keep = keep | ~keep.any(dim=-1, keepdim=True)
-    keys = torch.where(keep, torch.rand(h, n, device=weights.device), torch.full((), -1.0, device=weights.device))
+    keys = torch.where(keep, uniform[:, :n], torch.full((), -1.0, device=weights.device))
 
     # with replacement: inverse CDF over the kept rows
     cdf = keep.to(torch.float32).cumsum(dim=-1)
-    targets = torch.rand(h, num, device=weights.device) * cdf[:, -1:]
+    targets = uniform[:, n:] * cdf[:, -1:]
     with_replacement = torch.searchsorted(cdf, targets, right=True).clamp(max=n - 1)
 
     if n < num:
@@ -165,11 +213,12 @@ def sample_row_indices(weights: torch.Tensor, num: int) -> torch.Tensor:
     return torch.where(top_keys >= 0, without_replacement, with_replacement)
 
 
-def sample_rows(x: torch.Tensor, num: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+def sample_rows(x: torch.Tensor, num: int, weights: torch.Tensor | None = None,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
     """``num`` rows of each codebook's batch: (h, n, d) -> (h, num, d)."""
     if weights is None:
         weights = torch.ones(x.shape[:2], device=x.device)
-    return gather_codes(x, sample_row_indices(weights, num))
+    return gather_codes(x, sample_row_indices(weights, num, uniform))
 
 
 # ---------------------------------------------------------------------------
@@ -177,15 +226,15 @@ def sample_rows(x: torch.Tensor, num: int, weights: torch.Tensor | None = None) 
 
 
 def kmeans(x: torch.Tensor, num_clusters: int, num_iters: int, use_cosine_sim: bool = False,
-           weights: torch.Tensor | None = None, sample_fn=None, all_reduce=None):
+           weights: torch.Tensor | None = None, sample_fn=None, all_reduce=None, uniform: torch.Tensor | None = None):
     """Lloyd's k-means with a fixed number of iterations: (h, n, d) -> means (h, k, d), counts (h, k).
 
-    ``sample_fn(x, num, weights)`` picks the starting means (shared across
+    ``sample_fn(x, num, weights, uniform)`` picks the starting means (shared across
     ranks when distributed) and ``all_reduce`` sums counts and sums over ranks.
     Empty clusters keep their previous mean."""
     sample_fn = sample_fn if sample_fn is not None else sample_rows
     reduce = all_reduce if all_reduce is not None else (lambda t: t)
-    means = sample_fn(x, num_clusters, weights)
+    means = sample_fn(x, num_clusters, weights, uniform)
     counts = torch.zeros(x.shape[0], num_clusters, dtype=x.dtype, device=x.device)
     for _ in range(num_iters):
         assigned = nearest_codes(x, means, use_cosine_sim)
@@ -224,11 +273,9 @@ def orthogonal_loss(codes: torch.Tensor, code_weights: torch.Tensor | None = Non
 # code selection: gumbel sampling and straight-through relaxations
 
 
-def select_codes(logits: torch.Tensor, temperature: float, stochastic: bool) -> torch.Tensor:
-    """Argmax over codes, with Gumbel noise at ``temperature`` when stochastic."""
-    if stochastic and temperature > 0:
-        logits = logits / temperature + gumbel_noise(logits)
-    return logits.argmax(dim=-1)
+def sample_codes(logits: torch.Tensor, temperature: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max sampling of codes at ``temperature``: (h, n, k) -> (h, n)."""
+    return (logits / temperature + gumbel_noise(uniform)).argmax(dim=-1)
 
 
 def straight_through_weights(logits: torch.Tensor, indices: torch.Tensor, temperature: float,

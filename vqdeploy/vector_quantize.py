@@ -17,7 +17,7 @@ from torch import nn
 from . import distributed as D
 from .codebooks import CosineSimCodebook, EuclideanCodebook
 from .layout import TokenLayout, check_index_range, check_indices_dtype, to_tokens
-from .primitives import counts_per_code, gather_codes, orthogonal_loss
+from .primitives import counts_per_code, draw_uniform, gather_codes, orthogonal_loss
 
 
 class QuantizeOutput(NamedTuple):
@@ -269,7 +269,8 @@ class VectorQuantize(nn.Module):
         want_logits = indices is not None or (self.training and self.commitment_use_cross_entropy_loss)
         codebook_kwargs = dict(weights=row_weights, sample_codebook_temp=sample_codebook_temp,
                                freeze_codebook=freeze_codebook, return_logits=want_logits)
-        quantized, code_indices, logits = self._codebook(rows, **codebook_kwargs)
+        noise = self._draw_noise(rows.shape[1], sample_codebook_temp) if self.training else None
+        quantized, code_indices, logits = self._codebook(rows, noise=noise, **codebook_kwargs)
 
         if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
             self._in_place_codebook_step(quantized, rows, row_weights)
@@ -296,13 +297,24 @@ class VectorQuantize(nn.Module):
 
         loss = torch.zeros(1, device=x.device)
         if self.training:
-            loss = loss + self._aux_loss(rows, commit_quantized, code_indices, logits, row_weights)
+            loss = loss + self._aux_loss(rows, commit_quantized, code_indices, logits, row_weights, noise)
         out_indices = layout.restore_indices(self._merge_indices(code_indices, batch))
         return QuantizeOutput(out, out_indices, loss)
 
+    def _samples_orthogonal_codes(self) -> bool:
+        max_codes = self.orthogonal_reg_max_codes
+        return self.has_codebook_orthogonal_loss and max_codes is not None and self.codebook_size > max_codes
+
+    def _draw_noise(self, num_rows: int, temperature: float | None) -> dict:
+        """All of a training step's randomness in one draw (see ``draw_uniform``)."""
+        shapes = self._codebook.noise_shapes(num_rows, temperature)
+        if self._samples_orthogonal_codes():
+            shapes["orthogonal"] = tuple(self._codebook.embed.shape[:2])
+        return draw_uniform(shapes, self._codebook.embed.device)
+
     # ------------------------------------------------------------------ losses
 
-    def _aux_loss(self, rows, commit_quantized, code_indices, logits, row_weights) -> torch.Tensor:
+    def _aux_loss(self, rows, commit_quantized, code_indices, logits, row_weights, noise) -> torch.Tensor:
         loss = torch.zeros((), device=rows.device)
         if self.commitment_weight > 0:
             if self.commitment_use_cross_entropy_loss:
@@ -315,10 +327,10 @@ class VectorQuantize(nn.Module):
                 commit_loss = sq_err.sum() / (row_weights.sum() * rows.shape[-1]).clamp(min=1.0)
             loss = loss + commit_loss * self.commitment_weight
         if self.has_codebook_orthogonal_loss:
-            loss = loss + self._orthogonal_loss(code_indices) * self.orthogonal_reg_weight
+            loss = loss + self._orthogonal_loss(code_indices, noise.get("orthogonal")) * self.orthogonal_reg_weight
         return loss
 
-    def _orthogonal_loss(self, code_indices: torch.Tensor) -> torch.Tensor:
+    def _orthogonal_loss(self, code_indices: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
         """Orthogonality of the (updated) codebook, over the codes used in this
         batch when ``orthogonal_reg_active_codes_only``, and over a random
         subset of at most ``orthogonal_reg_max_codes`` codes; subsets are 0/1
@@ -327,11 +339,10 @@ class VectorQuantize(nn.Module):
         code_weights = None
         if self.orthogonal_reg_active_codes_only:
             code_weights = (counts_per_code(code_indices, self.codebook_size) > 0).float()
-        max_codes = self.orthogonal_reg_max_codes
-        if max_codes is not None and self.codebook_size > max_codes:
+        if self._samples_orthogonal_codes():
             eligible = code_weights if code_weights is not None else torch.ones(codebook.shape[:2], device=codebook.device)
-            keys = torch.where(eligible > 0, torch.rand_like(eligible), torch.full_like(eligible, -1.0))
-            chosen = keys.topk(max_codes, dim=-1).indices
+            keys = torch.where(eligible > 0, uniform, torch.full_like(eligible, -1.0))
+            chosen = keys.topk(self.orthogonal_reg_max_codes, dim=-1).indices
             codebook = gather_codes(codebook, chosen)
             code_weights = eligible.gather(1, chosen) if self.orthogonal_reg_active_codes_only else None
         return orthogonal_loss(codebook, code_weights)
