@@ -1,0 +1,29 @@
+"""Shared fixtures: fixed seeds, a fresh dynamo cache per test, eager-compatible RNG in compiled code."""
+
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module="vector_quantize_pytorch")
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _eager_compatible_random():
+    # compiled random ops use eager's generator, so compiled and eager runs from one seed agree
+    import torch._inductor.config as inductor_config
+    previous = inductor_config.fallback_random
+    inductor_config.fallback_random = True
+    yield
+    inductor_config.fallback_random = previous

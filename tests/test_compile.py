@@ -1,0 +1,163 @@
+"""torch.compile(fullgraph=True) equals eager, for every VectorQuantize option, in train and eval.
+
+Each case runs a few training steps (forward, backward, EMA / k-means / dead-code updates inside the graph)
+from one state and one seed, eagerly and compiled, and compares indices (equal), outputs, losses, gradients
+and every buffer (within 1e-5); then the same in eval mode.
+"""
+
+import pytest
+import torch
+
+from vqdeploy import VectorQuantize
+
+from helpers import CODEBOOK_SIZE, DIM, assert_state_close, input_for, twin
+
+ATOL = 1e-5
+
+# one entry per constructor argument of vector-quantize-pytorch 1.14.17 (and a few combinations)
+OPTIONS = {
+    "default": {},
+    "codebook_dim": dict(codebook_dim=8),
+    "heads_shared": dict(heads=2, codebook_dim=8),
+    "heads_separate": dict(heads=2, separate_codebook_per_head=True),
+    "decay": dict(decay=0.5),
+    "eps": dict(eps=1e-3),
+    "freeze_codebook": dict(freeze_codebook=True),
+    "kmeans_init": dict(kmeans_init=True, kmeans_iters=3),
+    "kmeans_init_sync_kmeans_off": dict(kmeans_init=True, kmeans_iters=2, sync_kmeans=False),
+    "kmeans_init_heads": dict(kmeans_init=True, kmeans_iters=2, heads=2, separate_codebook_per_head=True),
+    "cosine": dict(use_cosine_sim=True),
+    "cosine_kmeans_dead_codes": dict(use_cosine_sim=True, kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=2),
+    "dead_codes": dict(threshold_ema_dead_code=2),
+    "channel_first": dict(channel_last=False),
+    "image_fmap": dict(accept_image_fmap=True, codebook_dim=8),
+    "commitment_weight": dict(commitment_weight=0.25),
+    "no_commitment": dict(commitment_weight=0.0),
+    "commitment_cross_entropy": dict(commitment_use_cross_entropy_loss=True),
+    "orthogonal": dict(orthogonal_reg_weight=10.0),
+    "orthogonal_active_only": dict(orthogonal_reg_weight=10.0, orthogonal_reg_active_codes_only=True),
+    "orthogonal_max_codes": dict(orthogonal_reg_weight=10.0, orthogonal_reg_max_codes=8),
+    "orthogonal_active_max": dict(orthogonal_reg_weight=1.0, orthogonal_reg_active_codes_only=True,
+                                  orthogonal_reg_max_codes=8),
+    "stochastic": dict(stochastic_sample_codes=True, sample_codebook_temp=0.5),
+    "straight_through": dict(straight_through=True),
+    "reinmax": dict(straight_through=True, reinmax=True, stochastic_sample_codes=True),
+    "sync_codebook_single_process": dict(sync_codebook=True, kmeans_init=True, kmeans_iters=2,
+                                         threshold_ema_dead_code=2),
+    "no_ema_update": dict(ema_update=False),
+    "learnable_codebook": dict(ema_update=False, learnable_codebook=True),
+    "sync_update_v": dict(ema_update=False, learnable_codebook=True, sync_update_v=0.5),
+    "affine_param": dict(affine_param=True),
+    "affine_param_decays": dict(affine_param=True, affine_param_batch_decay=0.5, affine_param_codebook_decay=0.5,
+                                sync_affine_param=True),
+}
+
+# forward arguments beyond x
+CALLS = {
+    "mask": lambda x: dict(mask=torch.arange(x.shape[1]).expand(x.shape[0], -1) < torch.tensor([[x.shape[1]], [5]])),
+    "indices": lambda x: dict(indices=torch.randint(0, CODEBOOK_SIZE, (x.shape[0], x.shape[1]))),
+    "freeze_call": lambda x: dict(freeze_codebook=True),
+    "temperature_call": lambda x: dict(sample_codebook_temp=0.2),
+}
+
+
+def _outputs(out):
+    return [t for t in out]
+
+
+def _compare_steps(eager, compiled, make_input, kwargs_for, steps=3):
+    params_e = dict(eager.named_parameters())
+    params_c = dict(compiled._orig_mod.named_parameters())
+    for step in range(steps):
+        x = make_input()
+        kwargs = kwargs_for(x)
+        for p in (*params_e.values(), *params_c.values()):
+            p.grad = None
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(100 + step)
+        out_e = _outputs(eager(xe, **kwargs))
+        torch.manual_seed(100 + step)
+        out_c = _outputs(compiled(xc, **kwargs))
+        for a, b in zip(out_e, out_c):
+            if a.dtype.is_floating_point:
+                torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+            else:
+                assert torch.equal(a, b), f"indices differ at step {step}"
+        if torch.is_grad_enabled() and eager.training:
+            sum(o.float().sum() for o in out_e if o.dtype.is_floating_point).backward()
+            sum(o.float().sum() for o in out_c if o.dtype.is_floating_point).backward()
+            torch.testing.assert_close(xe.grad, xc.grad, atol=ATOL, rtol=0)
+            for name, p in params_e.items():
+                if p.grad is not None or params_c[name].grad is not None:
+                    torch.testing.assert_close(p.grad, params_c[name].grad, atol=ATOL, rtol=ATOL, msg=name)
+        assert_state_close(eager, compiled._orig_mod)
+
+
+def _build(options):
+    return VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, **options)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_option_compiles_to_one_graph(name, mode):
+    eager = _build(OPTIONS[name])
+    eager.train(mode == "train")
+    other = twin(eager)
+    compiled = torch.compile(other, fullgraph=True)
+    _compare_steps(eager, compiled, lambda: input_for(eager), lambda x: {})
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_forward_arguments_compile(call):
+    options = dict(stochastic_sample_codes=True) if call == "temperature_call" else {}
+    eager = _build(options)
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    _compare_steps(eager, compiled, lambda: input_for(eager), CALLS[call])
+
+
+def test_single_vector_input_compiles():
+    eager = _build({})
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    _compare_steps(eager, compiled, lambda: torch.randn(4, DIM), lambda x: {})
+
+
+def test_nan_batch_is_skipped_inside_the_graph():
+    eager = _build(dict(threshold_ema_dead_code=2))
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    bad = input_for(eager)
+    bad[0, 0, 0] = float("nan")
+    batches = iter([input_for(eager), bad, input_for(eager)])
+    _compare_steps(eager, compiled, lambda: next(batches), lambda x: {}, steps=1)
+    before = twin(compiled._orig_mod)
+    compiled(bad)
+    assert int(compiled._orig_mod._codebook.skipped_updates) == 1
+    assert torch.isfinite(compiled._orig_mod._codebook.embed).all()
+    torch.testing.assert_close(compiled._orig_mod._codebook.embed, before._codebook.embed, atol=0, rtol=0)
+
+
+def test_encode_decode_compile():
+    vq = _build(dict(heads=2, separate_codebook_per_head=True)).eval()
+    x = input_for(vq)
+    encode = torch.compile(vq.encode, fullgraph=True)
+    decode = torch.compile(vq.decode, fullgraph=True)
+    indices = encode(x)
+    assert torch.equal(indices, vq.encode(x))
+    torch.testing.assert_close(decode(indices), vq.decode(indices), atol=0, rtol=0)
+
+
+def test_in_place_codebook_optimizer_is_eager_only():
+    """It runs a user's optimizer step inside forward: fullgraph refuses it, a graph-broken compile matches eager."""
+    def build():
+        torch.manual_seed(0)
+        return _build(dict(ema_update=False, learnable_codebook=True,
+                           in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.5)))
+
+    with pytest.raises(Exception, match="(?i)skip|disable|graph break|unsupported"):
+        torch.compile(build(), fullgraph=True)(torch.randn(2, 12, DIM))
+    torch._dynamo.reset()
+    eager, compiled = build(), torch.compile(build())
+    for _ in range(2):
+        x = torch.randn(2, 12, DIM)
+        out_e, out_c = eager(x), compiled(x)
+        assert torch.equal(out_e.indices, out_c.indices)
+    torch.testing.assert_close(eager.codebook, compiled._orig_mod.codebook, atol=ATOL, rtol=0)
