@@ -143,6 +143,7 @@ class EuclideanCodebook(OptionalStateMixin):
         """The codes the input is matched against: ``embed``, moved to the batch
         statistics when affine reparameterisation is on (https://arxiv.org/abs/2305.08842)."""
         embed = self.embed if self.learnable_codebook else self.embed.detach()
+        embed = embed.float()
         if not self.affine_param:
             return embed
         codebook_std, batch_std = self._stds()

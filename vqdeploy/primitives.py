@@ -55,7 +55,7 @@ def laplace_smoothing(counts: torch.Tensor, num_categories: int, eps: float) -> 
 
 def ema_(old: torch.Tensor, new: torch.Tensor, decay: float) -> torch.Tensor:
     """Out-of-place exponential moving average ``decay * old + (1 - decay) * new``."""
-    return torch.lerp(old, new, 1.0 - decay)
+    return torch.lerp(old.to(new.dtype), new, 1.0 - decay)
 
 
 # ---------------------------------------------------------------------------
@@ -166,6 +166,16 @@ def masked_mean_var(x: torch.Tensor, weights: torch.Tensor | None, all_reduce=No
     mean = reduce((x * w).sum(dim=1, keepdim=True)) / count
     var = reduce((w * (x - mean).pow(2)).sum(dim=1, keepdim=True)) / count
     return mean, var
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the kept rows of (h, n, d) tensors; dropped rows
+    may hold anything, NaN included."""
+    if weights is None:
+        return F.mse_loss(a, b)
+    keep = weights.unsqueeze(-1) > 0
+    sq_err = torch.where(keep, (a - b).pow(2), torch.zeros((), dtype=a.dtype, device=a.device))
+    return sq_err.sum() / (weights.sum() * a.shape[-1]).clamp(min=1.0)
 
 
 def rows_all_finite(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

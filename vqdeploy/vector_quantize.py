@@ -17,7 +17,7 @@ from torch import nn
 from . import distributed as D
 from .codebooks import CosineSimCodebook, EuclideanCodebook
 from .layout import TokenLayout, check_index_range, check_indices_dtype, to_tokens
-from .primitives import counts_per_code, draw_uniform, gather_codes, orthogonal_loss
+from .primitives import counts_per_code, draw_uniform, gather_codes, masked_mse, orthogonal_loss
 
 
 class QuantizeOutput(NamedTuple):
@@ -320,11 +320,8 @@ class VectorQuantize(nn.Module):
             if self.commitment_use_cross_entropy_loss:
                 target = code_indices if row_weights is None else torch.where(row_weights > 0, code_indices, -1)
                 commit_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1)
-            elif row_weights is None:
-                commit_loss = F.mse_loss(commit_quantized, rows)
             else:
-                sq_err = (commit_quantized - rows).pow(2) * row_weights.unsqueeze(-1)
-                commit_loss = sq_err.sum() / (row_weights.sum() * rows.shape[-1]).clamp(min=1.0)
+                commit_loss = masked_mse(commit_quantized, rows, row_weights)
             loss = loss + commit_loss * self.commitment_weight
         if self.has_codebook_orthogonal_loss:
             loss = loss + self._orthogonal_loss(code_indices, noise.get("orthogonal")) * self.orthogonal_reg_weight
@@ -351,11 +348,7 @@ class VectorQuantize(nn.Module):
     def _in_place_codebook_step(self, quantized, rows, row_weights) -> None:
         """One step of the user's codebook optimizer on ``mse(quantized, x)``.
         It runs a user's optimizer, so it stays eager (a graph break under torch.compile)."""
-        sq_err = (quantized - rows.detach()).pow(2)
-        if row_weights is None:
-            loss = sq_err.mean()
-        else:
-            loss = (sq_err * row_weights.unsqueeze(-1)).sum() / (row_weights.sum() * rows.shape[-1]).clamp(min=1.0)
+        loss = masked_mse(quantized, rows.detach(), row_weights)
         params = [p for p in self._codebook.parameters() if p.requires_grad]
         loss.backward(inputs=params)
         self.in_place_codebook_optimizer.step()

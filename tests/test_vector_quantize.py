@@ -1,0 +1,302 @@
+"""VectorQuantize behaviour: shapes, the straight-through estimator, training state, masks, errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vqdeploy import QuantizeOutput, VectorQuantize
+
+from helpers import CODEBOOK_SIZE, DIM, input_for, twin
+
+LAYOUTS = {
+    "sequence": (dict(), (2, 12, DIM), (2, 12)),
+    "single_vectors": (dict(), (5, DIM), (5,)),
+    "channel_first": (dict(channel_last=False), (2, DIM, 12), (2, 12)),
+    "image": (dict(accept_image_fmap=True), (2, DIM, 3, 4), (2, 3, 4)),
+    "video": (dict(accept_image_fmap=True), (2, DIM, 2, 3, 4), (2, 2, 3, 4)),
+    "heads_shared": (dict(heads=4, codebook_dim=8), (2, 12, DIM), (2, 12, 4)),
+    "heads_separate": (dict(heads=2, separate_codebook_per_head=True), (2, 12, DIM), (2, 12, 2)),
+    "image_heads": (dict(accept_image_fmap=True, heads=2, separate_codebook_per_head=True, codebook_dim=4),
+                    (2, DIM, 3, 4), (2, 3, 4, 2)),
+    "codebook_dim": (dict(codebook_dim=4), (2, 12, DIM), (2, 12)),
+}
+
+
+def make(**options):
+    return VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, **options)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_shapes_and_eval_forward_equals_decode_of_encode(name):
+    options, shape, index_shape = LAYOUTS[name]
+    vq = make(**options)
+    x = torch.randn(shape)
+    quantized, indices, loss = vq(x)
+    assert quantized.shape == shape and indices.shape == index_shape and loss.shape == (1,)
+    assert indices.dtype == torch.long
+    vq.eval()
+    out = vq(x)
+    assert isinstance(out, QuantizeOutput)
+    assert torch.equal(vq.encode(x), out.indices)
+    torch.testing.assert_close(vq.decode(out.indices), out.quantized, atol=0, rtol=0)
+    assert torch.equal(out.loss, torch.zeros(1))
+
+
+def test_straight_through_passes_gradients_unchanged():
+    vq = make(commitment_weight=0.0)
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    quantized, _, _ = vq(x)
+    quantized.backward(torch.ones_like(quantized))
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+def test_commitment_loss_is_weighted_mse_to_the_codes():
+    vq = make(commitment_weight=0.25, ema_update=False)
+    x = torch.randn(2, 12, DIM)
+    quantized, _, loss = vq(x)
+    torch.testing.assert_close(loss, 0.25 * (quantized - x).pow(2).mean().reshape(1))
+
+
+def test_ema_moves_codes_towards_assigned_data():
+    vq = make(decay=0.0)
+    x = torch.randn(2, 12, DIM)
+    _, indices, _ = vq(x)
+    code = int(indices[0, 0])
+    members = x[indices == code]
+    torch.testing.assert_close(vq.codebook[code], members.mean(dim=0), atol=1e-3, rtol=1e-3)
+
+
+def test_kmeans_init_runs_once_on_the_first_batch():
+    vq = make(kmeans_init=True, kmeans_iters=5)
+    assert float(vq._codebook.initted) == 0 and torch.count_nonzero(vq.codebook) == 0
+    vq(torch.randn(2, 40, DIM))
+    assert float(vq._codebook.initted) == 1 and torch.count_nonzero(vq.codebook) > 0
+    after_first = vq.codebook.clone()
+    vq_frozen = twin(vq)
+    vq_frozen(torch.randn(2, 40, DIM) * 100, freeze_codebook=True)
+    torch.testing.assert_close(vq_frozen.codebook, after_first)  # no second k-means
+
+
+def test_kmeans_init_and_dead_codes_ignore_masked_padding():
+    vq = make(kmeans_init=True, threshold_ema_dead_code=2)
+    x = torch.randn(2, 20, DIM)
+    x[:, 10:] = 1e4
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[:, :10] = True
+    for _ in range(3):
+        vq(x, mask=mask)
+    assert vq.codebook.abs().max() < 100
+
+
+def test_dead_codes_are_replaced_by_batch_rows():
+    vq = make(threshold_ema_dead_code=2)
+    with torch.no_grad():
+        vq.codebook = torch.full((CODEBOOK_SIZE, DIM), 50.0)
+        vq._codebook.embed_avg.copy_(vq._codebook.embed)
+    x = torch.randn(2, 40, DIM)
+    _, indices, _ = vq(x)
+    used = int(indices[0, 0])  # every row went to the first of the identical codes: it survives
+    assert torch.equal(indices, torch.full_like(indices, used))
+    rows = x.reshape(-1, DIM)
+    replaced = [k for k in range(CODEBOOK_SIZE) if k != used]
+    for k in replaced:
+        assert (vq.codebook[k] == rows).all(dim=-1).any(), f"code {k} is not a batch row"
+    assert len({tuple(vq.codebook[k].tolist()) for k in replaced}) == len(replaced)  # distinct rows
+    assert torch.equal(vq._codebook.cluster_size[0, replaced], torch.full((len(replaced),), 2.0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batches_never_reach_the_codebook(bad):
+    vq = make(kmeans_init=True, threshold_ema_dead_code=2, affine_param=True)
+    x = torch.randn(2, 12, DIM)
+    x[1, 3, 2] = bad
+    vq(x)
+    assert float(vq._codebook.initted) == 0
+    assert int(vq._codebook.skipped_updates) == 1
+    vq(torch.randn(2, 12, DIM))
+    state = twin(vq).state_dict()
+    vq(x)
+    assert int(vq._codebook.skipped_updates) == 2
+    for key, value in vq.state_dict().items():
+        if key != "_codebook.skipped_updates":
+            assert torch.equal(value, state[key]), key
+    assert all(torch.isfinite(v.float()).all() for v in vq.state_dict().values())
+
+
+def test_non_finite_values_in_masked_padding_are_harmless():
+    vq = make()
+    x = torch.randn(2, 12, DIM)
+    x[0, 8:] = float("nan")
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 8:] = False
+    quantized, _, loss = vq(x, mask=mask)
+    assert int(vq._codebook.skipped_updates) == 0 and torch.isfinite(vq.codebook).all() and torch.isfinite(loss).all()
+
+
+def test_mask_keeps_padded_positions_and_excludes_them_from_statistics():
+    vq = make(decay=0.5)
+    reference = twin(vq)
+    x = torch.randn(2, 12, DIM)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    quantized, _, _ = vq(x, mask=mask)
+    assert torch.equal(quantized[1, 7:], x[1, 7:])
+    reference(torch.cat([x[0], x[1, :7]]).unsqueeze(0))
+    torch.testing.assert_close(vq.codebook, reference.codebook, atol=1e-5, rtol=1e-5)
+
+
+def test_freeze_codebook_leaves_state_untouched():
+    for vq, kwargs in [(make(freeze_codebook=True), {}), (make(), dict(freeze_codebook=True))]:
+        before = vq.codebook.clone()
+        vq(torch.randn(2, 12, DIM), **kwargs)
+        assert torch.equal(vq.codebook, before)
+
+
+def test_learnable_codebook_gets_gradients_from_the_commitment_loss():
+    vq = make(ema_update=False, learnable_codebook=True)
+    _, _, loss = vq(torch.randn(2, 12, DIM))
+    loss.backward()
+    assert vq._codebook.embed.grad is not None and vq._codebook.embed.grad.abs().sum() > 0
+
+
+def test_in_place_codebook_optimizer_steps_the_codebook_eagerly():
+    vq = make(ema_update=False, learnable_codebook=True,
+              in_place_codebook_optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+    before = vq.codebook.detach().clone()
+    vq(torch.randn(2, 12, DIM))
+    assert not torch.equal(vq.codebook, before)
+    assert vq._codebook.embed.grad is None or torch.count_nonzero(vq._codebook.embed.grad) == 0
+
+
+def test_orthogonal_regularisation_adds_the_reference_loss():
+    vq = make(orthogonal_reg_weight=10.0, commitment_weight=0.0)
+    _, _, loss = vq(torch.randn(2, 12, DIM))
+    codes = torch.nn.functional.normalize(vq._codebook.embed.detach(), dim=-1)
+    k = codes.shape[1]
+    expected = 10.0 * ((codes @ codes.transpose(1, 2)).pow(2).sum() / k ** 2 - 1 / k)
+    torch.testing.assert_close(loss, expected.reshape(1), atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert vq._codebook.embed.grad.abs().sum() > 0
+
+
+def test_stochastic_sampling_and_straight_through_relaxations_train():
+    for options in [dict(stochastic_sample_codes=True, sample_codebook_temp=1.0),
+                    dict(straight_through=True, reinmax=True)]:
+        vq = make(codebook_dim=8, **options)
+        x = torch.randn(2, 12, DIM, requires_grad=True)
+        quantized, indices, loss = vq(x)
+        (quantized.sum() + loss.sum()).backward()
+        assert torch.isfinite(x.grad).all() and indices.max() < CODEBOOK_SIZE
+
+
+def test_cross_entropy_against_given_indices():
+    vq = make(codebook_dim=8).eval()
+    x = torch.randn(2, 12, DIM)
+    own = vq.encode(x)
+    quantized, ce = vq(x, indices=own)
+    random_ce = vq(x, indices=torch.randint(0, CODEBOOK_SIZE, own.shape)).ce_loss
+    assert quantized.shape == x.shape and ce < random_ce
+
+
+def test_affine_parameters_track_batch_statistics():
+    vq = make(affine_param=True, affine_param_batch_decay=0.0)
+    x = torch.randn(2, 50, DIM) * 3 + 2
+    vq(x)
+    torch.testing.assert_close(vq._codebook.batch_mean[0, 0], x.reshape(-1, DIM).mean(0), atol=1e-5, rtol=1e-5)
+    vq.eval()
+    before = vq._codebook.batch_mean.clone()
+    vq(torch.randn(2, 50, DIM))
+    assert torch.equal(vq._codebook.batch_mean, before)  # eval is pure
+
+
+def test_low_precision_input_keeps_its_dtype():
+    vq = make(codebook_dim=8).to(torch.bfloat16)
+    x = torch.randn(2, 12, DIM, dtype=torch.bfloat16)
+    quantized, _, loss = vq(x)
+    assert quantized.dtype == torch.bfloat16
+
+
+def test_codebook_property_setter_and_index_lookups():
+    vq = make(heads=2, separate_codebook_per_head=True, codebook_dim=4)
+    assert vq.codebook.shape == (2, CODEBOOK_SIZE, 4)
+    new = torch.randn(2, CODEBOOK_SIZE, 4)
+    vq.codebook = new
+    assert torch.equal(vq.codebook, new)
+    indices = torch.tensor([[[1, 2], [3, 4]]])
+    codes = vq.get_codes_from_indices(indices)
+    torch.testing.assert_close(codes[0, 1], torch.cat([new[0, 3], new[1, 4]]))
+    assert vq.get_output_from_indices(indices).shape == (1, 2, DIM)
+    with pytest.raises(ValueError, match="shape"):
+        vq.codebook = torch.randn(CODEBOOK_SIZE, 4)
+
+
+def test_channel_first_index_lookups_project_before_transposing():
+    vq = make(channel_last=False, codebook_dim=4)
+    indices = torch.randint(0, CODEBOOK_SIZE, (2, 7))
+    assert vq.get_codes_from_indices(indices).shape == (2, 4, 7)
+    assert vq.get_output_from_indices(indices).shape == (2, DIM, 7)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda vq: vq(torch.randn(2, 12, DIM + 1)), ValueError, f"expected {DIM} features"),
+    (lambda vq: vq(torch.randn(2, 3, 12, DIM)), ValueError, "expected input of shape"),
+    (lambda vq: vq(torch.randn(DIM)), ValueError, "expected input of shape"),
+    (lambda vq: vq(torch.randint(0, 5, (2, 12, DIM))), TypeError, "floating-point"),
+    (lambda vq: vq(torch.randn(2, 12, DIM), mask=torch.ones(2, 11, dtype=torch.bool)), ValueError, r"mask must have shape \(2, 12\)"),
+    (lambda vq: vq(torch.randn(2, 12, DIM), mask=torch.ones(2, 12)), TypeError, "bool"),
+    (lambda vq: vq(torch.randn(2, DIM), mask=torch.ones(2, 1, dtype=torch.bool)), ValueError, "mask"),
+    (lambda vq: vq.get_output_from_indices(torch.tensor([[0, CODEBOOK_SIZE]])), ValueError, r"\[0, 31\]"),
+    (lambda vq: vq.get_output_from_indices(torch.tensor([[-2, 1]])), ValueError, r"\[0, 31\]"),
+    (lambda vq: vq.get_output_from_indices(torch.tensor([[0.5]])), TypeError, "integer"),
+    (lambda vq: vq(torch.randn(2, 12, DIM), indices=torch.zeros(2, 11, dtype=torch.long)), ValueError, "indices must have shape"),
+    (lambda vq: vq("not a tensor"), TypeError, "torch.Tensor"),
+])
+def test_bad_input_raises_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call(make())
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(ema_update=True, learnable_codebook=True), "ema_update=False"),
+    (dict(sync_update_v=0.5), "learnable_codebook"),
+    (dict(sync_update_v=2.0, learnable_codebook=True, ema_update=False), "sync_update_v"),
+    (dict(reinmax=True), "straight_through"),
+    (dict(affine_param=True, use_cosine_sim=True), "Euclidean"),
+    (dict(heads=0), "heads"),
+    (dict(codebook_dim=0), "codebook_dim"),
+])
+def test_bad_options_raise_value_errors(options, match):
+    with pytest.raises(ValueError, match=match):
+        make(**options)
+
+
+def test_own_buffers_may_be_missing_from_a_checkpoint():
+    vq = make(affine_param=True)
+    state = {k: v for k, v in vq.state_dict().items()
+             if not k.endswith(("skipped_updates", "batch_stats_need_init", "batch_mean", "batch_variance"))}
+    twin(vq).load_state_dict(state, strict=True)
+    with pytest.raises(RuntimeError, match="embed_avg"):
+        twin(vq).load_state_dict({k: v for k, v in state.items() if not k.endswith("embed_avg")}, strict=True)
+
+
+def test_import_is_cheap():
+    code = "import sys, vqdeploy; assert not {'onnx', 'onnxruntime', 'onnxscript'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_training_reduces_quantisation_error_on_clustered_data():
+    torch.manual_seed(1)
+    centers = torch.randn(CODEBOOK_SIZE, DIM) * 4
+    vq = make(kmeans_init=True, threshold_ema_dead_code=1, decay=0.8)
+
+    def batch():
+        return (centers[torch.randint(0, CODEBOOK_SIZE, (4, 64))] + 0.1 * torch.randn(4, 64, DIM))
+
+    for _ in range(30):
+        vq(batch())
+    vq.eval()
+    x = batch()
+    quantized, _, _ = vq(x)
+    assert (quantized - x).pow(2).mean() < 0.25 * x.var()
