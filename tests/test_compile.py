@@ -161,3 +161,27 @@ def test_in_place_codebook_optimizer_is_eager_only():
         out_e, out_c = eager(x), compiled(x)
         assert torch.equal(out_e.indices, out_c.indices)
     torch.testing.assert_close(eager.codebook, compiled._orig_mod.codebook, atol=ATOL, rtol=0)
+
+
+def test_initialised_codebook_drops_the_kmeans_cond_from_the_graph():
+    """Inductor reads a cond's predicate on the host; a known-initialised codebook needs no cond at all."""
+    fresh = _build(dict(kmeans_init=True, kmeans_iters=2))
+    assert fresh._codebook._kmeans_pending
+    resumed = _build(dict(kmeans_init=True, kmeans_iters=2))
+    fresh(input_for(fresh))  # an eager step initialises it
+    assert not fresh._codebook._kmeans_pending
+    resumed.load_state_dict(fresh.state_dict())
+    assert not resumed._codebook._kmeans_pending
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(resumed, fullgraph=True, backend=backend)(input_for(resumed))
+    assert not any("cond" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+    torch._dynamo.reset()
+    graphs.clear()
+    torch.compile(_build(dict(kmeans_init=True, kmeans_iters=2)), fullgraph=True, backend=backend)(input_for(fresh))
+    assert any("cond" in str(node.target) for gm in graphs for node in gm.graph.nodes)

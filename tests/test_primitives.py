@@ -104,3 +104,36 @@ def test_laplace_smoothing_keeps_total_and_lifts_zeros():
     smoothed = P.laplace_smoothing(counts, 3, 1e-5)
     torch.testing.assert_close(smoothed.sum(), counts.sum())
     assert (smoothed > 0).all()
+
+
+# property-based checks over random shapes and masks
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 3), n=st.integers(1, 40), k=st.integers(1, 12), d=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_counts_and_sums_match_one_hot_for_any_shape(h, n, k, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, k, (h, n), generator=g)
+    x = torch.randn(h, n, d, generator=g)
+    weights = (torch.rand(h, n, generator=g) > 0.5).float()
+    one_hot = F.one_hot(indices, k).float() * weights.unsqueeze(-1)
+    torch.testing.assert_close(P.counts_per_code(indices, k, weights), one_hot.sum(dim=1))
+    torch.testing.assert_close(P.sums_per_code(x, indices, k, weights), one_hot.transpose(1, 2) @ x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 50), num=st.integers(1, 60), keep_prob=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_row_sampling_invariants(n, num, keep_prob, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights = (torch.rand(2, n, generator=g) < keep_prob).float()
+    picked = P.sample_row_indices(weights, num, torch.rand(P.row_sample_noise_shape(2, n, num), generator=g))
+    assert picked.shape == (2, num) and picked.min() >= 0 and picked.max() < n
+    for row in range(2):
+        kept = set(torch.nonzero(weights[row]).flatten().tolist()) or set(range(n))
+        chosen = picked[row].tolist()
+        assert set(chosen) <= kept
+        if len(kept) >= num:
+            assert len(set(chosen)) == num  # without replacement while there are enough rows

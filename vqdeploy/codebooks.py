@@ -82,6 +82,7 @@ class EuclideanCodebook(OptionalStateMixin):
                 embed = l2norm(embed)
 
         self.register_buffer("initted", flag(not kmeans_init))
+        self._kmeans_pending = kmeans_init
         self.register_buffer("cluster_size", torch.zeros(num_codebooks, codebook_size))
         self.register_buffer("embed_avg", embed.clone())
         if learnable_codebook:
@@ -106,6 +107,10 @@ class EuclideanCodebook(OptionalStateMixin):
             self.register_buffer("codebook_variance", torch.ones(stat_shape))
 
     # ------------------------------------------------------------------ loading
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_kmeans_pending()
 
     def _adapt_state_dict(self, state_dict: dict, prefix: str) -> None:
         # the reference registers batch statistics lazily: their presence means they are initialised
@@ -236,7 +241,13 @@ class EuclideanCodebook(OptionalStateMixin):
 
     def init_codebook_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor,
                        uniform: torch.Tensor) -> None:
-        """k-means on the first clean training batch; ``torch.cond`` keeps it out of later steps."""
+        """k-means on the first clean training batch; ``torch.cond`` keeps it out of later steps.
+
+        Inductor reads a cond's predicate on the host, so once the codebook is
+        known to be initialised (a loaded checkpoint, or an eager step) the
+        Python flag ``_kmeans_pending`` drops the cond from the graph."""
+        if not self._kmeans_pending:
+            return
         if weights is None:
             weights = torch.ones(x.shape[:2], device=x.device)
         needs_init = (self.initted == 0).all() & data_ok
@@ -246,9 +257,15 @@ class EuclideanCodebook(OptionalStateMixin):
         elif bool(needs_init):
             new = self._kmeans_branch(*operands)
         else:
-            return
-        embed, embed_avg, cluster_size, initted = new
-        self._write_(data_ok, embed=embed, embed_avg=embed_avg, cluster_size=cluster_size, initted=initted)
+            new = None
+        if new is not None:
+            embed, embed_avg, cluster_size, initted = new
+            self._write_(data_ok, embed=embed, embed_avg=embed_avg, cluster_size=cluster_size, initted=initted)
+        if not _is_compiling():
+            self._sync_kmeans_pending()
+
+    def _sync_kmeans_pending(self) -> None:
+        self._kmeans_pending = self.kmeans_init and not bool((self.initted != 0).all())
 
     def update_affine_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor) -> None:
         """EMA of the codebook's and the batch's mean and variance (first value taken as is)."""
