@@ -4,9 +4,9 @@ Importing the package is cheap: onnx and onnxruntime are only imported by the
 export and runtime modules.
 """
 
-from .codebooks import CosineSimCodebook, EuclideanCodebook
+from .codebooks import Codebook, CodebookConfig
 from .vector_quantize import QuantizeLossOutput, QuantizeOutput, VectorQuantize
 
 __version__ = "0.1.0"
 
-__all__ = ["VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "EuclideanCodebook", "CosineSimCodebook"]
+__all__ = ["VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig"]

@@ -9,6 +9,7 @@ computes its new values out of place and writes them with ``copy_``, guarded by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -37,66 +38,81 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class EuclideanCodebook(OptionalStateMixin):
-    """``num_codebooks`` codebooks of ``codebook_size`` codes of size ``dim``,
-    matched by Euclidean distance; the input is (num_codebooks, n, dim)."""
+@dataclass(frozen=True)
+class CodebookConfig:
+    """Every option of a codebook, in one value: quantizers build it from their
+    arguments, residual and grouped wrappers copy it with ``dataclasses.replace``."""
 
-    use_cosine_sim = False
+    dim: int
+    codebook_size: int
+    num_codebooks: int = 1
+    use_cosine_sim: bool = False
+    kmeans_init: bool = False
+    kmeans_iters: int = 10
+    sync_kmeans: bool = True
+    decay: float = 0.8
+    eps: float = 1e-5
+    threshold_ema_dead_code: float = 2
+    reset_cluster_size: float | None = None
+    use_ddp: bool = False
+    learnable_codebook: bool = False
+    sample_codebook_temp: float = 1.0
+    ema_update: bool = True
+    affine_param: bool = False
+    sync_affine_param: bool = False
+    affine_param_batch_decay: float = 0.99
+    affine_param_codebook_decay: float = 0.9
+    stochastic_sample_codes: bool = False
+    straight_through: bool = False
+    reinmax: bool = False
+
+    def __post_init__(self):
+        if self.affine_param and self.use_cosine_sim:
+            raise ValueError("affine_param is only compatible with the Euclidean codebook (use_cosine_sim=False)")
+        if self.reinmax and not self.straight_through:
+            raise ValueError("reinmax=True needs straight_through=True")
+
+    @property
+    def reset_value(self) -> float:
+        """The EMA count a replaced dead code restarts from."""
+        return self.threshold_ema_dead_code if self.reset_cluster_size is None else self.reset_cluster_size
+
+    @property
+    def syncs_kmeans(self) -> bool:
+        return self.use_ddp and self.sync_kmeans
+
+
+class Codebook(OptionalStateMixin):
+    """``num_codebooks`` codebooks of ``codebook_size`` codes of size ``dim``,
+    matched by Euclidean distance or cosine similarity; the input is (num_codebooks, n, dim)."""
+
     _optional_state = ("skipped_updates", "batch_stats_need_init", "batch_mean", "batch_variance")
 
-    def __init__(self, dim: int, codebook_size: int, num_codebooks: int = 1, kmeans_init: bool = False,
-                 kmeans_iters: int = 10, sync_kmeans: bool = True, decay: float = 0.8, eps: float = 1e-5,
-                 threshold_ema_dead_code: float = 2, reset_cluster_size: float | None = None, use_ddp: bool = False,
-                 learnable_codebook: bool = False, sample_codebook_temp: float = 1.0, ema_update: bool = True,
-                 affine_param: bool = False, sync_affine_param: bool = False,
-                 affine_param_batch_decay: float = 0.99, affine_param_codebook_decay: float = 0.9,
-                 stochastic_sample_codes: bool = False, straight_through: bool = False, reinmax: bool = False):
+    def __init__(self, config: CodebookConfig):
         super().__init__()
-        if affine_param and self.use_cosine_sim:
-            raise ValueError("affine_param is only compatible with the Euclidean codebook (use_cosine_sim=False)")
-        if reinmax and not straight_through:
-            raise ValueError("reinmax=True needs straight_through=True")
-        self.dim = dim
-        self.codebook_size = codebook_size
-        self.num_codebooks = num_codebooks
-        self.kmeans_init = kmeans_init
-        self.kmeans_iters = kmeans_iters
-        self.decay = decay
-        self.eps = eps
-        self.threshold_ema_dead_code = threshold_ema_dead_code
-        self.reset_cluster_size = threshold_ema_dead_code if reset_cluster_size is None else reset_cluster_size
-        self.use_ddp = use_ddp
-        self.sync_kmeans = use_ddp and sync_kmeans
-        self.learnable_codebook = learnable_codebook
-        self.sample_codebook_temp = sample_codebook_temp
-        self.ema_update = ema_update
-        self.stochastic_sample_codes = stochastic_sample_codes
-        self.straight_through = straight_through
-        self.reinmax = reinmax
+        self.config = config
+        dim, codebook_size, num_codebooks = config.dim, config.codebook_size, config.num_codebooks
+        kmeans_init = config.kmeans_init
 
         if kmeans_init:
             embed = torch.zeros(num_codebooks, codebook_size, dim)
         else:
             embed = _uniform_init(num_codebooks, codebook_size, dim)
-            if self.use_cosine_sim:
+            if config.use_cosine_sim:
                 embed = l2norm(embed)
 
         self.register_buffer("initted", flag(not kmeans_init))
         self._kmeans_pending = kmeans_init
         self.register_buffer("cluster_size", torch.zeros(num_codebooks, codebook_size))
         self.register_buffer("embed_avg", embed.clone())
-        if learnable_codebook:
+        if config.learnable_codebook:
             self.embed = nn.Parameter(embed)
         else:
             self.register_buffer("embed", embed)
         # vqdeploy's own: how many training steps skipped their update because of NaN/Inf data
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
 
-        self.affine_param = affine_param
-        self.sync_affine_param = sync_affine_param
-        self.affine_param_batch_decay = affine_param_batch_decay
-        self.affine_param_codebook_decay = affine_param_codebook_decay
-        if affine_param:
+        if config.affine_param:
             stat_shape = (num_codebooks, 1, dim)
             self.register_buffer("batch_mean", torch.zeros(stat_shape))
             self.register_buffer("batch_variance", torch.ones(stat_shape))
@@ -114,28 +130,28 @@ class EuclideanCodebook(OptionalStateMixin):
 
     def _adapt_state_dict(self, state_dict: dict, prefix: str) -> None:
         # the reference registers batch statistics lazily: their presence means they are initialised
-        if self.affine_param and prefix + "batch_mean" in state_dict and prefix + "batch_stats_need_init" not in state_dict:
+        if self.config.affine_param and prefix + "batch_mean" in state_dict and prefix + "batch_stats_need_init" not in state_dict:
             state_dict[prefix + "batch_stats_need_init"] = flag(False)
 
     # ------------------------------------------------------------------ helpers
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return l2norm(x) if self.use_cosine_sim else x
+        return l2norm(x) if self.config.use_cosine_sim else x
 
     def _sample(self, x, num, weights, uniform):
-        sample_fn = D.sample_rows_synced if self.use_ddp else sample_rows
+        sample_fn = D.sample_rows_synced if self.config.use_ddp else sample_rows
         return sample_fn(x, num, weights, uniform)
 
     def noise_shapes(self, num_rows: int, temperature: float | None = None) -> dict:
         """Shapes of the uniform noise one training step consumes for ``num_rows`` rows per codebook."""
-        temperature = self.sample_codebook_temp if temperature is None else temperature
-        h, k = self.num_codebooks, self.codebook_size
+        temperature = self.config.sample_codebook_temp if temperature is None else temperature
+        h, k = self.config.num_codebooks, self.config.codebook_size
         shapes = {}
-        if self.kmeans_init:
+        if self.config.kmeans_init:
             shapes["kmeans"] = row_sample_noise_shape(h, num_rows, k)
-        if self.ema_update and self.threshold_ema_dead_code > 0:
+        if self.config.ema_update and self.config.threshold_ema_dead_code > 0:
             shapes["expire"] = row_sample_noise_shape(h, num_rows, k)
-        if self.stochastic_sample_codes and temperature > 0:
+        if self.config.stochastic_sample_codes and temperature > 0:
             shapes["gumbel"] = (h, num_rows, k)
         return shapes
 
@@ -147,9 +163,9 @@ class EuclideanCodebook(OptionalStateMixin):
     def codes_for_matching(self) -> torch.Tensor:
         """The codes the input is matched against: ``embed``, moved to the batch
         statistics when affine reparameterisation is on (https://arxiv.org/abs/2305.08842)."""
-        embed = self.embed if self.learnable_codebook else self.embed.detach()
+        embed = self.embed if self.config.learnable_codebook else self.embed.detach()
         embed = embed.float()
-        if not self.affine_param:
+        if not self.config.affine_param:
             return embed
         codebook_std, batch_std = self._stds()
         return (embed - self.codebook_mean) * (batch_std / codebook_std) + self.batch_mean
@@ -160,7 +176,7 @@ class EuclideanCodebook(OptionalStateMixin):
         """Nearest code per row, no state change: (h, n, d) -> (h, n)."""
         x = x.float()
         codes = self.codes_for_matching().detach()
-        if self.use_cosine_sim:
+        if self.config.use_cosine_sim:
             return cosine_logits(x, codes).argmax(dim=-1)
         return sq_dist_scores(x, codes).argmin(dim=-1)
 
@@ -170,7 +186,7 @@ class EuclideanCodebook(OptionalStateMixin):
                 freeze_codebook: bool = False, return_logits: bool = False, noise: dict | None = None) -> CodebookOutput:
         """x: (h, n, d); weights: (h, n) with 0 for rows to ignore (padding);
         noise: the uniform tensors named by :meth:`noise_shapes` (drawn here when None)."""
-        temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        temperature = self.config.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             data_ok = None
@@ -180,17 +196,17 @@ class EuclideanCodebook(OptionalStateMixin):
                 # a NaN/Inf batch must not reach the codebook: its update is skipped and counted
                 data_ok = D.all_finite(rows_all_finite(x, weights))
                 clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
-                if self.kmeans_init:
+                if self.config.kmeans_init:
                     self.init_codebook_(clean, weights, data_ok, noise["kmeans"])
-                if self.affine_param:
+                if self.config.affine_param:
                     self.update_affine_(clean, weights, data_ok)
 
             codes = self.codes_for_matching()
             if self.training:
                 codes = snapshot(codes)  # the updates below overwrite what codes was read from
-            sampling = self.training and (self.stochastic_sample_codes or self.straight_through) and temperature > 0
+            sampling = self.training and (self.config.stochastic_sample_codes or self.config.straight_through) and temperature > 0
             logits = None
-            if self.use_cosine_sim:
+            if self.config.use_cosine_sim:
                 logits = cosine_logits(x, codes)
                 indices = logits.argmax(dim=-1)
             else:
@@ -198,21 +214,21 @@ class EuclideanCodebook(OptionalStateMixin):
                 indices = scores.argmin(dim=-1)
                 if return_logits or sampling:
                     logits = euclidean_logits(x, codes, scores)
-            if self.training and self.stochastic_sample_codes and temperature > 0:
+            if self.training and self.config.stochastic_sample_codes and temperature > 0:
                 indices = sample_codes(logits, temperature, noise["gumbel"])
 
             quantized = gather_codes(codes, indices)
-            if self.training and self.straight_through and temperature > 0:
-                soft = straight_through_weights(logits, indices, temperature, self.reinmax)
+            if self.training and self.config.straight_through and temperature > 0:
+                soft = straight_through_weights(logits, indices, temperature, self.config.reinmax)
                 quantized = quantized + torch.bmm(soft, codes)
 
-            if self.training and self.ema_update and not freeze_codebook:
+            if self.training and self.config.ema_update and not freeze_codebook:
                 in_codebook_space = clean
-                if self.affine_param:
+                if self.config.affine_param:
                     codebook_std, batch_std = self._stds()
                     in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
                 self.update_ema_(in_codebook_space, indices, weights, data_ok)
-                if self.threshold_ema_dead_code > 0:
+                if self.config.threshold_ema_dead_code > 0:
                     self.expire_codes_(clean, weights, data_ok, noise["expire"])
             if data_ok is not None:
                 with torch.no_grad():
@@ -229,9 +245,9 @@ class EuclideanCodebook(OptionalStateMixin):
                 buffer.copy_(torch.where(data_ok, value, buffer))
 
     def _kmeans_branch(self, x, weights, uniform, embed, embed_avg, cluster_size, initted):
-        reduce = D.all_reduce_sum if self.sync_kmeans else None
-        sample_fn = D.sample_rows_synced if self.sync_kmeans else sample_rows
-        means, counts = kmeans(x, self.codebook_size, self.kmeans_iters, self.use_cosine_sim, weights,
+        reduce = D.all_reduce_sum if self.config.syncs_kmeans else None
+        sample_fn = D.sample_rows_synced if self.config.syncs_kmeans else sample_rows
+        means, counts = kmeans(x, self.config.codebook_size, self.config.kmeans_iters, self.config.use_cosine_sim, weights,
                                sample_fn=sample_fn, all_reduce=reduce, uniform=uniform)
         return means, means * counts.unsqueeze(-1), counts, torch.ones_like(initted)
 
@@ -265,20 +281,20 @@ class EuclideanCodebook(OptionalStateMixin):
             self._sync_kmeans_pending()
 
     def _sync_kmeans_pending(self) -> None:
-        self._kmeans_pending = self.kmeans_init and not bool((self.initted != 0).all())
+        self._kmeans_pending = self.config.kmeans_init and not bool((self.initted != 0).all())
 
     def update_affine_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor) -> None:
         """EMA of the codebook's and the batch's mean and variance (first value taken as is)."""
         embed = self.embed.detach()
         code_mean = embed.mean(dim=1, keepdim=True)
         code_var = embed.var(dim=1, keepdim=True, unbiased=False)
-        reduce = D.all_reduce_sum if self.sync_affine_param else None
+        reduce = D.all_reduce_sum if self.config.sync_affine_param else None
         batch_mean, batch_var = masked_mean_var(x, weights, reduce)
 
         def decayed(old, new, needs_init, decay):
             return torch.where(needs_init > 0, new, old * decay + new * (1 - decay))
 
-        cb_decay, b_decay = self.affine_param_codebook_decay, self.affine_param_batch_decay
+        cb_decay, b_decay = self.config.affine_param_codebook_decay, self.config.affine_param_batch_decay
         self._write_(
             data_ok,
             codebook_mean=decayed(self.codebook_mean, code_mean, self.codebook_mean_needs_init, cb_decay),
@@ -293,15 +309,15 @@ class EuclideanCodebook(OptionalStateMixin):
     def update_ema_(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None,
                     data_ok: torch.Tensor) -> None:
         """EMA of per-code counts and sums (summed over ranks), then codes = sums / smoothed counts."""
-        counts = counts_per_code(indices, self.codebook_size, weights)
-        sums = sums_per_code(x, indices, self.codebook_size, weights)
-        if self.use_ddp:
+        counts = counts_per_code(indices, self.config.codebook_size, weights)
+        sums = sums_per_code(x, indices, self.config.codebook_size, weights)
+        if self.config.use_ddp:
             counts, sums = D.all_reduce_sum(counts), D.all_reduce_sum(sums)
-        cluster_size = ema_(self.cluster_size, counts, self.decay)
-        embed_avg = ema_(self.embed_avg, sums, self.decay)
-        smoothed = laplace_smoothing(cluster_size, self.codebook_size, self.eps)
+        cluster_size = ema_(self.cluster_size, counts, self.config.decay)
+        embed_avg = ema_(self.embed_avg, sums, self.config.decay)
+        smoothed = laplace_smoothing(cluster_size, self.config.codebook_size, self.config.eps)
         embed = embed_avg / smoothed.unsqueeze(-1)
-        if self.use_cosine_sim:
+        if self.config.use_cosine_sim:
             embed = l2norm(embed)
         self._write_(data_ok, cluster_size=cluster_size, embed_avg=embed_avg, embed=embed)
 
@@ -310,20 +326,14 @@ class EuclideanCodebook(OptionalStateMixin):
         """Replace codes whose EMA count fell under the threshold by rows of this
         batch (SoundStream), after the EMA update so it cannot overwrite them.
         A fixed-size sample and ``torch.where`` keep the shapes static."""
-        expired = (self.cluster_size < self.threshold_ema_dead_code).unsqueeze(-1)
-        sampled = self._sample(x, self.codebook_size, weights, uniform)
-        if self.use_cosine_sim:
+        expired = (self.cluster_size < self.config.threshold_ema_dead_code).unsqueeze(-1)
+        sampled = self._sample(x, self.config.codebook_size, weights, uniform)
+        if self.config.use_cosine_sim:
             sampled = l2norm(sampled)
-        reset = torch.full_like(self.cluster_size, float(self.reset_cluster_size))
+        reset = torch.full_like(self.cluster_size, float(self.config.reset_value))
         self._write_(
             data_ok,
             embed=torch.where(expired, sampled, self.embed),
-            embed_avg=torch.where(expired, sampled * self.reset_cluster_size, self.embed_avg),
+            embed_avg=torch.where(expired, sampled * self.config.reset_value, self.embed_avg),
             cluster_size=torch.where(expired.squeeze(-1), reset, self.cluster_size),
         )
-
-
-class CosineSimCodebook(EuclideanCodebook):
-    """Codes and inputs on the unit sphere, matched by cosine similarity (Improved VQGAN)."""
-
-    use_cosine_sim = True

@@ -15,7 +15,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from . import distributed as D
-from .codebooks import CosineSimCodebook, EuclideanCodebook
+from .codebooks import Codebook, CodebookConfig
 from .layout import TokenLayout, check_index_range, check_indices_dtype, to_tokens
 from .primitives import counts_per_code, draw_uniform, gather_codes, masked_mse, orthogonal_loss
 
@@ -97,8 +97,6 @@ class VectorQuantize(nn.Module):
             raise ValueError(f"sync_update_v must lie in [0, 1], got {sync_update_v}")
         if sync_update_v > 0 and not learnable_codebook:
             raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
-        if reinmax and not straight_through:
-            raise ValueError("reinmax=True needs straight_through=True")
 
         self.dim = dim
         self.heads = heads
@@ -128,9 +126,9 @@ class VectorQuantize(nn.Module):
             sync_codebook = D.is_distributed()
         self.sync_codebook = sync_codebook
 
-        codebook_class = CosineSimCodebook if use_cosine_sim else EuclideanCodebook
-        self._codebook = codebook_class(
+        self._codebook = Codebook(CodebookConfig(
             dim=codebook_dim,
+            use_cosine_sim=use_cosine_sim,
             codebook_size=codebook_size,
             num_codebooks=heads if separate_codebook_per_head else 1,
             kmeans_init=kmeans_init,
@@ -150,7 +148,7 @@ class VectorQuantize(nn.Module):
             stochastic_sample_codes=stochastic_sample_codes,
             straight_through=straight_through,
             reinmax=reinmax,
-        )
+        ))
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
         )
