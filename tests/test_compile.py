@@ -172,6 +172,12 @@ def test_initialised_codebook_drops_the_kmeans_cond_from_the_graph():
     assert not fresh._codebook._kmeans_pending
     resumed.load_state_dict(fresh.state_dict())
     assert not resumed._codebook._kmeans_pending
+    compiled_fresh = _build(dict(kmeans_init=True, kmeans_iters=2))
+    torch.compile(compiled_fresh, fullgraph=True)(input_for(compiled_fresh))
+    assert compiled_fresh._codebook._kmeans_pending  # the graph cannot tell the host
+    compiled_fresh.train()
+    assert not compiled_fresh._codebook._kmeans_pending
+    torch._dynamo.reset()
 
     graphs = []
 

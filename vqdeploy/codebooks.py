@@ -260,8 +260,9 @@ class Codebook(OptionalStateMixin):
         """k-means on the first clean training batch; ``torch.cond`` keeps it out of later steps.
 
         Inductor reads a cond's predicate on the host, so once the codebook is
-        known to be initialised (a loaded checkpoint, or an eager step) the
-        Python flag ``_kmeans_pending`` drops the cond from the graph."""
+        known to be initialised (a loaded checkpoint, an eager step, a call of
+        ``train()``/``eval()``) the Python flag ``_kmeans_pending`` drops the
+        cond from the graph (one recompile)."""
         if not self._kmeans_pending:
             return
         if weights is None:
@@ -279,6 +280,12 @@ class Codebook(OptionalStateMixin):
             self._write_(data_ok, embed=embed, embed_avg=embed_avg, cluster_size=cluster_size, initted=initted)
         if not _is_compiling():
             self._sync_kmeans_pending()
+
+    def train(self, mode: bool = True):
+        # a mode switch is a rare, eager moment: a good time to learn whether k-means already ran
+        super().train(mode)
+        self._sync_kmeans_pending()
+        return self
 
     def _sync_kmeans_pending(self) -> None:
         self._kmeans_pending = self.config.kmeans_init and not bool((self.initted != 0).all())
