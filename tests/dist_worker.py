@@ -32,3 +32,44 @@ def train_rank(rank: int, world: int, options: dict, data_path: str, out_dir: st
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def unsynced_rank(rank: int, world: int, out_dir: str) -> None:
+    """With sync_codebook=False only rank 0 trains: any collective would wait for rank 1 and time out."""
+    import datetime
+
+    store = os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        from vqdeploy import VectorQuantize
+
+        if rank == 0:
+            vq = VectorQuantize(dim=8, codebook_size=16, kmeans_init=True, threshold_ema_dead_code=2,
+                                sync_codebook=False)
+            mask = torch.ones(2, 10, dtype=torch.bool)
+            for _ in range(2):
+                vq(torch.randn(2, 10, 8), mask=mask)
+            save_file({"initted": vq._codebook.initted}, os.path.join(out_dir, "rank0.safetensors"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def padded_rank(rank: int, world: int, out_dir: str) -> None:
+    """Rank 1's batch is all padding: dead codes must come from rank 0's real rows only."""
+    store = os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from vqdeploy import VectorQuantize
+
+        torch.manual_seed(0)
+        vq = VectorQuantize(dim=8, codebook_size=16, threshold_ema_dead_code=100)  # every code expires
+        torch.manual_seed(1 + rank)
+        x = torch.randn(2, 10, 8) + 5
+        mask = torch.full((2, 10), rank == 0)
+        vq(x, mask=mask)
+        save_file({"embed": vq.codebook.contiguous(), "x": x}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

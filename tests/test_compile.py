@@ -115,6 +115,21 @@ def test_forward_arguments_compile(call):
     _compare_steps(eager, compiled, lambda: input_for(eager), CALLS[call])
 
 
+@pytest.mark.parametrize("name", ["kmeans_init_heads", "heads_shared", "cosine_kmeans_dead_codes", "affine_param",
+                                  "commitment_cross_entropy", "orthogonal_active_only", "image_fmap"])
+def test_masked_option_compiles(name):
+    eager = _build(OPTIONS[name])
+    compiled = torch.compile(twin(eager), fullgraph=True)
+
+    def masked(x):
+        b, *tokens = x.shape[:1] + (x.shape[2:] if eager.accept_image_fmap else x.shape[1:2])
+        mask = torch.ones(b, *tokens, dtype=torch.bool)
+        mask[-1, ..., : tokens[-1] // 2] = False
+        return dict(mask=mask)
+
+    _compare_steps(eager, compiled, lambda: input_for(eager), masked)
+
+
 def test_single_vector_input_compiles():
     eager = _build({})
     compiled = torch.compile(twin(eager), fullgraph=True)

@@ -52,3 +52,21 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, compiled, cosine):
     for key, value in single.state_dict().items():
         for rank in range(WORLD):
             torch.testing.assert_close(states[rank][key], value, atol=1e-5, rtol=1e-5, msg=f"rank {rank}: {key}")
+
+
+def test_unsynchronised_codebooks_run_no_collectives(tmp_path):
+    from dist_worker import unsynced_rank
+
+    mp.spawn(unsynced_rank, args=(WORLD, str(tmp_path)), nprocs=WORLD)
+    assert float(load_file(str(tmp_path / "rank0.safetensors"))["initted"]) == 1.0
+
+
+def test_replacement_rows_come_from_ranks_with_real_rows(tmp_path):
+    from dist_worker import padded_rank
+
+    mp.spawn(padded_rank, args=(WORLD, str(tmp_path)), nprocs=WORLD)
+    states = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    torch.testing.assert_close(states[0]["embed"], states[1]["embed"], atol=0, rtol=0)
+    real_rows = states[0]["x"].reshape(-1, 8)
+    for code in states[0]["embed"]:
+        assert (code == real_rows).all(dim=-1).any(), "a replaced code is not one of rank 0's rows"

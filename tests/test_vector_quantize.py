@@ -8,7 +8,7 @@ import torch
 
 from vqdeploy import QuantizeOutput, VectorQuantize
 
-from helpers import CODEBOOK_SIZE, DIM, input_for, twin
+from helpers import CODEBOOK_SIZE, DIM, twin
 
 LAYOUTS = {
     "sequence": (dict(), (2, 12, DIM), (2, 12)),
@@ -135,6 +135,53 @@ def test_non_finite_values_in_masked_padding_are_harmless():
     assert int(vq._codebook.skipped_updates) == 0 and torch.isfinite(vq.codebook).all() and torch.isfinite(loss).all()
 
 
+def test_all_padding_batch_changes_nothing():
+    """No kept row: nothing to learn from, so k-means waits and no code is replaced by padding."""
+    vq = make(kmeans_init=True, threshold_ema_dead_code=2)
+    x = torch.randn(2, 12, DIM)
+    nothing = torch.zeros(2, 12, dtype=torch.bool)
+    state = twin(vq).state_dict()
+    vq(x, mask=nothing)
+    for key, value in vq.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    vq(x, mask=~nothing)
+    assert float(vq._codebook.initted) == 1
+    embed = vq.codebook.clone()
+    vq(torch.zeros(2, 12, DIM), mask=nothing)
+    assert torch.equal(vq.codebook, embed)
+
+
+@pytest.mark.parametrize("options", [dict(ema_update=False, learnable_codebook=True),
+                                     dict(commitment_use_cross_entropy_loss=True)], ids=["learnable", "ce"])
+def test_nan_padding_leaves_gradients_finite(options):
+    vq = make(codebook_dim=8, **options)
+    x = torch.randn(2, 12, DIM)
+    x[0, 8:] = float("nan")
+    x.requires_grad_()
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 8:] = False
+    quantized, _, loss = vq(x, mask=mask)
+    (quantized[mask].sum() + loss.sum()).backward()
+    grads = [p.grad for p in vq.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(x.grad[mask]).all()
+
+
+def test_training_loss_requires_grad_even_without_terms():
+    _, _, loss = make(commitment_weight=0.0)(torch.randn(2, 12, DIM))
+    assert loss.requires_grad
+    loss.backward()
+
+
+def test_any_integer_index_dtype_works():
+    vq = make().eval()
+    x = torch.randn(2, 12, DIM)
+    codes = vq.encode(x)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        torch.testing.assert_close(vq.decode(codes.to(dtype)), vq.decode(codes), atol=0, rtol=0)
+        torch.testing.assert_close(vq(x, indices=codes.to(dtype)).ce_loss, vq(x, indices=codes).ce_loss)
+
+
 def test_mask_keeps_padded_positions_and_excludes_them_from_statistics():
     vq = make(decay=0.5)
     reference = twin(vq)
@@ -252,6 +299,9 @@ def test_channel_first_index_lookups_project_before_transposing():
     (lambda vq: vq.get_output_from_indices(torch.tensor([[0.5]])), TypeError, "integer"),
     (lambda vq: vq(torch.randn(2, 12, DIM), indices=torch.zeros(2, 11, dtype=torch.long)), ValueError, "indices must have shape"),
     (lambda vq: vq("not a tensor"), TypeError, "torch.Tensor"),
+    (lambda vq: vq(torch.randn(0, 12, DIM)), ValueError, "at least one"),
+    (lambda vq: vq(torch.randn(2, 0, DIM)), ValueError, "at least one"),
+    (lambda vq: vq(torch.randn(2, 12, DIM), sample_codebook_temp=torch.tensor(0.5)), TypeError, "Python number"),
 ])
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
@@ -266,6 +316,11 @@ def test_bad_input_raises_a_clear_error(call, error, match):
     (dict(affine_param=True, use_cosine_sim=True), "Euclidean"),
     (dict(heads=0), "heads"),
     (dict(codebook_dim=0), "codebook_dim"),
+    (dict(eps=0.0), "eps"),
+    (dict(decay=1.5), "decay"),
+    (dict(affine_param=True, affine_param_batch_decay=-0.1), "affine_param_batch_decay"),
+    (dict(commitment_weight=float("nan")), "commitment_weight"),
+    (dict(sample_codebook_temp=-1.0), "sample_codebook_temp"),
 ])
 def test_bad_options_raise_value_errors(options, match):
     with pytest.raises(ValueError, match=match):

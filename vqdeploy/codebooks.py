@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .primitives import (counts_per_code, draw_uniform, cosine_logits, ema_, euclidean_logits, gather_codes, kmeans, l2norm,
-                         laplace_smoothing, masked_mean_var, rows_all_finite, row_sample_noise_shape, sample_codes, sample_rows,
-                         snapshot, sq_dist_scores, straight_through_weights, zero_dropped_rows, sums_per_code)
+from .primitives import (cosine_logits, counts_per_code, draw_uniform, ema_, euclidean_logits, gather_codes, kmeans,
+                         l2norm, laplace_smoothing, masked_mean_var, nearest_codes, row_sample_noise_shape,
+                         rows_all_finite, sample_codes, sample_rows, snapshot, sq_dist_scores, straight_through_weights,
+                         sums_per_code, zero_dropped_rows)
 from .state import OptionalStateMixin, flag
 
 
@@ -174,11 +175,7 @@ class Codebook(OptionalStateMixin):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest code per row, no state change: (h, n, d) -> (h, n)."""
-        x = x.float()
-        codes = self.codes_for_matching().detach()
-        if self.config.use_cosine_sim:
-            return cosine_logits(x, codes).argmax(dim=-1)
-        return sq_dist_scores(x, codes).argmin(dim=-1)
+        return nearest_codes(x.float(), self.codes_for_matching().detach(), self.config.use_cosine_sim)
 
     # ------------------------------------------------------------------ forward
 
@@ -189,17 +186,16 @@ class Codebook(OptionalStateMixin):
         temperature = self.config.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            data_ok = None
+            update_ok = None
             if self.training:
                 if noise is None:
                     noise = draw_uniform(self.noise_shapes(x.shape[1], temperature), x.device)
-                # a NaN/Inf batch must not reach the codebook: its update is skipped and counted
-                data_ok = D.all_finite(rows_all_finite(x, weights))
+                data_ok, update_ok = self._update_guards(x, weights)
                 clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
                 if self.config.kmeans_init:
-                    self.init_codebook_(clean, weights, data_ok, noise["kmeans"])
+                    self.init_codebook_(clean, weights, update_ok, noise["kmeans"])
                 if self.config.affine_param:
-                    self.update_affine_(clean, weights, data_ok)
+                    self.update_affine_(clean, weights, update_ok)
 
             codes = self.codes_for_matching()
             if self.training:
@@ -227,22 +223,33 @@ class Codebook(OptionalStateMixin):
                 if self.config.affine_param:
                     codebook_std, batch_std = self._stds()
                     in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
-                self.update_ema_(in_codebook_space, indices, weights, data_ok)
-                if self.config.threshold_ema_dead_code > 0:
-                    self.expire_codes_(clean, weights, data_ok, noise["expire"])
-            if data_ok is not None:
-                with torch.no_grad():
-                    self.skipped_updates.add_((~data_ok).long())
+                self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, noise.get("expire"))
 
         return CodebookOutput(quantized, indices, logits if return_logits else None)
 
     # ------------------------------------------------------------------ training-only state changes
 
-    def _write_(self, data_ok: torch.Tensor, **new_values: torch.Tensor) -> None:
+    def _update_guards(self, x: torch.Tensor, weights: torch.Tensor | None):
+        """(data_ok, update_ok), 0-d bools agreed by every synchronised rank.
+
+        A batch with NaN/Inf in a kept row must not reach the codebook: its
+        update is skipped and counted in ``skipped_updates``.  A batch with no
+        kept row at all (every token masked) carries nothing to learn from,
+        and its update is skipped too."""
+        all_ranks = D.all_ranks if self.config.use_ddp else (lambda t: t)
+        any_rank = D.any_rank if self.config.use_ddp else (lambda t: t)
+        data_ok = all_ranks(rows_all_finite(x, weights))
+        with torch.no_grad():
+            self.skipped_updates.add_((~data_ok).long())
+        if weights is None:
+            return data_ok, data_ok
+        return data_ok, data_ok & any_rank((weights > 0).any())
+
+    def _write_(self, update_ok: torch.Tensor, **new_values: torch.Tensor) -> None:
         with torch.no_grad():
             for name, value in new_values.items():
                 buffer = getattr(self, name)
-                buffer.copy_(torch.where(data_ok, value, buffer))
+                buffer.copy_(torch.where(update_ok, value, buffer))
 
     def _kmeans_branch(self, x, weights, uniform, embed, embed_avg, cluster_size, initted):
         reduce = D.all_reduce_sum if self.config.syncs_kmeans else None
@@ -255,7 +262,7 @@ class Codebook(OptionalStateMixin):
     def _keep_branch(x, weights, uniform, embed, embed_avg, cluster_size, initted):
         return embed.clone(), embed_avg.clone(), cluster_size.clone(), initted.clone()
 
-    def init_codebook_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor,
+    def init_codebook_(self, x: torch.Tensor, weights: torch.Tensor | None, update_ok: torch.Tensor,
                        uniform: torch.Tensor) -> None:
         """k-means on the first clean training batch; ``torch.cond`` keeps it out of later steps.
 
@@ -267,17 +274,20 @@ class Codebook(OptionalStateMixin):
             return
         if weights is None:
             weights = torch.ones(x.shape[:2], device=x.device)
-        needs_init = (self.initted == 0).all() & data_ok
-        operands = (x.detach(), weights, uniform, self.embed.detach(), self.embed_avg, self.cluster_size, self.initted)
+        needs_init = (self.initted == 0).all() & update_ok
+        # cond operands must be contiguous (non-contiguous ones trip its fake-tensor checks)
+        operands = tuple(t.index_select(0, torch.arange(t.shape[0], device=t.device)) for t in (x.detach(), weights, uniform, self.embed.detach(), self.embed_avg,
+                                                   self.cluster_size, self.initted))
         if _is_compiling():
             new = torch.cond(needs_init, self._kmeans_branch, self._keep_branch, operands)
         elif bool(needs_init):
             new = self._kmeans_branch(*operands)
         else:
             new = None
-        if new is not None:
-            embed, embed_avg, cluster_size, initted = new
-            self._write_(data_ok, embed=embed, embed_avg=embed_avg, cluster_size=cluster_size, initted=initted)
+        if new is not None:  # the cond already kept the old values when the batch was not ok
+            with torch.no_grad():
+                for buffer, value in zip((self.embed, self.embed_avg, self.cluster_size, self.initted), new):
+                    buffer.copy_(value)
         if not _is_compiling():
             self._sync_kmeans_pending()
 
@@ -290,7 +300,7 @@ class Codebook(OptionalStateMixin):
     def _sync_kmeans_pending(self) -> None:
         self._kmeans_pending = self.config.kmeans_init and not bool((self.initted != 0).all())
 
-    def update_affine_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor) -> None:
+    def update_affine_(self, x: torch.Tensor, weights: torch.Tensor | None, update_ok: torch.Tensor) -> None:
         """EMA of the codebook's and the batch's mean and variance (first value taken as is)."""
         embed = self.embed.detach()
         code_mean = embed.mean(dim=1, keepdim=True)
@@ -303,7 +313,7 @@ class Codebook(OptionalStateMixin):
 
         cb_decay, b_decay = self.config.affine_param_codebook_decay, self.config.affine_param_batch_decay
         self._write_(
-            data_ok,
+            update_ok,
             codebook_mean=decayed(self.codebook_mean, code_mean, self.codebook_mean_needs_init, cb_decay),
             codebook_variance=decayed(self.codebook_variance, code_var, self.codebook_variance_needs_init, cb_decay),
             batch_mean=decayed(self.batch_mean, batch_mean, self.batch_stats_need_init, b_decay),
@@ -314,8 +324,15 @@ class Codebook(OptionalStateMixin):
         )
 
     def update_ema_(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None,
-                    data_ok: torch.Tensor) -> None:
-        """EMA of per-code counts and sums (summed over ranks), then codes = sums / smoothed counts."""
+                    update_ok: torch.Tensor, batch_rows: torch.Tensor, uniform: torch.Tensor | None) -> None:
+        """The EMA step, then dead-code replacement, written to the buffers once."""
+        new = self.ema_values(x, indices, weights)
+        if self.config.threshold_ema_dead_code > 0:
+            new = self.replace_dead_codes(new, batch_rows, weights, uniform)
+        self._write_(update_ok, **new)
+
+    def ema_values(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None) -> dict:
+        """EMA of per-code counts and sums (summed over ranks); codes = sums / smoothed counts."""
         counts = counts_per_code(indices, self.config.codebook_size, weights)
         sums = sums_per_code(x, indices, self.config.codebook_size, weights)
         if self.config.use_ddp:
@@ -326,21 +343,19 @@ class Codebook(OptionalStateMixin):
         embed = embed_avg / smoothed.unsqueeze(-1)
         if self.config.use_cosine_sim:
             embed = l2norm(embed)
-        self._write_(data_ok, cluster_size=cluster_size, embed_avg=embed_avg, embed=embed)
+        return dict(cluster_size=cluster_size, embed_avg=embed_avg, embed=embed)
 
-    def expire_codes_(self, x: torch.Tensor, weights: torch.Tensor | None, data_ok: torch.Tensor,
-                      uniform: torch.Tensor) -> None:
-        """Replace codes whose EMA count fell under the threshold by rows of this
-        batch (SoundStream), after the EMA update so it cannot overwrite them.
-        A fixed-size sample and ``torch.where`` keep the shapes static."""
-        expired = (self.cluster_size < self.config.threshold_ema_dead_code).unsqueeze(-1)
-        sampled = self._sample(x, self.config.codebook_size, weights, uniform)
-        if self.config.use_cosine_sim:
-            sampled = l2norm(sampled)
-        reset = torch.full_like(self.cluster_size, float(self.config.reset_value))
-        self._write_(
-            data_ok,
-            embed=torch.where(expired, sampled, self.embed),
-            embed_avg=torch.where(expired, sampled * self.config.reset_value, self.embed_avg),
-            cluster_size=torch.where(expired.squeeze(-1), reset, self.cluster_size),
+    def replace_dead_codes(self, new: dict, batch_rows: torch.Tensor, weights: torch.Tensor | None,
+                           uniform: torch.Tensor | None) -> dict:
+        """Codes whose EMA count fell under the threshold become rows of this
+        batch (SoundStream).  Applied to the EMA's result, so the EMA cannot
+        overwrite them (EnCodec's bug); a fixed-size sample and ``torch.where``
+        keep the shapes static.  Cosine codebooks get unit rows already."""
+        expired = new["cluster_size"] < self.config.threshold_ema_dead_code
+        sampled = self._sample(batch_rows, self.config.codebook_size, weights, uniform)
+        reset = self.config.reset_value
+        return dict(
+            embed=torch.where(expired.unsqueeze(-1), sampled, new["embed"]),
+            embed_avg=torch.where(expired.unsqueeze(-1), sampled * reset, new["embed_avg"]),
+            cluster_size=torch.where(expired, torch.full_like(new["cluster_size"], float(reset)), new["cluster_size"]),
         )

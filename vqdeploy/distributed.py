@@ -59,23 +59,40 @@ def all_gather_stacked(t: torch.Tensor) -> torch.Tensor:
     return out.reshape(world_size(), *t.shape)
 
 
-def all_finite(ok: torch.Tensor) -> torch.Tensor:
+def all_ranks(ok: torch.Tensor) -> torch.Tensor:
     """A 0-d bool that is True only when it is True on every rank."""
     if not is_distributed():
         return ok
     return all_reduce_min(ok.to(torch.int32).reshape(1)).reshape(()) > 0
 
 
+def any_rank(ok: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool that is True when it is True on some rank."""
+    if not is_distributed():
+        return ok
+    return all_reduce_sum(ok.to(torch.int32).reshape(1)).reshape(()) > 0
+
+
 def sample_rows_synced(x: torch.Tensor, num: int, weights: torch.Tensor | None = None,
                        uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """Like :func:`sample_rows`, but every rank gets the same rows: each rank
-    samples ``num`` rows of its own batch and row ``j`` is taken from rank
-    ``j % world`` (static shapes, no variable-size gathers)."""
+    """Like :func:`sample_rows`, but every rank gets the same rows, drawn from
+    every rank in proportion to its number of kept rows.
+
+    Each rank samples ``num`` rows of its own batch; the kept-row counts are
+    gathered, and row ``j`` of the result comes from the rank whose share of
+    the total covers position ``(j + 0.5) / num``.  Shapes stay static and the
+    choice is the same on every rank."""
     local = sample_rows(x, num, weights, uniform)
     if not is_distributed():
         return local
-    gathered = all_gather_stacked(local)  # (world, h, num, d)
-    source = torch.arange(num, device=x.device) % world_size()
     h, d = local.shape[0], local.shape[-1]
-    index = source.view(1, 1, num, 1).expand(1, h, num, d)
+    kept = (weights > 0).sum(dim=-1).float() if weights is not None else torch.full((h,), float(x.shape[1]),
+                                                                                     device=x.device)
+    counts = all_gather_stacked(kept)  # (world, h)
+    bounds = counts.cumsum(dim=0).transpose(0, 1).contiguous()  # (h, world)
+    positions = (torch.arange(num, device=x.device, dtype=bounds.dtype) + 0.5) / num
+    targets = positions.unsqueeze(0) * bounds[:, -1:]  # (h, num)
+    source = torch.searchsorted(bounds, targets, right=True).clamp(max=world_size() - 1)
+    gathered = all_gather_stacked(local)  # (world, h, num, d)
+    index = source.view(1, h, num, 1).expand(1, h, num, d)
     return gathered.gather(0, index).squeeze(0)

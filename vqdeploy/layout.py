@@ -48,7 +48,7 @@ class TokenLayout(NamedTuple):
         if tuple(indices.shape[1:]) != expect_tail:
             raise ValueError(f"{what} must have shape (batch, {', '.join(map(str, expect_tail))}) "
                              f"to match the input, got {tuple(indices.shape)}")
-        return indices.reshape(indices.shape[0], self.num_tokens, heads)
+        return indices.reshape(indices.shape[0], self.num_tokens, heads).long()
 
     def token_weights(self, mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """A boolean mask over tokens -> float weights (b, n), or None."""
@@ -77,6 +77,7 @@ def check_index_range(indices: torch.Tensor, codebook_size: int, allow_minus_one
     if torch.compiler.is_compiling():
         return
     low = -1 if allow_minus_one else 0
+    indices = indices.long()
     if indices.numel() and bool(((indices < low) | (indices >= codebook_size)).any()):
         found = (int(indices.min()), int(indices.max()))
         raise ValueError(f"indices must lie in [{low}, {codebook_size - 1}], found values in [{found[0]}, {found[1]}]")
@@ -108,6 +109,8 @@ def to_tokens(x: torch.Tensor, dim: int, channel_last: bool = True, accept_image
                          " (set accept_image_fmap=True for feature maps)")
     if feature_size != dim:
         raise ValueError(f"expected {dim} features, got {feature_size} in input of shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or layout.num_tokens == 0:
+        raise ValueError(f"expected at least one batch element and one token, got input of shape {tuple(x.shape)}")
     b = x.shape[0]
     if layout.kind in ("vector", "sequence"):
         return x.reshape(b, layout.num_tokens, dim), layout

@@ -62,27 +62,15 @@ def ema_(old: torch.Tensor, new: torch.Tensor, decay: float) -> torch.Tensor:
 # reading state that the same step updates in place
 
 
-def _must_save(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-    return CheckpointPolicy.MUST_SAVE
-
-
-def _pin_context():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-    return create_selective_checkpoint_contexts(_must_save)
-
-
 def snapshot(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` that backward will use even after ``t`` is updated in place.
+    """A copy of ``t`` (h, k, d) that backward will use even after ``t`` is updated in place.
 
-    Eagerly a clone is enough.  Under torch.compile the min-cut partitioner may
-    recompute a read of a buffer in the backward, after the forward has
-    overwritten it, silently giving wrong gradients (pytorch/pytorch PR 197039,
-    open); marking the clone MUST_SAVE through selective checkpointing pins it."""
-    if not torch.compiler.is_compiling():
-        return t.clone()
-    rows = torch.arange(t.shape[1], device=t.device)
-    return t.index_select(1, rows)
+    Under torch.compile the min-cut partitioner may recompute, in the backward,
+    a read of a buffer that the forward has since overwritten, silently giving
+    wrong gradients (pytorch/pytorch PR 197039, open).  It never recomputes ops
+    outside its allow-list, and ``index_select`` is one, so this copy is saved
+    instead (a clone would be recomputed from the buffer)."""
+    return t.index_select(1, torch.arange(t.shape[1], device=t.device))
 
 
 # ---------------------------------------------------------------------------
@@ -170,12 +158,11 @@ def masked_mean_var(x: torch.Tensor, weights: torch.Tensor | None, all_reduce=No
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over the kept rows of (h, n, d) tensors; dropped rows
-    may hold anything, NaN included."""
+    may hold anything, NaN included, in the value and in the gradient."""
     if weights is None:
         return F.mse_loss(a, b)
-    keep = weights.unsqueeze(-1) > 0
-    sq_err = torch.where(keep, (a - b).pow(2), torch.zeros((), dtype=a.dtype, device=a.device))
-    return sq_err.sum() / (weights.sum() * a.shape[-1]).clamp(min=1.0)
+    a, b = zero_dropped_rows(a, weights), zero_dropped_rows(b, weights)
+    return (a - b).pow(2).sum() / (weights.sum() * a.shape[-1]).clamp(min=1.0)
 
 
 def rows_all_finite(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,6 +171,15 @@ def rows_all_finite(x: torch.Tensor, weights: torch.Tensor | None = None) -> tor
     if weights is not None:
         finite_rows = finite_rows | (weights <= 0)
     return finite_rows.all()
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of (h, n, k) logits against (h, n) codes, over kept rows
+    with a target other than -1; dropped rows may hold NaN (value and gradient)."""
+    if weights is not None:
+        logits = zero_dropped_rows(logits, weights)
+        targets = torch.where(weights > 0, targets, -1)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
 def zero_dropped_rows(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -266,8 +262,8 @@ def orthogonal_loss(codes: torch.Tensor, code_weights: torch.Tensor | None = Non
     (eq. 2 of https://arxiv.org/abs/2112.00384): (h, k, d) -> scalar.
 
     ``code_weights`` (h, k) of 0/1 restricts the loss to a subset of codes
-    with a static shape (the subset size is ``code_weights.sum()`` per head,
-    assumed equal across heads, as the reference's shared-codebook case)."""
+    with a static shape; each head is normalised by its own subset size and
+    the heads are averaged."""
     h, k = codes.shape[:2]
     normed = l2norm(codes)
     cosine_sim = torch.bmm(normed, normed.transpose(1, 2))

@@ -7,6 +7,7 @@ training included, compiles with ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -16,8 +17,9 @@ from torch import nn
 
 from . import distributed as D
 from .codebooks import Codebook, CodebookConfig
-from .layout import TokenLayout, check_index_range, check_indices_dtype, to_tokens
-from .primitives import counts_per_code, draw_uniform, gather_codes, masked_mse, orthogonal_loss
+from .layout import check_index_range, check_indices_dtype, to_tokens
+from .primitives import (counts_per_code, draw_uniform, gather_codes, masked_cross_entropy, masked_mse,
+                         orthogonal_loss)
 
 
 class QuantizeOutput(NamedTuple):
@@ -39,6 +41,16 @@ class QuantizeLossOutput(NamedTuple):
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
+    """A finite Python number in [low, high] ((low, high] with ``low_open``): options are fixed at trace time."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+            or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value}")
 
 
 class VectorQuantize(nn.Module):
@@ -89,12 +101,17 @@ class VectorQuantize(nn.Module):
             _positive_int("codebook_dim", codebook_dim)
         if orthogonal_reg_max_codes is not None:
             _positive_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes)
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must lie in [0, 1], got {decay}")
+        _number("decay", decay, 0.0, 1.0)
+        _number("eps", eps, 0.0, low_open=True)
+        _number("affine_param_batch_decay", affine_param_batch_decay, 0.0, 1.0)
+        _number("affine_param_codebook_decay", affine_param_codebook_decay, 0.0, 1.0)
+        _number("commitment_weight", commitment_weight, 0.0)
+        _number("orthogonal_reg_weight", orthogonal_reg_weight, 0.0)
+        _number("sample_codebook_temp", sample_codebook_temp, 0.0)
+        _number("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
         if ema_update and learnable_codebook:
             raise ValueError("learnable_codebook=True needs ema_update=False (the EMA would overwrite learned codes)")
-        if not 0.0 <= sync_update_v <= 1.0:
-            raise ValueError(f"sync_update_v must lie in [0, 1], got {sync_update_v}")
+        _number("sync_update_v", sync_update_v, 0.0, 1.0)
         if sync_update_v > 0 and not learnable_codebook:
             raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
 
@@ -215,9 +232,10 @@ class VectorQuantize(nn.Module):
 
     def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
         """(b, n, heads * d) -> codebook rows (num_codebooks, rows, d)."""
+        # contiguous: strided rows trip torch.cond's checks in the k-means init under inductor
         if self.separate_codebook_per_head:
-            return rearrange(tokens, "b n (h d) -> h (b n) d", h=self.heads)
-        return rearrange(tokens, "b n (h d) -> 1 (b h n) d", h=self.heads)
+            return rearrange(tokens, "b n (h d) -> h (b n) d", h=self.heads).contiguous()
+        return rearrange(tokens, "b n (h d) -> 1 (b h n) d", h=self.heads).contiguous()
 
     def _merge_rows(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
         if self.separate_codebook_per_head:
@@ -227,8 +245,8 @@ class VectorQuantize(nn.Module):
     def _split_token_values(self, values: torch.Tensor) -> torch.Tensor:
         """Per-token values (b, n) -> per-row (num_codebooks, rows)."""
         if self.separate_codebook_per_head:
-            return repeat(values, "b n -> h (b n)", h=self.heads)
-        return repeat(values, "b n -> 1 (b h n)", h=self.heads)
+            return repeat(values, "b n -> h (b n)", h=self.heads).contiguous()
+        return repeat(values, "b n -> 1 (b h n)", h=self.heads).contiguous()
 
     def _split_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(b, n, heads) -> (num_codebooks, rows)."""
@@ -254,6 +272,8 @@ class VectorQuantize(nn.Module):
         Returns ``(quantized, indices, loss)``, or ``(quantized, ce_loss)`` when
         ``indices`` are given."""
         freeze_codebook = freeze_codebook or self.freeze_codebook
+        if sample_codebook_temp is not None:
+            _number("sample_codebook_temp", sample_codebook_temp, 0.0)
         tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
         batch = tokens.shape[0]
         token_weights = layout.token_weights(mask, batch)
@@ -263,7 +283,13 @@ class VectorQuantize(nn.Module):
             target_rows = self._split_indices(layout.token_indices(indices, self.heads))
             check_index_range(target_rows, self.codebook_size, allow_minus_one=True)
 
-        rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens)))
+        if token_weights is not None:
+            # non-finite values in padding must not reach gradients (0 * NaN is NaN in project_in's backward)
+            dropped = (token_weights.unsqueeze(-1) == 0) & ~torch.isfinite(tokens)
+            tokens_in = torch.where(dropped, torch.zeros((), dtype=tokens.dtype, device=tokens.device), tokens)
+        else:
+            tokens_in = tokens
+        rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens_in)))
         want_logits = indices is not None or (self.training and self.commitment_use_cross_entropy_loss)
         codebook_kwargs = dict(weights=row_weights, sample_codebook_temp=sample_codebook_temp,
                                freeze_codebook=freeze_codebook, return_logits=want_logits)
@@ -291,9 +317,11 @@ class VectorQuantize(nn.Module):
         out = layout.restore_features(out)
 
         if indices is not None:
-            return QuantizeLossOutput(out, F.cross_entropy(logits.flatten(0, 1), target_rows.flatten(), ignore_index=-1))
+            return QuantizeLossOutput(out, masked_cross_entropy(logits, target_rows, row_weights))
 
-        loss = torch.zeros(1, device=x.device)
+        # like the reference, a training loss that requires grad even when no term does (a leaf with
+        # requires_grad cannot be created inside a compiled graph, so there it has only its terms' grad)
+        loss = torch.zeros(1, device=x.device, requires_grad=self.training and not torch.compiler.is_compiling())
         if self.training:
             loss = loss + self._aux_loss(rows, commit_quantized, code_indices, logits, row_weights, noise)
         out_indices = layout.restore_indices(self._merge_indices(code_indices, batch))
@@ -316,8 +344,7 @@ class VectorQuantize(nn.Module):
         loss = torch.zeros((), device=rows.device)
         if self.commitment_weight > 0:
             if self.commitment_use_cross_entropy_loss:
-                target = code_indices if row_weights is None else torch.where(row_weights > 0, code_indices, -1)
-                commit_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-1)
+                commit_loss = masked_cross_entropy(logits, code_indices, row_weights)
             else:
                 commit_loss = masked_mse(commit_quantized, rows, row_weights)
             loss = loss + commit_loss * self.commitment_weight
