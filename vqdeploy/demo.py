@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
         (recon + vq_loss).backward()
         optimizer.step()
+        if step == 1:
+            codec.train()  # the codebook now knows k-means ran: the next call recompiles without the cond
         counts += torch.bincount(indices.flatten(), minlength=args.codebook_size)
         recon_sum += float(recon.detach())
         vq_sum += float(vq_loss.detach())
