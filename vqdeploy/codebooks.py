@@ -131,8 +131,9 @@ class Codebook(OptionalStateMixin):
 
     def _adapt_state_dict(self, state_dict: dict, prefix: str) -> None:
         # the reference registers batch statistics lazily: their presence means they are initialised
-        if self.config.affine_param and prefix + "batch_mean" in state_dict and prefix + "batch_stats_need_init" not in state_dict:
-            state_dict[prefix + "batch_stats_need_init"] = flag(False)
+        flag_key = prefix + "batch_stats_need_init"
+        if self.config.affine_param and prefix + "batch_mean" in state_dict and flag_key not in state_dict:
+            state_dict[flag_key] = flag(False)
 
     # ------------------------------------------------------------------ helpers
 
@@ -200,7 +201,8 @@ class Codebook(OptionalStateMixin):
             codes = self.codes_for_matching()
             if self.training:
                 codes = snapshot(codes)  # the updates below overwrite what codes was read from
-            sampling = self.training and (self.config.stochastic_sample_codes or self.config.straight_through) and temperature > 0
+            samples = self.config.stochastic_sample_codes or self.config.straight_through
+            sampling = self.training and samples and temperature > 0
             logits = None
             if self.config.use_cosine_sim:
                 logits = cosine_logits(x, codes)
@@ -246,6 +248,7 @@ class Codebook(OptionalStateMixin):
         return data_ok, data_ok & any_rank((weights > 0).any())
 
     def _write_(self, update_ok: torch.Tensor, **new_values: torch.Tensor) -> None:
+        """Copy new values into the named buffers, or keep the old ones when ``update_ok`` is False."""
         with torch.no_grad():
             for name, value in new_values.items():
                 buffer = getattr(self, name)
@@ -254,8 +257,8 @@ class Codebook(OptionalStateMixin):
     def _kmeans_branch(self, x, weights, uniform, embed, embed_avg, cluster_size, initted):
         reduce = D.all_reduce_sum if self.config.syncs_kmeans else None
         sample_fn = D.sample_rows_synced if self.config.syncs_kmeans else sample_rows
-        means, counts = kmeans(x, self.config.codebook_size, self.config.kmeans_iters, self.config.use_cosine_sim, weights,
-                               sample_fn=sample_fn, all_reduce=reduce, uniform=uniform)
+        means, counts = kmeans(x, self.config.codebook_size, self.config.kmeans_iters, self.config.use_cosine_sim,
+                               weights, sample_fn=sample_fn, all_reduce=reduce, uniform=uniform)
         return means, means * counts.unsqueeze(-1), counts, torch.ones_like(initted)
 
     @staticmethod
@@ -275,9 +278,8 @@ class Codebook(OptionalStateMixin):
         if weights is None:
             weights = torch.ones(x.shape[:2], device=x.device)
         needs_init = (self.initted == 0).all() & update_ok
-        # cond operands must be contiguous (non-contiguous ones trip its fake-tensor checks)
-        operands = tuple(t.index_select(0, torch.arange(t.shape[0], device=t.device)) for t in (x.detach(), weights, uniform, self.embed.detach(), self.embed_avg,
-                                                   self.cluster_size, self.initted))
+        state = (self.embed.detach(), self.embed_avg, self.cluster_size, self.initted)
+        operands = tuple(snapshot(t) for t in (x.detach(), weights, uniform, *state))
         if _is_compiling():
             new = torch.cond(needs_init, self._kmeans_branch, self._keep_branch, operands)
         elif bool(needs_init):
@@ -286,7 +288,7 @@ class Codebook(OptionalStateMixin):
             new = None
         if new is not None:  # the cond already kept the old values when the batch was not ok
             with torch.no_grad():
-                for buffer, value in zip((self.embed, self.embed_avg, self.cluster_size, self.initted), new):
+                for buffer, value in zip(state, new):
                     buffer.copy_(value)
         if not _is_compiling():
             self._sync_kmeans_pending()

@@ -63,14 +63,15 @@ def ema_(old: torch.Tensor, new: torch.Tensor, decay: float) -> torch.Tensor:
 
 
 def snapshot(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` (h, k, d) that backward will use even after ``t`` is updated in place.
+    """A contiguous copy of ``t`` that torch.compile can neither recompute nor re-layout.
 
-    Under torch.compile the min-cut partitioner may recompute, in the backward,
-    a read of a buffer that the forward has since overwritten, silently giving
-    wrong gradients (pytorch/pytorch PR 197039, open).  It never recomputes ops
-    outside its allow-list, and ``index_select`` is one, so this copy is saved
-    instead (a clone would be recomputed from the buffer)."""
-    return t.index_select(1, torch.arange(t.shape[1], device=t.device))
+    Two compiler issues need one: the min-cut partitioner may recompute, in the
+    backward, a read of a buffer that the forward has since overwritten,
+    silently giving wrong gradients (pytorch/pytorch PR 197039, open), and
+    inductor may hand ``torch.cond`` an operand with other strides than it
+    traced.  ``index_select`` is outside the partitioner's recompute list and
+    materialises a fixed layout (a clone would be recomputed or re-laid out)."""
+    return t.index_select(0, torch.arange(t.shape[0], device=t.device))
 
 
 # ---------------------------------------------------------------------------
