@@ -1,5 +1,8 @@
-"""Worker for the 2-rank tests: trains a VectorQuantize on its share of the batches and saves its state."""
+"""Rank functions for the 2-rank gloo tests (spawned processes; results go to files in ``out_dir``)."""
 
+import contextlib
+import datetime
+import faulthandler
 import os
 
 import torch
@@ -7,12 +10,30 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 
-def train_rank(rank: int, world: int, options: dict, data_path: str, out_dir: str, compiled: bool) -> None:
+@contextlib.contextmanager
+def process_group(rank: int, world: int, store: str, out_dir: str, timeout_s: float | None = None):
+    """A gloo group over a file store (no port to collide on); a crash leaves a traceback in fault<rank>.log."""
+    fault_log = open(os.path.join(out_dir, f"fault{rank}.log"), "w")
+    faulthandler.enable(file=fault_log)
     torch.set_num_threads(1)
-    # a file store needs no port, so parallel or back-to-back runs cannot collide
-    store = os.path.join(out_dir, "store")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    timeout = {} if timeout_s is None else dict(timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, **timeout)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        faulthandler.disable()
+        fault_log.close()
+
+
+def _save(tensors: dict, out_dir: str, rank: int) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+
+
+def train_rank(rank: int, world: int, store: str, out_dir: str, options: dict, data_path: str, compiled: bool) -> None:
+    """Train on this rank's share of the batches and save the state."""
+    with process_group(rank, world, store, out_dir):
         import torch._inductor.config as inductor_config
         from vqdeploy import VectorQuantize
 
@@ -28,20 +49,12 @@ def train_rank(rank: int, world: int, options: dict, data_path: str, out_dir: st
             x = batches[step, rank * share:(rank + 1) * share].clone().requires_grad_()
             quantized, indices, loss = model(x)
             (quantized.sum() + loss.sum()).backward()
-        save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        _save(vq.state_dict(), out_dir, rank)
 
 
-def unsynced_rank(rank: int, world: int, out_dir: str) -> None:
+def unsynced_rank(rank: int, world: int, store: str, out_dir: str) -> None:
     """With sync_codebook=False only rank 0 trains: any collective would wait for rank 1 and time out."""
-    import datetime
-
-    store = os.path.join(out_dir, "store")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
+    with process_group(rank, world, store, out_dir, timeout_s=30):
         from vqdeploy import VectorQuantize
 
         if rank == 0:
@@ -50,26 +63,17 @@ def unsynced_rank(rank: int, world: int, out_dir: str) -> None:
             mask = torch.ones(2, 10, dtype=torch.bool)
             for _ in range(2):
                 vq(torch.randn(2, 10, 8), mask=mask)
-            save_file({"initted": vq._codebook.initted}, os.path.join(out_dir, "rank0.safetensors"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+            _save({"initted": vq._codebook.initted}, out_dir, rank)
 
 
-def padded_rank(rank: int, world: int, out_dir: str) -> None:
+def padded_rank(rank: int, world: int, store: str, out_dir: str) -> None:
     """Rank 1's batch is all padding: dead codes must come from rank 0's real rows only."""
-    store = os.path.join(out_dir, "store")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, store, out_dir):
         from vqdeploy import VectorQuantize
 
         torch.manual_seed(0)
         vq = VectorQuantize(dim=8, codebook_size=16, threshold_ema_dead_code=100)  # every code expires
         torch.manual_seed(1 + rank)
         x = torch.randn(2, 10, 8) + 5
-        mask = torch.full((2, 10), rank == 0)
-        vq(x, mask=mask)
-        save_file({"embed": vq.codebook.contiguous(), "x": x}, os.path.join(out_dir, f"rank{rank}.safetensors"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        vq(x, mask=torch.full((2, 10), rank == 0))
+        _save({"embed": vq.codebook, "x": x}, out_dir, rank)

@@ -61,10 +61,6 @@ CALLS = {
 }
 
 
-def _outputs(out):
-    return [t for t in out]
-
-
 def _compare_steps(eager, compiled, make_input, kwargs_for, steps=3):
     params_e = dict(eager.named_parameters())
     params_c = dict(compiled._orig_mod.named_parameters())
@@ -75,9 +71,9 @@ def _compare_steps(eager, compiled, make_input, kwargs_for, steps=3):
             p.grad = None
         xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
         torch.manual_seed(100 + step)
-        out_e = _outputs(eager(xe, **kwargs))
+        out_e = list(eager(xe, **kwargs))
         torch.manual_seed(100 + step)
-        out_c = _outputs(compiled(xc, **kwargs))
+        out_c = list(compiled(xc, **kwargs))
         for a, b in zip(out_e, out_c):
             if a.dtype.is_floating_point:
                 torch.testing.assert_close(a, b, atol=ATOL, rtol=0)

@@ -140,7 +140,8 @@ def test_reference_checkpoints_of_every_state_kind_load(options, trained, tmp_pa
     ref = _reference(options, (2, 24, 16), warmup_steps=2 if trained else 0)
     ours = _roundtrip(ref, tmp_path, options)
     for key, value in ref.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[key], value, atol=0, rtol=0, msg=key)
+        # the reference leaves some never-trained buffers as torch.empty: NaN must round-trip too
+        torch.testing.assert_close(ours.state_dict()[key], value, atol=0, rtol=0, equal_nan=True, msg=key)
     if options.get("kmeans_init"):
         assert float(ours._codebook.initted) == float(trained)
 

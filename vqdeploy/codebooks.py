@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .primitives import (cosine_logits, counts_per_code, draw_uniform, ema_, euclidean_logits, gather_codes, kmeans,
+from .primitives import (cosine_logits, counts_per_code, draw_uniform, ema, euclidean_logits, gather_codes, kmeans,
                          l2norm, laplace_smoothing, masked_mean_var, nearest_codes, row_sample_noise_shape,
                          rows_all_finite, sample_codes, sample_rows, snapshot, sq_dist_scores, straight_through_weights,
                          sums_per_code, zero_dropped_rows)
@@ -33,10 +33,6 @@ def _uniform_init(*shape: int) -> torch.Tensor:
     t = torch.empty(shape)
     nn.init.kaiming_uniform_(t)
     return t
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 @dataclass(frozen=True)
@@ -280,7 +276,7 @@ class Codebook(OptionalStateMixin):
         needs_init = (self.initted == 0).all() & update_ok
         state = (self.embed.detach(), self.embed_avg, self.cluster_size, self.initted)
         operands = tuple(snapshot(t) for t in (x.detach(), weights, uniform, *state))
-        if _is_compiling():
+        if torch.compiler.is_compiling():
             new = torch.cond(needs_init, self._kmeans_branch, self._keep_branch, operands)
         elif bool(needs_init):
             new = self._kmeans_branch(*operands)
@@ -290,7 +286,7 @@ class Codebook(OptionalStateMixin):
             with torch.no_grad():
                 for buffer, value in zip(state, new):
                     buffer.copy_(value)
-        if not _is_compiling():
+        if not torch.compiler.is_compiling():
             self._sync_kmeans_pending()
 
     def train(self, mode: bool = True):
@@ -339,8 +335,8 @@ class Codebook(OptionalStateMixin):
         sums = sums_per_code(x, indices, self.config.codebook_size, weights)
         if self.config.use_ddp:
             counts, sums = D.all_reduce_sum(counts), D.all_reduce_sum(sums)
-        cluster_size = ema_(self.cluster_size, counts, self.config.decay)
-        embed_avg = ema_(self.embed_avg, sums, self.config.decay)
+        cluster_size = ema(self.cluster_size, counts, self.config.decay)
+        embed_avg = ema(self.embed_avg, sums, self.config.decay)
         smoothed = laplace_smoothing(cluster_size, self.config.codebook_size, self.config.eps)
         embed = embed_avg / smoothed.unsqueeze(-1)
         if self.config.use_cosine_sim:

@@ -53,7 +53,7 @@ def laplace_smoothing(counts: torch.Tensor, num_categories: int, eps: float) -> 
     return (counts + eps) / (total + num_categories * eps) * total
 
 
-def ema_(old: torch.Tensor, new: torch.Tensor, decay: float) -> torch.Tensor:
+def ema(old: torch.Tensor, new: torch.Tensor, decay: float) -> torch.Tensor:
     """Out-of-place exponential moving average ``decay * old + (1 - decay) * new``."""
     return torch.lerp(old.to(new.dtype), new, 1.0 - decay)
 

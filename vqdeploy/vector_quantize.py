@@ -205,14 +205,12 @@ class VectorQuantize(nn.Module):
         if self.heads > 1 and (indices.ndim < 2 or indices.shape[-1] != self.heads):
             raise ValueError(f"indices must end with a heads dimension of size {self.heads}, got {tuple(indices.shape)}")
         check_index_range(indices, self.codebook_size)
-        embed = self._codebook.embed
+        embed, indices = self._codebook.embed, indices.long()
         if self.heads == 1:
-            return F.embedding(indices.long(), embed[0])
-        flat_codes = embed.reshape(-1, self.codebook_dim)
-        if self.separate_codebook_per_head:
-            indices = indices.long() + torch.arange(self.heads, device=indices.device) * self.codebook_size
-        codes = F.embedding(indices.long(), flat_codes)
-        return codes.flatten(-2)
+            return F.embedding(indices, embed[0])
+        if self.separate_codebook_per_head:  # codebook h's codes sit at rows h * codebook_size + i
+            indices = indices + torch.arange(self.heads, device=indices.device) * self.codebook_size
+        return F.embedding(indices, embed.reshape(-1, self.codebook_dim)).flatten(-2)
 
     # ------------------------------------------------------------------ pure eval API
 
