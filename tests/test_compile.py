@@ -10,7 +10,7 @@ import torch
 
 from vqdeploy import VectorQuantize
 
-from helpers import CODEBOOK_SIZE, DIM, assert_state_close, input_for, twin
+from helpers import CODEBOOK_SIZE, DIM, compare_eager_compiled, input_for, twin
 
 ATOL = 1e-5
 
@@ -61,34 +61,6 @@ CALLS = {
 }
 
 
-def _compare_steps(eager, compiled, make_input, kwargs_for, steps=3):
-    params_e = dict(eager.named_parameters())
-    params_c = dict(compiled._orig_mod.named_parameters())
-    for step in range(steps):
-        x = make_input()
-        kwargs = kwargs_for(x)
-        for p in (*params_e.values(), *params_c.values()):
-            p.grad = None
-        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        torch.manual_seed(100 + step)
-        out_e = list(eager(xe, **kwargs))
-        torch.manual_seed(100 + step)
-        out_c = list(compiled(xc, **kwargs))
-        for a, b in zip(out_e, out_c):
-            if a.dtype.is_floating_point:
-                torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
-            else:
-                assert torch.equal(a, b), f"indices differ at step {step}"
-        if torch.is_grad_enabled() and eager.training:
-            sum(o.float().sum() for o in out_e if o.dtype.is_floating_point).backward()
-            sum(o.float().sum() for o in out_c if o.dtype.is_floating_point).backward()
-            torch.testing.assert_close(xe.grad, xc.grad, atol=ATOL, rtol=0)
-            for name, p in params_e.items():
-                if p.grad is not None or params_c[name].grad is not None:
-                    torch.testing.assert_close(p.grad, params_c[name].grad, atol=ATOL, rtol=ATOL, msg=name)
-        assert_state_close(eager, compiled._orig_mod)
-
-
 def _build(options):
     return VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, **options)
 
@@ -100,7 +72,7 @@ def test_option_compiles_to_one_graph(name, mode):
     eager.train(mode == "train")
     other = twin(eager)
     compiled = torch.compile(other, fullgraph=True)
-    _compare_steps(eager, compiled, lambda: input_for(eager), lambda x: {})
+    compare_eager_compiled(eager, compiled, lambda: input_for(eager), lambda x: {})
 
 
 @pytest.mark.parametrize("call", list(CALLS))
@@ -108,7 +80,7 @@ def test_forward_arguments_compile(call):
     options = dict(stochastic_sample_codes=True) if call == "temperature_call" else {}
     eager = _build(options)
     compiled = torch.compile(twin(eager), fullgraph=True)
-    _compare_steps(eager, compiled, lambda: input_for(eager), CALLS[call])
+    compare_eager_compiled(eager, compiled, lambda: input_for(eager), CALLS[call])
 
 
 @pytest.mark.parametrize("name", ["kmeans_init_heads", "heads_shared", "cosine_kmeans_dead_codes", "affine_param",
@@ -123,13 +95,13 @@ def test_masked_option_compiles(name):
         mask[-1, ..., : tokens[-1] // 2] = False
         return dict(mask=mask)
 
-    _compare_steps(eager, compiled, lambda: input_for(eager), masked)
+    compare_eager_compiled(eager, compiled, lambda: input_for(eager), masked)
 
 
 def test_single_vector_input_compiles():
     eager = _build({})
     compiled = torch.compile(twin(eager), fullgraph=True)
-    _compare_steps(eager, compiled, lambda: torch.randn(4, DIM), lambda x: {})
+    compare_eager_compiled(eager, compiled, lambda: torch.randn(4, DIM), lambda x: {})
 
 
 def test_nan_batch_is_skipped_inside_the_graph():
@@ -138,7 +110,7 @@ def test_nan_batch_is_skipped_inside_the_graph():
     bad = input_for(eager)
     bad[0, 0, 0] = float("nan")
     batches = iter([input_for(eager), bad, input_for(eager)])
-    _compare_steps(eager, compiled, lambda: next(batches), lambda x: {}, steps=1)
+    compare_eager_compiled(eager, compiled, lambda: next(batches), lambda x: {}, steps=1)
     before = twin(compiled._orig_mod)
     compiled(bad)
     assert int(compiled._orig_mod._codebook.skipped_updates) == 1

@@ -5,8 +5,17 @@ export and runtime modules.
 """
 
 from .codebooks import Codebook, CodebookConfig
+from .grouped import GroupedOutput, GroupedOutputWithCodes, GroupedResidualQuantizer
+from .random_projection import RandomProjectionQuantizer
+from .residual import ResidualOutput, ResidualOutputWithCodes, ResidualQuantizer
+from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .vector_quantize import QuantizeLossOutput, QuantizeOutput, VectorQuantize
 
 __version__ = "0.1.0"
 
-__all__ = ["VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig"]
+__all__ = [
+    "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
+    "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer",
+    "ResidualQuantizer", "GroupedResidualQuantizer",
+    "ResidualOutput", "ResidualOutputWithCodes", "GroupedOutput", "GroupedOutputWithCodes",
+]

@@ -41,6 +41,24 @@ def draw_uniform(shapes: dict, device: torch.device | str | None = None) -> dict
     return {name: chunk.view(shape) for (name, shape), chunk in zip(shapes.items(), flat.split(sizes))}
 
 
+SEED_LIMIT = 2**31  # integer seeds lie in [-SEED_LIMIT, SEED_LIMIT): compiled graphs hold them as int32
+
+
+def uniform_from_seed(seed: int | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """A uniform number in [0, 1) (0-d float tensor) that depends only on ``seed``.
+
+    An integer hash (two rounds of ``x ^= x >> 16; x *= 0x45d9f3b`` on 32 bits,
+    done in int64 so nothing overflows), so it is the same eagerly, compiled,
+    exported and on any device, and needs no generator object in the graph."""
+    x = seed.to(device=device, dtype=torch.int64) if isinstance(seed, torch.Tensor) \
+        else torch.as_tensor(seed, dtype=torch.int64, device=device)
+    x = (x ^ (x >> 32)) & 0xFFFFFFFF
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (x >> 16) ^ x
+    return (x >> 8).float() / float(2**24)  # the top 24 bits: exact in float32, never 1.0
+
+
 def row_sample_noise_shape(num_codebooks: int, num_rows: int, num: int) -> tuple[int, int]:
     """Shape of the uniform noise :func:`sample_row_indices` consumes."""
     return (num_codebooks, num_rows + num)

@@ -14,13 +14,19 @@ from torch import nn
 
 
 class OptionalStateMixin(nn.Module):
-    """``_optional_state`` names buffers that may be absent from a checkpoint."""
+    """``_optional_state`` names buffers that may be absent from a checkpoint that holds the module's other state."""
 
     _optional_state: tuple[str, ...] = ()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         self._adapt_state_dict(state_dict, prefix)
+        own_keys = [prefix + name for name in (*self._parameters, *self._buffers) if name not in self._optional_state]
+        if not any(key in state_dict for key in own_keys):
+            # this module is absent from the checkpoint altogether (for example a shared codebook that
+            # safetensors' save_model stored under one name only): report all of it missing
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
         for name in self._optional_state:
             key = prefix + name
             if key not in state_dict and name in self._buffers:

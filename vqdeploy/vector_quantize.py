@@ -192,15 +192,16 @@ class VectorQuantize(nn.Module):
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for ``indices`` (b, ...) or (b, ..., heads), before ``project_out``:
         (b, ..., heads * codebook_dim), channel-first when ``channel_last=False``."""
-        codes = self._lookup(indices)
+        codes = self.lookup(indices)
         return codes if self.channel_last else codes.movedim(-1, 1)
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """``get_codes_from_indices`` followed by ``project_out`` (channel-first when ``channel_last=False``)."""
-        out = self.project_out(self._lookup(indices))
+        out = self.project_out(self.lookup(indices))
         return out if self.channel_last else out.movedim(-1, 1)
 
-    def _lookup(self, indices: torch.Tensor) -> torch.Tensor:
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes (..., heads * codebook_dim) for indices (...) or (..., heads), before ``project_out``."""
         check_indices_dtype(indices)
         if self.heads > 1 and (indices.ndim < 2 or indices.shape[-1] != self.heads):
             raise ValueError(f"indices must end with a heads dimension of size {self.heads}, got {tuple(indices.shape)}")
@@ -217,12 +218,19 @@ class VectorQuantize(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes for ``x`` without touching any state (the export encoder)."""
         tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
+        return layout.restore_indices(self.encode_tokens(tokens)[1])
+
+    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pure eval quantization of tokens (b, n, dim): ``(quantized (b, n, dim), indices (b, n[, heads]))``,
+        what the eval ``forward`` computes; residual wrappers chain it."""
         rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens)))
-        return layout.restore_indices(self._merge_indices(self._codebook.encode(rows), tokens.shape[0]))
+        quantized, indices, _ = self._codebook.quantize(rows)
+        batch = tokens.shape[0]
+        return self.project_out(self._merge_rows(quantized.to(rows.dtype), batch)), self._merge_indices(indices, batch)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """The quantized output for ``indices``, in the layout ``forward`` returns."""
-        out = self.project_out(self._lookup(indices))
+        out = self.project_out(self.lookup(indices))
         has_tokens = indices.ndim > (2 if self.heads > 1 else 1)
         return out.movedim(-1, 1) if has_tokens and (self.accept_image_fmap or not self.channel_last) else out
 
@@ -269,16 +277,32 @@ class VectorQuantize(nn.Module):
 
         Returns ``(quantized, indices, loss)``, or ``(quantized, ce_loss)`` when
         ``indices`` are given."""
-        freeze_codebook = freeze_codebook or self.freeze_codebook
         if sample_codebook_temp is not None:
             _number("sample_codebook_temp", sample_codebook_temp, 0.0)
         tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
+        token_weights = layout.token_weights(mask, tokens.shape[0])
+        target = None if indices is None else layout.token_indices(indices, self.heads)
+        out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook)
+        quantized = layout.restore_features(out[0])
+        if indices is not None:
+            return QuantizeLossOutput(quantized, out.ce_loss)
+        return QuantizeOutput(quantized, layout.restore_indices(out.indices), out.loss)
+
+    def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
+                        target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
+                        freeze_codebook: bool = False):
+        """``forward`` on validated tokens (b, n, dim), the form residual wrappers call.
+
+        token_weights: (b, n), 0 for tokens that must neither train the codebook
+        nor be quantized (padding; a dropped-out residual layer); target: (b, n, heads)
+        codes for the cross-entropy loss.  Returns a ``QuantizeOutput`` with
+        indices (b, n) or (b, n, heads), or a ``QuantizeLossOutput``."""
+        freeze_codebook = freeze_codebook or self.freeze_codebook
         batch = tokens.shape[0]
-        token_weights = layout.token_weights(mask, batch)
         row_weights = None if token_weights is None else self._split_token_values(token_weights)
         target_rows = None
-        if indices is not None:
-            target_rows = self._split_indices(layout.token_indices(indices, self.heads))
+        if target is not None:
+            target_rows = self._split_indices(target)
             check_index_range(target_rows, self.codebook_size, allow_minus_one=True)
 
         if token_weights is not None:
@@ -288,7 +312,7 @@ class VectorQuantize(nn.Module):
         else:
             tokens_in = tokens
         rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens_in)))
-        want_logits = indices is not None or (self.training and self.commitment_use_cross_entropy_loss)
+        want_logits = target is not None or (self.training and self.commitment_use_cross_entropy_loss)
         codebook_kwargs = dict(weights=row_weights, sample_codebook_temp=sample_codebook_temp,
                                freeze_codebook=freeze_codebook, return_logits=want_logits)
         noise = self._draw_noise(rows.shape[1], sample_codebook_temp) if self.training else None
@@ -308,22 +332,19 @@ class VectorQuantize(nn.Module):
                 # optimistic/pessimistic synchronous update, eq. 21 of https://arxiv.org/abs/2305.08842
                 quantized = quantized + self.sync_update_v * (quantized - quantized.detach())
 
-        out = self._merge_rows(quantized, batch)
-        out = self.project_out(out)
+        out = self.project_out(self._merge_rows(quantized, batch))
         if token_weights is not None:
             out = torch.where(token_weights.unsqueeze(-1) > 0, out, tokens)
-        out = layout.restore_features(out)
 
-        if indices is not None:
+        if target is not None:
             return QuantizeLossOutput(out, masked_cross_entropy(logits, target_rows, row_weights))
 
         # like the reference, a training loss that requires grad even when no term does (a leaf with
         # requires_grad cannot be created inside a compiled graph, so there it has only its terms' grad)
-        loss = torch.zeros(1, device=x.device, requires_grad=self.training and not torch.compiler.is_compiling())
+        loss = torch.zeros(1, device=tokens.device, requires_grad=self.training and not torch.compiler.is_compiling())
         if self.training:
             loss = loss + self._aux_loss(rows, commit_quantized, code_indices, logits, row_weights, noise)
-        out_indices = layout.restore_indices(self._merge_indices(code_indices, batch))
-        return QuantizeOutput(out, out_indices, loss)
+        return QuantizeOutput(out, self._merge_indices(code_indices, batch), loss)
 
     def _samples_orthogonal_codes(self) -> bool:
         max_codes = self.orthogonal_reg_max_codes

@@ -1,0 +1,364 @@
+"""ResidualVQ and GroupedResidualVQ: shapes, the residual loop, bandwidth, quantize dropout, errors."""
+
+import pytest
+import torch
+from safetensors.torch import load_model, save_model
+
+from vqdeploy import GroupedResidualVQ, ResidualVQ
+from vqdeploy.residual import dropout_active_count
+from vqdeploy.primitives import uniform_from_seed
+
+from helpers import CODEBOOK_SIZE, DIM, twin
+
+Q = 3
+
+
+def _rvq(**options):
+    return ResidualVQ(dim=DIM, num_quantizers=options.pop("num_quantizers", Q), codebook_size=CODEBOOK_SIZE, **options)
+
+
+# ---------------------------------------------------------------------------------------------- shapes and layouts
+
+@pytest.mark.parametrize("options, shape, index_shape", [
+    (dict(), (2, 12, DIM), (2, 12, Q)),
+    (dict(), (5, DIM), (5, Q)),
+    (dict(channel_last=False), (2, DIM, 12), (2, 12, Q)),
+    (dict(accept_image_fmap=True), (2, DIM, 3, 4), (2, 3, 4, Q)),
+    (dict(accept_image_fmap=True, codebook_dim=8), (2, DIM, 2, 3, 4), (2, 2, 3, 4, Q)),
+    (dict(codebook_dim=8), (2, 12, DIM), (2, 12, Q)),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_shapes(options, shape, index_shape, training):
+    rvq = _rvq(**options).train(training)
+    x = torch.randn(shape)
+    quantized, indices, losses, all_codes = rvq(x, return_all_codes=True)
+    assert quantized.shape == x.shape
+    assert indices.shape == index_shape and indices.dtype == torch.long
+    assert losses.shape == (1, Q)
+    layer_dim = options.get("codebook_dim", DIM)
+    assert all_codes.shape == (Q, *index_shape[:-1], layer_dim)
+    assert rvq.codebooks.shape == (Q, CODEBOOK_SIZE, layer_dim)
+    if not training:
+        torch.testing.assert_close(rvq.decode(rvq.encode(x)), quantized, atol=1e-5, rtol=0)
+
+
+def test_each_layer_quantizes_what_the_previous_left():
+    rvq = _rvq().eval()
+    x = torch.randn(2, 12, DIM)
+    quantized, indices, _, all_codes = rvq(x, return_all_codes=True)
+    residual = x
+    for i, layer in enumerate(rvq.layers):
+        layer_quantized, layer_indices, _ = layer(residual)
+        assert torch.equal(layer_indices, indices[..., i])
+        torch.testing.assert_close(all_codes[i], layer_quantized, atol=1e-6, rtol=0)
+        residual = residual - layer_quantized
+    torch.testing.assert_close(all_codes.sum(0), quantized, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rvq.get_output_from_indices(indices), quantized, atol=1e-5, rtol=0)
+    assert (x - quantized).norm() < x.norm()
+
+
+def test_straight_through_gradient_counts_every_layer():
+    rvq = _rvq()
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    quantized, _, losses = rvq(x)
+    quantized.sum().backward()
+    # each layer's output is its input plus a constant, and each input is x minus constants
+    torch.testing.assert_close(x.grad, torch.full_like(x, float(Q)))
+    assert losses.requires_grad
+
+
+def test_mask_passes_padding_through_and_keeps_it_out_of_the_codebooks():
+    rvq = _rvq()
+    twin_rvq = twin(rvq)
+    x = torch.randn(2, 12, DIM)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 6:] = False
+    garbage = x.clone()
+    garbage[1, 6:] = 1e3
+    quantized, _, _ = rvq(garbage, mask=mask)
+    twin_rvq(x, mask=mask)
+    torch.testing.assert_close(quantized[1, 6:], garbage[1, 6:])
+    for a, b in zip(rvq.layers, twin_rvq.layers):
+        torch.testing.assert_close(a._codebook.embed, b._codebook.embed)
+
+
+def test_nan_batch_leaves_every_codebook_untouched():
+    rvq = _rvq(threshold_ema_dead_code=2)
+    rvq(torch.randn(2, 12, DIM))
+    before = twin(rvq)
+    bad = torch.randn(2, 12, DIM)
+    bad[0, 3, 1] = float("nan")
+    rvq(bad)
+    for layer, old in zip(rvq.layers, before.layers):
+        assert int(layer._codebook.skipped_updates) >= 1
+        torch.testing.assert_close(layer._codebook.embed, old._codebook.embed, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- shared codebook
+
+def test_shared_codebook_is_one_module_and_saves_as_safetensors(tmp_path):
+    rvq = _rvq(shared_codebook=True)
+    assert all(layer._codebook is rvq.layers[0]._codebook for layer in rvq.layers)
+    before = rvq.layers[0]._codebook.embed.clone()
+    rvq(torch.randn(2, 12, DIM))
+    assert not torch.equal(rvq.layers[0]._codebook.embed, before)
+    assert all(f"layers.{i}._codebook.embed" in rvq.state_dict() for i in range(Q))
+    save_model(rvq, str(tmp_path / "shared.safetensors"))
+    loaded = _rvq(shared_codebook=True)
+    load_model(loaded, str(tmp_path / "shared.safetensors"))
+    torch.testing.assert_close(loaded.codebooks, rvq.codebooks, atol=0, rtol=0)
+    assert loaded.layers[2]._codebook is loaded.layers[0]._codebook
+
+
+def test_shared_codebook_with_in_place_optimizer_steps_the_shared_codes():
+    rvq = _rvq(shared_codebook=True, ema_update=False, learnable_codebook=True,
+               in_place_codebook_optimizer=lambda params: torch.optim.SGD(params, lr=0.5))
+    shared_embed = rvq.layers[0]._codebook.embed
+    for layer in rvq.layers:
+        assert any(p is shared_embed for group in layer.in_place_codebook_optimizer.param_groups
+                   for p in group["params"])
+    before = shared_embed.detach().clone()
+    rvq(torch.randn(2, 12, DIM))
+    assert not torch.equal(shared_embed.detach(), before)
+
+
+# ---------------------------------------------------------------------------------------------- bandwidth
+
+def _first_k(rvq, k, **options):
+    """A ResidualVQ with k quantizers holding the first k layers of ``rvq``."""
+    small = _rvq(num_quantizers=k, **options)
+    state = {key: value for key, value in rvq.state_dict().items()
+             if not key.startswith("layers.") or int(key.split(".")[1]) < k}
+    small.load_state_dict(state, strict=True)
+    return small
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("options", [dict(), dict(codebook_dim=8), dict(accept_image_fmap=True)])
+def test_bandwidth_equals_a_model_with_k_quantizers(options, training):
+    rvq = _rvq(num_quantizers=4, **options)
+    rvq(torch.randn(2, DIM, 3, 4) if options.get("accept_image_fmap") else torch.randn(2, 12, DIM))
+    small = _first_k(rvq, 2, **options).train(training)
+    rvq.train(training)
+    x = torch.randn(2, DIM, 3, 4) if options.get("accept_image_fmap") else torch.randn(2, 12, DIM)
+    torch.manual_seed(1)
+    quantized, indices, losses = rvq(x, num_quantizers=2)
+    torch.manual_seed(1)
+    expected = small(x)
+    assert indices.shape[-1] == 2 and losses.shape == (1, 2)
+    assert torch.equal(indices, expected.indices)
+    torch.testing.assert_close(quantized, expected.quantized, atol=1e-6, rtol=0)
+    torch.testing.assert_close(losses, expected.losses, atol=1e-6, rtol=0)
+    for i in range(2):  # the same codebook updates
+        torch.testing.assert_close(rvq.layers[i]._codebook.embed, small.layers[i]._codebook.embed)
+    torch.testing.assert_close(rvq.get_output_from_indices(indices, num_quantizers=2),
+                               small.get_output_from_indices(indices), atol=1e-6, rtol=0)
+    assert torch.equal(rvq.encode(x, num_quantizers=2), small.encode(x))
+    torch.testing.assert_close(rvq.decode(indices, num_quantizers=2), small.decode(indices), atol=1e-6, rtol=0)
+
+
+def test_bandwidth_keeps_coarse_codes():
+    """The first k codes of a full encoding are the k-quantizer encoding."""
+    rvq = _rvq(num_quantizers=4).eval()
+    x = torch.randn(2, 12, DIM)
+    full = rvq.encode(x)
+    assert torch.equal(rvq.encode(x, num_quantizers=2), full[..., :2])
+    errors = [(x - rvq.decode(full[..., :k], num_quantizers=k)).pow(2).mean() for k in range(1, 5)]
+    assert errors == sorted(errors, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------- quantize dropout
+
+def test_dropout_count_covers_the_range_uniformly():
+    uniform = (torch.arange(1000) + 0.5) / 1000
+    counts = dropout_active_count(uniform, cutoff_index=1, num_quantizers=5)
+    assert torch.equal(torch.bincount(counts, minlength=6), torch.tensor([0, 0, 250, 250, 250, 250]))
+    structured = dropout_active_count(uniform, cutoff_index=0, num_quantizers=8, multiple_of=4)
+    assert set(structured.tolist()) == {4, 8}
+    assert dropout_active_count(torch.tensor(0.9999999), 0, 3).item() == 3
+
+
+def test_seeded_uniform_is_fixed_and_spread():
+    values = torch.stack([uniform_from_seed(seed) for seed in range(2000)])
+    assert torch.equal(values, torch.stack([uniform_from_seed(torch.tensor(seed)) for seed in range(2000)]))
+    assert values.min() >= 0 and values.max() < 1
+    assert torch.histc(values, bins=10, min=0, max=1).min() > 150
+
+
+def test_dropout_drops_trailing_layers_without_training_them():
+    rvq = _rvq(num_quantizers=4, quantize_dropout=True)
+    seen = set()
+    for step in range(12):
+        before = twin(rvq)
+        x = torch.randn(2, 12, DIM, requires_grad=True)
+        quantized, indices, losses = rvq(x)
+        active = int((indices[0, 0] >= 0).sum())
+        seen.add(active)
+        assert torch.all((indices[..., :active] >= 0)) and torch.all(indices[..., active:] == -1)
+        assert torch.all(losses[0, active:] == 0) and torch.all(losses[0, :active] > 0)
+        quantized.sum().backward()
+        torch.testing.assert_close(x.grad, torch.full_like(x, float(active)))
+        for i, (layer, old) in enumerate(zip(rvq.layers, before.layers)):
+            changed = not torch.equal(layer._codebook.embed, old._codebook.embed)
+            assert changed == (i < active), f"layer {i} with {active} active"
+        assert int(rvq.layers[-1]._codebook.skipped_updates) == 0
+    assert seen == {1, 2, 3, 4}
+    rvq.eval()
+    assert torch.all(rvq(torch.randn(2, 12, DIM)).indices >= 0)
+
+
+def test_dropout_cutoff_and_multiple_of():
+    rvq = _rvq(num_quantizers=4, quantize_dropout=True, quantize_dropout_cutoff_index=1,
+               quantize_dropout_multiple_of=2)
+    seen = {int((rvq(torch.randn(2, 12, DIM)).indices[0, 0] >= 0).sum()) for _ in range(16)}
+    assert seen == {2, 4}
+
+
+def test_fixed_seed_fixes_the_dropout():
+    rvq = _rvq(num_quantizers=4, quantize_dropout=True)
+    pattern = {int((rvq(torch.randn(2, 12, DIM), rand_quantize_dropout_fixed_seed=7).indices[0, 0] >= 0).sum())
+               for _ in range(5)}
+    assert len(pattern) == 1
+    seeded = {int((rvq(torch.randn(2, 12, DIM), rand_quantize_dropout_fixed_seed=s).indices[0, 0] >= 0).sum())
+              for s in range(20)}
+    assert len(seeded) > 1
+
+
+def test_no_dropout_with_given_indices_or_one_quantizer():
+    rvq = _rvq(quantize_dropout=True)
+    indices = rvq.eval()(torch.randn(2, 12, DIM)).indices
+    rvq.train()
+    _, ce_loss = rvq(torch.randn(2, 12, DIM), indices=indices)
+    assert ce_loss.ndim == 0 and torch.isfinite(ce_loss)
+    assert not _rvq(num_quantizers=1, quantize_dropout=True).quantize_dropout
+
+
+def test_dropped_indices_decode_as_coarser_models():
+    rvq = _rvq(num_quantizers=4, quantize_dropout=True).eval()
+    x = torch.randn(2, 12, DIM)
+    indices = rvq.encode(x)
+    coarse = indices.clone()
+    coarse[..., 2:] = -1
+    torch.testing.assert_close(rvq.get_output_from_indices(coarse), rvq.decode(indices[..., :2], num_quantizers=2))
+    # with quantize dropout, fewer columns mean the finer quantizers were dropped (as in the reference)
+    torch.testing.assert_close(rvq.get_output_from_indices(indices[..., :2]), rvq.get_output_from_indices(coarse))
+    assert torch.all(rvq.get_codes_from_indices(coarse)[2:] == 0)
+
+
+# ---------------------------------------------------------------------------------------------- cross-entropy
+
+def test_cross_entropy_with_indices_sums_the_layers():
+    rvq = _rvq().eval()
+    x = torch.randn(2, 12, DIM)
+    indices = rvq.encode(x)
+    quantized, ce_loss = rvq(x, indices=indices)
+    torch.testing.assert_close(quantized, rvq(x).quantized)
+    residual, expected = x, 0.0
+    for i, layer in enumerate(rvq.layers):
+        layer_quantized, layer_ce = layer(residual, indices=indices[..., i])
+        expected = expected + layer_ce
+        residual = residual - layer_quantized
+    torch.testing.assert_close(ce_loss, expected)
+
+
+# ---------------------------------------------------------------------------------------------- grouped
+
+def _grouped(**options):
+    return GroupedResidualVQ(dim=DIM, groups=options.pop("groups", 2), num_quantizers=Q, codebook_size=CODEBOOK_SIZE,
+                             **options)
+
+
+@pytest.mark.parametrize("options, shape", [
+    (dict(), (2, 12, DIM)),
+    (dict(accept_image_fmap=True), (2, DIM, 3, 4)),
+    (dict(channel_last=False), (2, DIM, 12)),
+    (dict(codebook_dim=4), (2, 12, DIM)),
+])
+def test_grouped_splits_features_over_residual_quantizers(options, shape):
+    grouped = _grouped(**options).eval()
+    x = torch.randn(shape)
+    quantized, indices, losses, all_codes = grouped(x, return_all_codes=True)
+    tokens = shape[2:] if options.get("accept_image_fmap") or options.get("channel_last") is False else shape[1:2]
+    assert quantized.shape == x.shape
+    assert indices.shape == (2, shape[0], *tokens, Q) and losses.shape == (2, 1, Q)
+    assert isinstance(all_codes, tuple) and all_codes[0].shape == (Q, shape[0], *tokens, options.get("codebook_dim", 8))
+    split = 1 if len(shape) != 3 or options.get("channel_last") is False else -1
+    for rvq, chunk, group_quantized, group_indices in zip(grouped.rvqs, x.chunk(2, dim=split),
+                                                          quantized.chunk(2, dim=split), indices):
+        expected = rvq(chunk)
+        assert torch.equal(expected.indices, group_indices)
+        torch.testing.assert_close(expected.quantized, group_quantized, atol=1e-6, rtol=0)
+    assert torch.equal(grouped.encode(x), indices)
+    torch.testing.assert_close(grouped.decode(indices), quantized, atol=1e-5, rtol=0)
+    output = grouped.get_output_from_indices(indices)
+    torch.testing.assert_close(output, quantized.movedim(1, -1) if split == 1 else quantized, atol=1e-5, rtol=0)
+    assert grouped.get_codes_from_indices(indices).shape == (2, Q, shape[0], *tokens, options.get("codebook_dim", 8))
+    assert grouped.codebooks.shape == (2, Q, CODEBOOK_SIZE, options.get("codebook_dim", 8))
+
+
+def test_grouped_dropout_is_shared_by_the_groups():
+    grouped = _grouped(quantize_dropout=True)
+    for _ in range(6):
+        indices = grouped(torch.randn(2, 12, DIM)).indices
+        assert torch.equal(indices[0] == -1, indices[1] == -1)
+
+
+def test_grouped_cross_entropy_and_bandwidth():
+    grouped = _grouped().eval()
+    x = torch.randn(2, 12, DIM)
+    indices = grouped.encode(x)
+    _, ce_loss = grouped(x, indices=indices)
+    expected = sum(rvq(chunk, indices=group)[1] for rvq, chunk, group in zip(grouped.rvqs, x.chunk(2, -1), indices))
+    torch.testing.assert_close(ce_loss, expected)
+    _, ce_tuple = grouped(x, indices=tuple(indices))
+    torch.testing.assert_close(ce_tuple, ce_loss)
+    assert torch.equal(grouped(x, num_quantizers=2).indices, indices[..., :2])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: _rvq(heads=2), "heads"),
+    (lambda: _rvq(num_quantizers=0), "num_quantizers"),
+    (lambda: _rvq(quantize_dropout=True, quantize_dropout_cutoff_index=Q), "cutoff"),
+    (lambda: _rvq(quantize_dropout_cutoff_index=-1), "cutoff"),
+    (lambda: _rvq(quantize_dropout_multiple_of=0), "multiple_of"),
+    (lambda: _grouped(groups=3), "divide"),
+    (lambda: _grouped(groups=0), "groups"),
+])
+def test_bad_construction_raises(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_bad_calls_raise_clear_errors():
+    rvq = _rvq(num_quantizers=4).eval()
+    x = torch.randn(2, 12, DIM)
+    indices = rvq.encode(x)
+    with pytest.raises(ValueError, match=r"num_quantizers must be an int in \[1, 4\]"):
+        rvq(x, num_quantizers=5)
+    with pytest.raises(ValueError, match="num_quantizers"):
+        rvq.get_output_from_indices(indices, num_quantizers=0)
+    with pytest.raises(ValueError, match="one column per quantizer"):
+        rvq.get_output_from_indices(indices[..., :3])  # no quantize dropout: 3 of 4 is an error
+    with pytest.raises(ValueError, match="one column per quantizer"):
+        rvq.get_codes_from_indices(indices, num_quantizers=2)
+    with pytest.raises(ValueError, match="4 quantizers"):
+        rvq(x, indices=indices[..., :3])
+    with pytest.raises(ValueError, match="-1"):
+        rvq(x, indices=torch.where(indices > 5, indices, -1))
+    with pytest.raises(ValueError, match=r"lie in \[-1, 31\]"):
+        rvq.get_output_from_indices(indices + CODEBOOK_SIZE)
+    with pytest.raises(TypeError, match="integer"):
+        rvq.get_output_from_indices(indices.float())
+    with pytest.raises(TypeError, match="seed"):
+        rvq(x, rand_quantize_dropout_fixed_seed=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        rvq(x, rand_quantize_dropout_fixed_seed=2**40)
+    with pytest.raises(ValueError, match=f"expected {DIM} features"):
+        rvq(torch.randn(2, 12, DIM + 1))
+    grouped = _grouped().eval()
+    with pytest.raises(ValueError, match="one entry per group"):
+        grouped(x, indices=grouped.encode(x)[:1])
+    with pytest.raises(TypeError, match="sequence"):
+        grouped.get_output_from_indices("codes")

@@ -1,0 +1,257 @@
+"""The residual loop (SoundStream, EnCodec, RQ-VAE), written once for every quantizer family.
+
+Each layer quantizes what the layers before it left over; the output is the
+sum of their outputs.  Two things codec users need are built in:
+
+- quantize dropout (SoundStream section 3.3): in training, a random number of
+  leading layers is kept per step.  The number is a 0-d tensor drawn on the
+  device, and every layer always runs: a dropped layer gets zero token
+  weights, so it neither updates its codebook nor contributes output, indices
+  (-1) or loss.  Shapes never change, so the step stays one graph, and
+  distributed ranks always run the same collectives.
+- bandwidth: ``num_quantizers=k`` uses only the first k layers, which is
+  exactly a model with k quantizers (a Python int, fixed at trace time).
+
+A layer is any module with ``quantize_tokens(tokens, token_weights, target,
+sample_codebook_temp, freeze_codebook)``, ``encode_tokens(tokens)`` and
+``lookup(indices)`` working on tokens (b, n, d) (see ``VectorQuantize``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from .layout import TokenLayout, check_index_range, check_indices_dtype, to_tokens
+from .primitives import SEED_LIMIT, uniform_from_seed
+from .vector_quantize import QuantizeLossOutput, _number, _positive_int
+
+
+class ResidualOutput(NamedTuple):
+    """What a residual quantizer's ``forward`` returns; unpacks like the reference's tuple."""
+
+    quantized: torch.Tensor  # the input's shape
+    indices: torch.Tensor  # (b, *tokens, q); -1 where a layer was dropped out
+    losses: torch.Tensor  # (1, q)
+
+
+class ResidualOutputWithCodes(NamedTuple):
+    """``forward(..., return_all_codes=True)``: also every layer's codes."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    losses: torch.Tensor
+    all_codes: torch.Tensor  # (q, b, *tokens, codebook_dim), zeros where dropped
+
+
+def dropout_active_count(uniform: torch.Tensor, cutoff_index: int, num_quantizers: int,
+                         multiple_of: int = 1) -> torch.Tensor:
+    """How many leading layers a quantize-dropout step keeps (0-d int64).
+
+    The last kept layer is uniform in [cutoff_index, num_quantizers), rounded
+    up so that the count is a multiple of ``multiple_of`` (EnCodec's
+    structured dropout), the reference's ``randrange`` as tensor arithmetic."""
+    span = num_quantizers - cutoff_index
+    last = cutoff_index + (uniform * span).floor().long().clamp(max=span - 1)
+    return torch.div(last + multiple_of, multiple_of, rounding_mode="floor") * multiple_of
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype == torch.bool:
+            raise TypeError(f"rand_quantize_dropout_fixed_seed must be an int or a one-element integer tensor, "
+                            f"got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"rand_quantize_dropout_fixed_seed must be an int, got {type(seed).__name__}")
+    if not -SEED_LIMIT <= seed < SEED_LIMIT:
+        raise ValueError(f"rand_quantize_dropout_fixed_seed must lie in [-2**31, 2**31), got {seed}")
+
+
+class ResidualQuantizer(nn.Module):
+    """The shared residual loop: projections, layout, quantize dropout, bandwidth,
+    index checks and code lookup.  Subclasses build ``layers`` and name the family."""
+
+    def __init__(self, dim: int, layer_dim: int, layers: Sequence[nn.Module], quantize_dropout: bool = False,
+                 quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
+                 accept_image_fmap: bool = False, channel_last: bool = True):
+        super().__init__()
+        _positive_int("dim", dim)
+        _positive_int("quantize_dropout_multiple_of", quantize_dropout_multiple_of)
+        if not isinstance(quantize_dropout_cutoff_index, int) or quantize_dropout_cutoff_index < 0:
+            raise ValueError(f"quantize_dropout_cutoff_index must be an int >= 0, got {quantize_dropout_cutoff_index!r}")
+        num_quantizers = len(layers)
+        if quantize_dropout and quantize_dropout_cutoff_index >= num_quantizers:
+            raise ValueError(f"quantize_dropout_cutoff_index must be below num_quantizers ({num_quantizers}), "
+                             f"got {quantize_dropout_cutoff_index}")
+        self.dim = dim
+        self.num_quantizers = num_quantizers
+        self.accept_image_fmap = accept_image_fmap
+        self.channel_last = channel_last
+        self.has_projections = layer_dim != dim
+        self.project_in = nn.Linear(dim, layer_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(layer_dim, dim) if self.has_projections else nn.Identity()
+        self.layers = nn.ModuleList(layers)
+        self.quantize_dropout = bool(quantize_dropout) and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+
+    # ------------------------------------------------------------------ arguments
+
+    def bandwidth(self, num_quantizers: int | None) -> int:
+        """The number of layers to use: all of them, or the first ``num_quantizers``."""
+        if num_quantizers is None:
+            return self.num_quantizers
+        if not isinstance(num_quantizers, int) or isinstance(num_quantizers, bool) \
+                or not 1 <= num_quantizers <= self.num_quantizers:
+            raise ValueError(f"num_quantizers must be an int in [1, {self.num_quantizers}], got {num_quantizers!r}")
+        return num_quantizers
+
+    def draw_active_count(self, num_quantizers: int, device, seed=None) -> torch.Tensor | None:
+        """The quantize-dropout draw for one training step, or None when nothing can be dropped."""
+        cutoff = self.quantize_dropout_cutoff_index
+        if not self.quantize_dropout or cutoff >= num_quantizers - 1:
+            return None
+        uniform = torch.rand((), device=device) if seed is None else uniform_from_seed(seed, device)
+        return dropout_active_count(uniform, cutoff, num_quantizers, self.quantize_dropout_multiple_of)
+
+    def _target_tokens(self, indices: torch.Tensor, layout: TokenLayout, num_quantizers: int) -> torch.Tensor:
+        """Indices in the user's layout (b, *tokens, q) -> (b, n, q), checked."""
+        check_indices_dtype(indices)
+        expected = (() if layout.kind == "vector" else layout.spatial) + (num_quantizers,)
+        if tuple(indices.shape[1:]) != expected:
+            raise ValueError(f"indices must have shape (batch, {', '.join(map(str, expected))}): one code per "
+                             f"token for each of the {num_quantizers} quantizers, got {tuple(indices.shape)}")
+        if not torch.compiler.is_compiling() and indices.numel() and bool((indices < 0).any()):
+            raise ValueError("indices hold -1 (a dropped-out quantizer): the cross-entropy loss needs indices "
+                             "from every quantizer, as eval mode gives")
+        return indices.reshape(indices.shape[0], layout.num_tokens, num_quantizers).long()
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+                return_all_codes: bool = False, sample_codebook_temp: float | None = None,
+                freeze_codebook: bool = False, rand_quantize_dropout_fixed_seed: int | torch.Tensor | None = None,
+                num_quantizers: int | None = None):
+        """x: (b, dim), (b, n, dim), (b, dim, n) with ``channel_last=False`` or (b, dim, *spatial) with
+        ``accept_image_fmap=True``; mask: bool (b, n); indices: (b, *tokens, q) for the cross-entropy loss.
+
+        Returns ``(quantized, indices (b, *tokens, q), losses (1, q))`` (plus ``all_codes`` when asked),
+        or ``(quantized, ce_loss)`` when ``indices`` are given."""
+        k = self.bandwidth(num_quantizers)
+        if sample_codebook_temp is not None:
+            _number("sample_codebook_temp", sample_codebook_temp, 0.0)
+        if rand_quantize_dropout_fixed_seed is not None:
+            check_seed(rand_quantize_dropout_fixed_seed)
+        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
+        token_weights = layout.token_weights(mask, tokens.shape[0])
+        target = None if indices is None else self._target_tokens(indices, layout, k)
+        active_count = None
+        if self.training and target is None:
+            active_count = self.draw_active_count(k, tokens.device, rand_quantize_dropout_fixed_seed)
+        out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook, k,
+                                   active_count)
+        quantized = layout.restore_features(out.quantized)
+        if target is not None:
+            return QuantizeLossOutput(quantized, out.ce_loss)
+        out_indices = layout.restore_indices(out.indices)
+        if not return_all_codes:
+            return ResidualOutput(quantized, out_indices, out.losses)
+        return ResidualOutputWithCodes(quantized, out_indices, out.losses, self._codes(out_indices))
+
+    def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
+                        target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
+                        freeze_codebook: bool = False, num_quantizers: int | None = None,
+                        active_count: torch.Tensor | None = None):
+        """The loop on tokens (b, n, dim); ``active_count`` (0-d) keeps only that many leading layers.
+
+        Returns ``ResidualOutput`` on tokens (indices (b, n, q)), or ``QuantizeLossOutput``
+        with the summed cross-entropy when ``target`` (b, n, q) is given."""
+        k = self.bandwidth(num_quantizers)
+        residual = self.project_in(tokens)
+        quantized_out, all_indices, all_losses, ce_loss = None, [], [], None
+        for i, layer in enumerate(self.layers[:k]):
+            active = None if active_count is None else active_count > i
+            weights = token_weights
+            if active is not None:
+                keep = active.to(residual.dtype)
+                weights = keep.expand(residual.shape[:2]) if weights is None else weights * keep
+            layer_target = None if target is None else target[..., i:i + 1]
+            out = layer.quantize_tokens(residual, weights, layer_target, sample_codebook_temp, freeze_codebook)
+            quantized = out[0]
+            if active is not None:
+                quantized = torch.where(active, quantized, torch.zeros((), dtype=quantized.dtype,
+                                                                        device=quantized.device))
+            residual = residual - quantized.detach()
+            quantized_out = quantized if quantized_out is None else quantized_out + quantized
+            if target is not None:
+                ce_loss = out.ce_loss if ce_loss is None else ce_loss + out.ce_loss
+                continue
+            layer_indices, loss = out.indices, out.loss
+            if active is not None:
+                layer_indices = torch.where(active, layer_indices, -1)
+                loss = torch.where(active, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+            all_indices.append(layer_indices)
+            all_losses.append(loss)
+        quantized_out = self.project_out(quantized_out)
+        if target is not None:
+            return QuantizeLossOutput(quantized_out, ce_loss)
+        return ResidualOutput(quantized_out, torch.stack(all_indices, dim=-1), torch.stack(all_losses, dim=-1))
+
+    # ------------------------------------------------------------------ pure eval API
+
+    def encode(self, x: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
+        """Indices (b, *tokens, q) for ``x``, without touching any state (the export encoder)."""
+        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
+        return layout.restore_indices(self.encode_tokens(tokens, num_quantizers))
+
+    def encode_tokens(self, tokens: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
+        residual = self.project_in(tokens)
+        all_indices = []
+        for layer in self.layers[:self.bandwidth(num_quantizers)]:
+            quantized, indices = layer.encode_tokens(residual)
+            residual = residual - quantized
+            all_indices.append(indices)
+        return torch.stack(all_indices, dim=-1)
+
+    def decode(self, indices: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
+        """The output for ``indices`` in the layout ``forward`` returns (channel-first for feature maps)."""
+        out = self.get_output_from_indices(indices, num_quantizers)
+        has_tokens = indices.ndim > 2
+        return out.movedim(-1, 1) if has_tokens and (self.accept_image_fmap or not self.channel_last) else out
+
+    # ------------------------------------------------------------------ codes from indices
+
+    def get_codes_from_indices(self, indices: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
+        """Every layer's codes (q, b, *tokens, codebook_dim) for indices (b, *tokens, q); -1 gives zeros.
+
+        Like the reference, with quantize dropout fewer than ``num_quantizers``
+        columns are accepted and the missing fine layers count as dropped."""
+        check_indices_dtype(indices)
+        k = self.bandwidth(num_quantizers)
+        if indices.ndim < 2:
+            raise ValueError(f"indices must have shape (batch, ..., {k}), got {tuple(indices.shape)}")
+        given = indices.shape[-1]
+        if num_quantizers is None and self.quantize_dropout and 1 <= given < k:
+            indices = torch.nn.functional.pad(indices, (0, k - given), value=-1)
+        elif given != k:
+            raise ValueError(f"indices must end with one column per quantizer ({k}), got shape {tuple(indices.shape)}")
+        return self._codes(indices)
+
+    def get_output_from_indices(self, indices: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
+        """The summed codes through ``project_out``: (b, *tokens, dim), channel-last as in the reference."""
+        return self.project_out(self.get_codes_from_indices(indices, num_quantizers).sum(dim=0))
+
+    def _codes(self, indices: torch.Tensor) -> torch.Tensor:
+        codes = []
+        for i, layer in enumerate(self.layers[:indices.shape[-1]]):
+            layer_indices = indices[..., i]
+            kept = layer_indices >= 0
+            check_index_range(layer_indices, layer.codebook_size, allow_minus_one=True)
+            layer_codes = layer.lookup(torch.where(kept, layer_indices, 0))
+            codes.append(torch.where(kept.unsqueeze(-1), layer_codes, torch.zeros((), dtype=layer_codes.dtype,
+                                                                                   device=layer_codes.device)))
+        return torch.stack(codes)
+

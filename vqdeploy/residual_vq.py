@@ -1,0 +1,68 @@
+"""ResidualVQ and GroupedResidualVQ: the residual loop over VectorQuantize layers."""
+
+from __future__ import annotations
+
+import torch
+
+from .grouped import GroupedResidualQuantizer
+from .residual import ResidualQuantizer
+from .vector_quantize import VectorQuantize, _positive_int
+
+
+class ResidualVQ(ResidualQuantizer):
+    """Residual vector quantization (Algorithm 1 of SoundStream, https://arxiv.org/abs/2107.03312).
+
+    Every ``VectorQuantize`` argument passes through to the layers; ``codebook_dim``
+    sets the layers' width (with a projection in and out of it when it differs from ``dim``)."""
+
+    def __init__(self, dim: int, num_quantizers: int, codebook_dim: int | None = None, shared_codebook: bool = False,
+                 heads: int = 1, quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
+                 quantize_dropout_multiple_of: int = 1, accept_image_fmap: bool = False, **vector_quantize_kwargs):
+        _positive_int("num_quantizers", num_quantizers)
+        if heads != 1:
+            raise ValueError(f"ResidualVQ quantizes with one head (heads=1), got heads={heads!r}")
+        codebook_dim = dim if codebook_dim is None else codebook_dim
+        _positive_int("codebook_dim", codebook_dim)
+        channel_last = vector_quantize_kwargs.pop("channel_last", True)
+        vector_quantize_kwargs.pop("accept_image_fmap", None)
+        layers = [VectorQuantize(dim=codebook_dim, codebook_dim=codebook_dim, **vector_quantize_kwargs)
+                  for _ in range(num_quantizers)]
+        super().__init__(dim, codebook_dim, layers, quantize_dropout, quantize_dropout_cutoff_index,
+                         quantize_dropout_multiple_of, accept_image_fmap, channel_last)
+        self.shared_codebook = shared_codebook
+        if shared_codebook:
+            self._share_first_codebook(vector_quantize_kwargs.get("in_place_codebook_optimizer"))
+
+    def _share_first_codebook(self, optimizer_factory) -> None:
+        """Every layer uses (and updates) the first layer's codebook module, as in the reference."""
+        shared = self.layers[0]._codebook
+        for layer in self.layers[1:]:
+            layer._codebook = shared
+            if optimizer_factory is not None:  # the layer's optimizer must step the codebook it now uses
+                layer.in_place_codebook_optimizer = optimizer_factory(shared.parameters())
+
+    @property
+    def codebook_size(self) -> int:
+        return self.layers[0].codebook_size
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """(q, codebook_size, codebook_dim), or (q, heads, ...) with separate codebooks per head."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+
+class GroupedResidualVQ(GroupedResidualQuantizer):
+    """ResidualVQ over ``groups`` slices of the features; ``kwargs`` go to each group's ResidualVQ."""
+
+    def __init__(self, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        channel_last = kwargs.get("channel_last", True)
+
+        def make_group(dim_per_group: int) -> ResidualVQ:
+            return ResidualVQ(dim=dim_per_group, accept_image_fmap=accept_image_fmap, **kwargs)
+
+        super().__init__(dim, groups, make_group, accept_image_fmap, channel_last)
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """(groups, q, codebook_size, codebook_dim)."""
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
