@@ -32,9 +32,10 @@ def _flat(outputs):
             yield out
 
 
-def compare_eager_compiled(eager, compiled, make_input, kwargs_for, steps=3, atol=1e-5):
+def compare_eager_compiled(eager, compiled, make_input, kwargs_for, steps=3, atol=1e-5, state_rtol=1e-5):
     """Run ``steps`` steps of both modules from one seed each step and compare: integer outputs equal;
-    float outputs, the input gradient, parameter gradients and every buffer within ``atol``."""
+    float outputs, the input gradient, parameter gradients and every buffer within ``atol``
+    (buffers also within ``state_rtol`` relative: EMA sums of large values accumulate rounding)."""
     params_e = dict(eager.named_parameters())
     params_c = dict(compiled._orig_mod.named_parameters())
     for step in range(steps):
@@ -50,17 +51,17 @@ def compare_eager_compiled(eager, compiled, make_input, kwargs_for, steps=3, ato
         assert len(out_e) == len(out_c)
         for a, b in zip(out_e, out_c):
             if a.dtype.is_floating_point:
-                torch.testing.assert_close(a, b, atol=atol, rtol=0)
+                torch.testing.assert_close(a, b, atol=atol, rtol=1e-6)
             else:
                 assert torch.equal(a, b), f"indices differ at step {step}"
-        if torch.is_grad_enabled() and eager.training:
+        if torch.is_grad_enabled() and eager.training and any(o.requires_grad for o in out_e):
             sum(o.float().sum() for o in out_e if o.dtype.is_floating_point).backward()
             sum(o.float().sum() for o in out_c if o.dtype.is_floating_point).backward()
             torch.testing.assert_close(xe.grad, xc.grad, atol=atol, rtol=0)
             for name, p in params_e.items():
                 if p.grad is not None or params_c[name].grad is not None:
                     torch.testing.assert_close(p.grad, params_c[name].grad, atol=atol, rtol=atol, msg=name)
-        assert_state_close(eager, compiled._orig_mod)
+        assert_state_close(eager, compiled._orig_mod, rtol=state_rtol)
 
 
 def assert_state_close(a: torch.nn.Module, b: torch.nn.Module, atol: float = 1e-5, rtol: float = 1e-5) -> None:

@@ -34,6 +34,7 @@ OPTIONS = {
     "commitment_weight": dict(commitment_weight=0.25),
     "no_commitment": dict(commitment_weight=0.0),
     "commitment_cross_entropy": dict(commitment_use_cross_entropy_loss=True),
+    "commitment_cross_entropy_learnable": dict(commitment_use_cross_entropy_loss=True, orthogonal_reg_weight=1.0),
     "orthogonal": dict(orthogonal_reg_weight=10.0),
     "orthogonal_active_only": dict(orthogonal_reg_weight=10.0, orthogonal_reg_active_codes_only=True),
     "orthogonal_max_codes": dict(orthogonal_reg_weight=10.0, orthogonal_reg_max_codes=8),

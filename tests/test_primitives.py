@@ -28,6 +28,22 @@ def test_weighted_counts_and_sums_equal_one_hot_products():
     torch.testing.assert_close(P.sums_per_code(x, indices, 9, weights), one_hot.transpose(1, 2) @ x)
 
 
+def test_opaque_ops_pass_opcheck_and_have_the_documented_gradients():
+    """segment_sum and snapshot are custom ops (see their docstrings): fake kernels, autograd and schema checked."""
+    values = torch.randn(12, 3, requires_grad=True)
+    ids = torch.randint(0, 5, (12,))
+    torch.library.opcheck(P.segment_sum, (values, ids, 5))
+    torch.library.opcheck(P.snapshot, (torch.randn(4, 3, requires_grad=True).t(),))
+    P.segment_sum(values, ids, 5).pow(2).sum().backward()
+    expected = F.one_hot(ids, 5).float().t() @ values.detach()
+    torch.testing.assert_close(values.grad, 2 * expected[ids])
+    source = torch.randn(3, 4, requires_grad=True)
+    copy = P.snapshot(source.t())
+    assert copy.is_contiguous() and torch.equal(copy, source.t())
+    (copy * 3).sum().backward()
+    torch.testing.assert_close(source.grad, torch.full((3, 4), 3.0))
+
+
 def test_masked_mean_var_equal_statistics_of_kept_rows():
     x = torch.randn(2, 30, 3)
     weights = torch.ones(2, 30)

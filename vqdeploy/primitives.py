@@ -80,6 +80,7 @@ def ema(old: torch.Tensor, new: torch.Tensor, decay: float) -> torch.Tensor:
 # reading state that the same step updates in place
 
 
+@torch.library.custom_op("vqdeploy::snapshot", mutates_args=())
 def snapshot(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``t`` that torch.compile can neither recompute nor re-layout.
 
@@ -87,9 +88,17 @@ def snapshot(t: torch.Tensor) -> torch.Tensor:
     backward, a read of a buffer that the forward has since overwritten,
     silently giving wrong gradients (pytorch/pytorch PR 197039, open), and
     inductor may hand ``torch.cond`` an operand with other strides than it
-    traced.  ``index_select`` is outside the partitioner's recompute list and
-    materialises a fixed layout (a clone would be recomputed or re-laid out)."""
-    return t.index_select(0, torch.arange(t.shape[0], device=t.device))
+    traced.  An opaque op's output has the exact layout of its fake (contiguous)
+    and the partitioner does not recompute it.  Its gradient is the identity."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+@snapshot.register_fake
+def _snapshot_shape(t):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+snapshot.register_autograd(lambda ctx, grad: grad)
 
 
 # ---------------------------------------------------------------------------
@@ -137,13 +146,46 @@ def gather_codes(codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 # masked statistics (weights instead of boolean indexing)
 
 
+@torch.library.custom_op("vqdeploy::segment_sum", mutates_args=())
+def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sum of the rows of ``values`` (N, d) that share a segment id (N,): (num_segments, d).
+
+    An opaque op to torch.compile on purpose: inductor's CPU backend fuses an
+    index_add/scatter_add into 2D-tiled (transposing) kernels with a wrong
+    stride in the store index, writing out of bounds (torch 2.13); kept whole,
+    it runs as one eager index_add, which is as fast."""
+    return values.new_zeros(num_segments, values.shape[1]).index_add_(0, segment_ids, values)
+
+
+@segment_sum.register_fake
+def _segment_sum_shape(values, segment_ids, num_segments):
+    return values.new_empty(num_segments, values.shape[1])
+
+
+def _segment_sum_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1])
+
+
+def _segment_sum_backward(ctx, grad):
+    (segment_ids,) = ctx.saved_tensors
+    return grad.index_select(0, segment_ids), None, None
+
+
+segment_sum.register_autograd(_segment_sum_backward, setup_context=_segment_sum_context)
+
+
+def _flat_code_ids(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """(h, n) codes -> (h * n,) ids of codebook h's code i at h * num_codes + i."""
+    offsets = torch.arange(indices.shape[0], device=indices.device).unsqueeze(-1) * num_codes
+    return (indices + offsets).reshape(-1)
+
+
 def counts_per_code(indices: torch.Tensor, num_codes: int, weights: torch.Tensor | None = None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Weighted bincount per codebook: (h, n) -> (h, k), with no (n, k) one-hot."""
     h = indices.shape[0]
     values = torch.ones(indices.shape, dtype=dtype, device=indices.device) if weights is None else weights.to(dtype)
-    out = torch.zeros(h, num_codes, dtype=dtype, device=indices.device)
-    return out.scatter_add(1, indices, values)
+    return segment_sum(values.reshape(-1, 1), _flat_code_ids(indices, num_codes), h * num_codes).reshape(h, num_codes)
 
 
 def sums_per_code(x: torch.Tensor, indices: torch.Tensor, num_codes: int,
@@ -152,11 +194,8 @@ def sums_per_code(x: torch.Tensor, indices: torch.Tensor, num_codes: int,
     h, n, d = x.shape
     if weights is not None:
         x = x * weights.unsqueeze(-1)
-    offsets = torch.arange(h, device=indices.device).unsqueeze(-1) * num_codes
-    flat_indices = (indices + offsets).reshape(-1)
-    out = torch.zeros(h * num_codes, d, dtype=x.dtype, device=x.device)
-    out = out.index_add(0, flat_indices, x.reshape(h * n, d))
-    return out.reshape(h, num_codes, d)
+    sums = segment_sum(x.reshape(h * n, d), _flat_code_ids(indices, num_codes), h * num_codes)
+    return sums.reshape(h, num_codes, d)
 
 
 def masked_mean_var(x: torch.Tensor, weights: torch.Tensor | None, all_reduce=None):

@@ -1,0 +1,125 @@
+"""Side-by-side timing of vqdeploy and vector-quantize-pytorch 1.14.17, shared by the benchmark scripts.
+
+A case is one library, one mode (eval forward or training step) and one execution (eager, or torch.compile:
+vqdeploy with fullgraph=True, the reference without it, since it has graph breaks).  Every case runs in a fresh
+process so compile caches and memory peaks do not leak between cases.  Peak memory is
+torch.cuda.max_memory_allocated on CUDA and the growth of the process's peak RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+import warnings
+
+
+def _run_case(builder, params, impl, mode, compiled, shape, device, iters, queue):
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.manual_seed(0)
+    try:
+        module_name, function_name = builder.split(":")
+        model = getattr(importlib.import_module(module_name), function_name)(impl, **params).to(device)
+        model.train(mode == "train")
+        if compiled:
+            model = torch.compile(model, fullgraph=(impl == "vqdeploy"))
+        x = torch.randn(shape, device=device)
+
+        def step():
+            if mode == "eval":
+                with torch.no_grad():
+                    return model(x)
+            inp = x.detach().requires_grad_()
+            quantized, _, loss = model(inp)
+            (quantized.square().mean() + loss.sum()).backward()
+            return loss
+
+        def sync():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(3):  # warm-up, compile
+            step()
+        sync()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append((time.perf_counter() - start) * 1000)
+        if device.startswith("cuda"):
+            peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        queue.put(dict(ms=statistics.median(times), peak_mb=peak_mb))
+    except Exception as error:  # a library that cannot run a case is reported, not fatal
+        queue.put(dict(error=f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"))
+
+
+def run_case(**kwargs) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_run_case, kwargs=dict(kwargs, queue=queue))
+    process.start()
+    process.join()
+    return queue.get() if not queue.empty() else dict(error=f"exit code {process.exitcode}")
+
+
+def hardware(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+
+
+def compare(builder: str, cases: list[dict], shape: tuple[int, ...], device: str, iters: int,
+            label: str) -> list[dict]:
+    """Time every case (``params`` for the builder plus a ``name``) in eval/train x eager/compile, for both
+    libraries, print a table of medians, speed-ups and memory ratios, and return the rows."""
+    rows = []
+    header = f"{label:>10} {'mode':>5} {'exec':>8} | {'reference ms':>12} {'vqdeploy ms':>11} {'speed-up':>8} | " \
+             f"{'ref peak MB':>11} {'vqd peak MB':>11} {'mem ratio':>9}"
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        params = {k: v for k, v in case.items() if k != "name"}
+        for mode in ("eval", "train"):
+            for compiled in (False, True):
+                results = {impl: run_case(builder=builder, params=params, impl=impl, mode=mode, compiled=compiled,
+                                          shape=shape, device=device, iters=iters)
+                           for impl in ("reference", "vqdeploy")}
+                ref, ours = results["reference"], results["vqdeploy"]
+                rows.append(dict(case=case["name"], mode=mode, compiled=compiled, reference=ref, vqdeploy=ours))
+
+                def fmt(r, key):
+                    return f"{r[key]:.2f}" if key in r else "n/a"
+
+                speedup = f"{ref['ms'] / ours['ms']:.2f}x" if "ms" in ref and "ms" in ours else "n/a"
+                mem = (f"{ref['peak_mb'] / ours['peak_mb']:.2f}x"
+                       if "peak_mb" in ref and "peak_mb" in ours and ours["peak_mb"] > 0 else "n/a")
+                execution = "compile" if compiled else "eager"
+                print(f"{case['name']:>10} {mode:>5} {execution:>8} | {fmt(ref, 'ms'):>12} {fmt(ours, 'ms'):>11} "
+                      f"{speedup:>8} | {fmt(ref, 'peak_mb'):>11} {fmt(ours, 'peak_mb'):>11} {mem:>9}")
+                for impl, r in results.items():
+                    if "error" in r:
+                        print(f"    {impl}: {r['error']}")
+                sys.stdout.flush()
+    return rows
+
+
+def write_json(path: str | None, device: str, shape, rows, **extra) -> None:
+    if not path:
+        return
+    import torch
+
+    with open(path, "w") as f:
+        json.dump(dict(device=hardware(device), torch=torch.__version__, shape=list(shape), rows=rows, **extra), f,
+                  indent=2)
