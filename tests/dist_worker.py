@@ -31,15 +31,16 @@ def _save(tensors: dict, out_dir: str, rank: int) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
 
 
-def train_rank(rank: int, world: int, store: str, out_dir: str, options: dict, data_path: str, compiled: bool) -> None:
-    """Train on this rank's share of the batches and save the state."""
+def train_rank(rank: int, world: int, store: str, out_dir: str, options: dict, data_path: str, compiled: bool,
+               quantizer: str = "VectorQuantize") -> None:
+    """Train a ``vqdeploy.<quantizer>`` on this rank's share of the batches and save the state."""
     with process_group(rank, world, store, out_dir):
         import torch._inductor.config as inductor_config
-        from vqdeploy import VectorQuantize
+        import vqdeploy
 
         torch.manual_seed(0)
-        vq = VectorQuantize(**options)  # sync_codebook=None: synchronised because torch.distributed is up
-        assert vq.sync_codebook
+        vq = getattr(vqdeploy, quantizer)(**options)  # sync_codebook=None: synchronised, torch.distributed is up
+        assert all(layer.sync_codebook for layer in getattr(vq, "layers", [vq]))
         model = torch.compile(vq, fullgraph=True) if compiled else vq
         inductor_config.fallback_random = True
         batches = load_file(data_path)["batches"]

@@ -36,10 +36,10 @@ def _spawn(fn, tmp_path, *args):
             for r in range(WORLD)]
 
 
-def _run_two_ranks(options, batches, tmp_path, compiled):
+def _run_two_ranks(options, batches, tmp_path, compiled, quantizer="VectorQuantize"):
     data_path = str(tmp_path / "batches.safetensors")
     save_file({"batches": batches.contiguous()}, data_path)
-    return _spawn(train_rank, tmp_path, options, data_path, compiled)
+    return _spawn(train_rank, tmp_path, options, data_path, compiled, quantizer)
 
 
 def _batches(steps=4, batch=4, tokens=10, dim=8, seed=0):
@@ -74,6 +74,18 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, compiled, cosine):
     for key, value in single.state_dict().items():
         for rank in range(WORLD):
             torch.testing.assert_close(states[rank][key], value, atol=1e-5, rtol=1e-5, msg=f"rank {rank}: {key}")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_residual_ranks_with_different_dropout_depths_stay_identical(tmp_path, compiled):
+    """Each rank draws its own quantize-dropout depth (seeded by rank); every layer still runs its collectives,
+    so nothing deadlocks, and a layer dropped on one rank learns from the ranks that kept it."""
+    options = dict(BASE, num_quantizers=3, quantize_dropout=True, kmeans_init=True, kmeans_iters=2,
+                   threshold_ema_dead_code=1.5)
+    states = _run_two_ranks(options, _batches(steps=5), tmp_path, compiled, "ResidualVQ")
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], atol=1e-6, rtol=0, msg=key)
+    assert all(float(states[0][f"layers.{i}._codebook.initted"]) == 1.0 for i in range(3))
 
 
 def test_unsynchronised_codebooks_run_no_collectives(tmp_path):

@@ -57,17 +57,23 @@ def _load(ref, ours, tmp_path):
     return ours
 
 
+def _compare_eval(ref, ours, x):
+    """Eval outputs with all codes: equal indices, close quantized, same loss shape; returns (indices, codes)."""
+    q_ref, idx_ref, losses_ref, codes_ref = ref(x, return_all_codes=True)
+    q, idx, losses, codes = ours(x, return_all_codes=True)
+    assert idx.shape == idx_ref.shape and torch.equal(idx, idx_ref)
+    torch.testing.assert_close(q, q_ref, atol=ATOL, rtol=0)
+    assert losses.shape == losses_ref.shape
+    return (idx, codes), (idx_ref, codes_ref)
+
+
 @pytest.mark.parametrize("name", list(RESIDUAL))
 def test_residual_eval_matches_reference(name, tmp_path):
     options, shape = RESIDUAL[name]
     ref = _trained(vqp.ResidualVQ, options, shape).eval()
     ours = _load(ref, ResidualVQ(**options), tmp_path).eval()
     x = torch.randn(shape)
-    q_ref, idx_ref, losses_ref, codes_ref = ref(x, return_all_codes=True)
-    q, idx, losses, codes = ours(x, return_all_codes=True)
-    assert idx.shape == idx_ref.shape and torch.equal(idx, idx_ref)
-    torch.testing.assert_close(q, q_ref, atol=ATOL, rtol=0)
-    assert losses.shape == losses_ref.shape
+    (idx, codes), (idx_ref, codes_ref) = _compare_eval(ref, ours, x)
     torch.testing.assert_close(codes, codes_ref, atol=ATOL, rtol=0)
     torch.testing.assert_close(ours.get_output_from_indices(idx), ref.get_output_from_indices(idx_ref),
                                atol=ATOL, rtol=0)
@@ -142,11 +148,7 @@ def test_grouped_eval_matches_reference(name, tmp_path):
     ref = _trained(vqp.GroupedResidualVQ, options, shape).eval()
     ours = _load(ref, GroupedResidualVQ(**options), tmp_path).eval()
     x = torch.randn(shape)
-    q_ref, idx_ref, losses_ref, codes_ref = ref(x, return_all_codes=True)
-    q, idx, losses, codes = ours(x, return_all_codes=True)
-    assert idx.shape == idx_ref.shape and torch.equal(idx, idx_ref)
-    torch.testing.assert_close(q, q_ref, atol=ATOL, rtol=0)
-    assert losses.shape == losses_ref.shape
+    (idx, codes), (idx_ref, codes_ref) = _compare_eval(ref, ours, x)
     for group_codes, group_codes_ref in zip(codes, codes_ref):
         torch.testing.assert_close(group_codes, group_codes_ref, atol=ATOL, rtol=0)
     torch.testing.assert_close(ours.get_codes_from_indices(idx), ref.get_codes_from_indices(idx_ref),

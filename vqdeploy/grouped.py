@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .layout import check_indices_dtype, to_tokens
-from .residual import ResidualQuantizer, check_seed
-from .vector_quantize import QuantizeLossOutput, _number, _positive_int
+from .residual import ResidualQuantizer, prepare_call
+from .vector_quantize import QuantizeLossOutput, _positive_int
 
 
 class GroupedOutput(NamedTuple):
@@ -76,12 +76,8 @@ class GroupedResidualQuantizer(nn.Module):
         of per-group ``all_codes`` when asked), or ``(quantized, ce_loss)`` when ``indices`` are given."""
         first = self.rvqs[0]
         k = first.bandwidth(num_quantizers)
-        if sample_codebook_temp is not None:
-            _number("sample_codebook_temp", sample_codebook_temp, 0.0)
-        if rand_quantize_dropout_fixed_seed is not None:
-            check_seed(rand_quantize_dropout_fixed_seed)
-        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
-        token_weights = layout.token_weights(mask, tokens.shape[0])
+        tokens, layout, token_weights = prepare_call(self, x, mask, sample_codebook_temp,
+                                                     rand_quantize_dropout_fixed_seed)
         targets = [None] * self.groups
         if indices is not None:
             targets = [rvq._target_tokens(group_indices, layout, k)

@@ -5,15 +5,15 @@ sum of their outputs.  Two things codec users need are built in:
 
 - quantize dropout (SoundStream section 3.3): in training, a random number of
   leading layers is kept per step.  The number is a 0-d tensor drawn on the
-  device, and every layer always runs: a dropped layer gets zero token
-  weights, so it neither updates its codebook nor contributes output, indices
-  (-1) or loss.  Shapes never change, so the step stays one graph, and
-  distributed ranks always run the same collectives.
+  device, and every layer always runs: a dropped layer is told it is not
+  ``active`` (its codebook then sees zero weights and updates nothing) and
+  its output, indices (-1) and loss are masked out.  Shapes never change, so
+  the step stays one graph, and distributed ranks always run the same collectives.
 - bandwidth: ``num_quantizers=k`` uses only the first k layers, which is
   exactly a model with k quantizers (a Python int, fixed at trace time).
 
 A layer is any module with ``quantize_tokens(tokens, token_weights, target,
-sample_codebook_temp, freeze_codebook)``, ``encode_tokens(tokens)`` and
+sample_codebook_temp, freeze_codebook, active)``, ``encode_tokens(tokens)`` and
 ``lookup(indices)`` working on tokens (b, n, d) (see ``VectorQuantize``).
 """
 
@@ -68,6 +68,16 @@ def check_seed(seed) -> None:
         raise TypeError(f"rand_quantize_dropout_fixed_seed must be an int, got {type(seed).__name__}")
     if not -SEED_LIMIT <= seed < SEED_LIMIT:
         raise ValueError(f"rand_quantize_dropout_fixed_seed must lie in [-2**31, 2**31), got {seed}")
+
+
+def prepare_call(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, sample_codebook_temp, seed):
+    """Validate a residual or grouped forward's arguments: ``(tokens (b, n, dim), layout, token weights)``."""
+    if sample_codebook_temp is not None:
+        _number("sample_codebook_temp", sample_codebook_temp, 0.0)
+    if seed is not None:
+        check_seed(seed)
+    tokens, layout = to_tokens(x, module.dim, module.channel_last, module.accept_image_fmap)
+    return tokens, layout, layout.token_weights(mask, tokens.shape[0])
 
 
 class ResidualQuantizer(nn.Module):
@@ -141,12 +151,8 @@ class ResidualQuantizer(nn.Module):
         Returns ``(quantized, indices (b, *tokens, q), losses (1, q))`` (plus ``all_codes`` when asked),
         or ``(quantized, ce_loss)`` when ``indices`` are given."""
         k = self.bandwidth(num_quantizers)
-        if sample_codebook_temp is not None:
-            _number("sample_codebook_temp", sample_codebook_temp, 0.0)
-        if rand_quantize_dropout_fixed_seed is not None:
-            check_seed(rand_quantize_dropout_fixed_seed)
-        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
-        token_weights = layout.token_weights(mask, tokens.shape[0])
+        tokens, layout, token_weights = prepare_call(self, x, mask, sample_codebook_temp,
+                                                     rand_quantize_dropout_fixed_seed)
         target = None if indices is None else self._target_tokens(indices, layout, k)
         active_count = None
         if self.training and target is None:
@@ -174,12 +180,9 @@ class ResidualQuantizer(nn.Module):
         quantized_out, all_indices, all_losses, ce_loss = None, [], [], None
         for i, layer in enumerate(self.layers[:k]):
             active = None if active_count is None else active_count > i
-            weights = token_weights
-            if active is not None:
-                keep = active.to(residual.dtype)
-                weights = keep.expand(residual.shape[:2]) if weights is None else weights * keep
             layer_target = None if target is None else target[..., i:i + 1]
-            out = layer.quantize_tokens(residual, weights, layer_target, sample_codebook_temp, freeze_codebook)
+            out = layer.quantize_tokens(residual, token_weights, layer_target, sample_codebook_temp, freeze_codebook,
+                                        active)
             quantized = out[0]
             if active is not None:
                 quantized = torch.where(active, quantized, torch.zeros((), dtype=quantized.dtype,

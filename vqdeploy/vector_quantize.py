@@ -290,13 +290,15 @@ class VectorQuantize(nn.Module):
 
     def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
                         target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
-                        freeze_codebook: bool = False):
+                        freeze_codebook: bool = False, active: torch.Tensor | None = None):
         """``forward`` on validated tokens (b, n, dim), the form residual wrappers call.
 
         token_weights: (b, n), 0 for tokens that must neither train the codebook
-        nor be quantized (padding; a dropped-out residual layer); target: (b, n, heads)
-        codes for the cross-entropy loss.  Returns a ``QuantizeOutput`` with
-        indices (b, n) or (b, n, heads), or a ``QuantizeLossOutput``."""
+        nor be quantized (padding); target: (b, n, heads) codes for the
+        cross-entropy loss; active: a 0-d bool, False for a dropped-out residual
+        layer, which then trains nothing (its outputs are the caller's to discard).
+        Returns a ``QuantizeOutput`` with indices (b, n) or (b, n, heads), or a
+        ``QuantizeLossOutput``."""
         freeze_codebook = freeze_codebook or self.freeze_codebook
         batch = tokens.shape[0]
         row_weights = None if token_weights is None else self._split_token_values(token_weights)
@@ -312,14 +314,18 @@ class VectorQuantize(nn.Module):
         else:
             tokens_in = tokens
         rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens_in)))
+        codebook_weights = row_weights
+        if active is not None:  # zero weights: no statistics, no update, nothing sent to other ranks
+            gate = active.to(rows.dtype)
+            codebook_weights = gate.expand(rows.shape[:2]) if row_weights is None else row_weights * gate
         want_logits = target is not None or (self.training and self.commitment_use_cross_entropy_loss)
-        codebook_kwargs = dict(weights=row_weights, sample_codebook_temp=sample_codebook_temp,
+        codebook_kwargs = dict(weights=codebook_weights, sample_codebook_temp=sample_codebook_temp,
                                freeze_codebook=freeze_codebook, return_logits=want_logits)
         noise = self._draw_noise(rows.shape[1], sample_codebook_temp) if self.training else None
         quantized, code_indices, logits = self._codebook(rows, noise=noise, **codebook_kwargs)
 
         if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
-            self._in_place_codebook_step(quantized, rows, row_weights)
+            self._in_place_codebook_step(quantized, rows, codebook_weights)
             quantized, code_indices, logits = self._codebook(rows, **codebook_kwargs)
 
         quantized = quantized.to(rows.dtype)
