@@ -170,12 +170,8 @@ class Codebook(OptionalStateMixin):
 
     # ------------------------------------------------------------------ eval
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest code per row, no state change: (h, n, d) -> (h, n)."""
-        return nearest_codes(x.float(), self.codes_for_matching().detach(), self.config.use_cosine_sim)
-
     def quantize(self, x: torch.Tensor) -> CodebookOutput:
-        """Nearest code per row and the code itself, no state change (the eval forward)."""
+        """Nearest code per row (h, n, d) -> (h, n) and the code itself, no state change (the eval forward)."""
         codes = self.codes_for_matching().detach()
         indices = nearest_codes(x.float(), codes, self.config.use_cosine_sim)
         return CodebookOutput(gather_codes(codes, indices), indices, None)

@@ -93,7 +93,7 @@ class ResidualQuantizer(nn.Module):
         if not isinstance(quantize_dropout_cutoff_index, int) or quantize_dropout_cutoff_index < 0:
             raise ValueError(f"quantize_dropout_cutoff_index must be an int >= 0, got {quantize_dropout_cutoff_index!r}")
         num_quantizers = len(layers)
-        if quantize_dropout and quantize_dropout_cutoff_index >= num_quantizers:
+        if quantize_dropout and num_quantizers > 1 and quantize_dropout_cutoff_index >= num_quantizers:
             raise ValueError(f"quantize_dropout_cutoff_index must be below num_quantizers ({num_quantizers}), "
                              f"got {quantize_dropout_cutoff_index}")
         self.dim = dim
