@@ -5,6 +5,7 @@ export and runtime modules.
 """
 
 from .codebooks import Codebook, CodebookConfig
+from .fsq import FSQ, FSQOutput
 from .grouped import GroupedOutput, GroupedOutputWithCodes, GroupedResidualQuantizer
 from .random_projection import RandomProjectionQuantizer
 from .residual import ResidualOutput, ResidualOutputWithCodes, ResidualQuantizer
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
-    "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer",
+    "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
     "ResidualQuantizer", "GroupedResidualQuantizer",
     "ResidualOutput", "ResidualOutputWithCodes", "GroupedOutput", "GroupedOutputWithCodes",
 ]

@@ -41,6 +41,11 @@ def draw_uniform(shapes: dict, device: torch.device | str | None = None) -> dict
     return {name: chunk.view(shape) for (name, shape), chunk in zip(shapes.items(), flat.split(sizes))}
 
 
+def round_ste(z: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through (identity) gradient."""
+    return z + (z.round() - z).detach()
+
+
 SEED_LIMIT = 2**31  # integer seeds lie in [-SEED_LIMIT, SEED_LIMIT): compiled graphs hold them as int32
 
 

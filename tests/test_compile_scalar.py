@@ -1,0 +1,32 @@
+"""torch.compile(fullgraph=True) equals eager for the scalar quantizers (FSQ so far), train and eval."""
+
+import pytest
+import torch
+
+from vqdeploy import FSQ
+
+from helpers import compare_eager_compiled, twin
+
+FSQ_OPTIONS = {
+    "plain": (dict(levels=[8, 5, 5, 5]), (2, 12, 4)),
+    "projection_codebooks": (dict(levels=[5, 4], num_codebooks=2, dim=16), (2, 12, 16)),
+    "image": (dict(levels=[8, 5, 5, 5], dim=8), (2, 8, 3, 4)),
+    "channel_first_half": (dict(levels=[7, 5, 5], channel_first=True), (2, 3, 12)),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(FSQ_OPTIONS))
+def test_fsq_compiles_to_one_graph(name, mode):
+    options, shape = FSQ_OPTIONS[name]
+    eager = FSQ(**options).train(mode == "train")
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    dtype = torch.float16 if name.endswith("half") else torch.float32
+    compare_eager_compiled(eager, compiled, lambda: (torch.randn(shape) * 3).to(dtype), lambda x: {}, steps=2)
+
+
+def test_fsq_decode_compiles():
+    fsq = FSQ(levels=[8, 5, 5, 5], dim=8)
+    indices = fsq.encode(torch.randn(2, 12, 8))
+    decode = torch.compile(fsq.decode, fullgraph=True)
+    torch.testing.assert_close(decode(indices), fsq.decode(indices), atol=1e-6, rtol=0)

@@ -1,0 +1,162 @@
+"""FSQ: finite scalar quantization (Mentzer et al., https://arxiv.org/abs/2309.15505).
+
+Each channel is bounded with a tanh and rounded to one of ``levels[i]`` values:
+the codebook is the implicit grid of all level combinations, nothing is
+learned but the optional projections, and an index is the mixed-radix number
+of a code's level indices.  The API and the arithmetic follow
+vector-quantize-pytorch 1.14.17, so codes and indices are bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .layout import check_index_range, check_indices_dtype, to_tokens
+from .primitives import round_ste
+from .vector_quantize import _positive_int
+
+
+class FSQOutput(NamedTuple):
+    """What ``FSQ.forward`` returns; unpacks like the reference's tuple."""
+
+    quantized: torch.Tensor  # the input's shape
+    indices: torch.Tensor  # int32 (b, *tokens) or (b, *tokens, num_codebooks)
+
+
+def check_levels(levels) -> list[int]:
+    if not isinstance(levels, Sequence) or isinstance(levels, str) or len(levels) == 0:
+        raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels!r}")
+    for level in levels:
+        if not isinstance(level, int) or isinstance(level, bool) or level < 2:
+            raise ValueError(f"levels must be ints >= 2, got {list(levels)!r}")
+    return list(levels)
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization over ``num_codebooks`` groups of ``len(levels)`` channels."""
+
+    def __init__(self, levels: Sequence[int], dim: int | None = None, num_codebooks: int = 1,
+                 keep_num_codebooks_dim: bool | None = None, scale: float | None = None,
+                 allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+                 channel_first: bool = False, projection_has_bias: bool = True):
+        super().__init__()
+        levels = check_levels(levels)
+        _positive_int("num_codebooks", num_codebooks)
+        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks=1 (indices need a codebook axis)")
+        self.levels = levels
+        self.codebook_dim = len(levels)
+        self.num_codebooks = num_codebooks
+        self.effective_codebook_dim = self.codebook_dim * num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.dim = self.effective_codebook_dim if dim is None else dim
+        _positive_int("dim", self.dim)
+        self.scale = scale  # accepted for the reference's signature; it does not use it either
+        self.allowed_dtypes = tuple(allowed_dtypes)
+        self.channel_first = channel_first
+        self.codebook_size = math.prod(levels)
+
+        # non-persistent, as in the reference: checkpoints hold only the projections
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
+        basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0, dtype=torch.int32)
+        self.register_buffer("_basis", basis, persistent=False)
+
+        self.has_projections = self.dim != self.effective_codebook_dim
+        self.project_in = nn.Linear(self.dim, self.effective_codebook_dim, bias=projection_has_bias) \
+            if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.effective_codebook_dim, self.dim, bias=projection_has_bias) \
+            if self.has_projections else nn.Identity()
+        self.register_buffer("implicit_codebook", self._indices_to_codes(torch.arange(self.codebook_size)),
+                             persistent=False)
+
+    # ------------------------------------------------------------------ the grid
+
+    def bound(self, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+        """Squash z (..., codebook_dim) into the level range; even levels are shifted by half a step."""
+        half_l = (self._levels - 1) * (1 + eps) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        shift = (offset / half_l).atanh()
+        return (z + shift).tanh() * half_l - offset
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """Round the bounded z to the grid (straight-through), renormalised to [-1, 1]."""
+        return round_ste(self.bound(z)) / (self._levels // 2)
+
+    def _scale_and_shift(self, zhat_normalized: torch.Tensor) -> torch.Tensor:
+        half_width = self._levels // 2
+        return zhat_normalized * half_width + half_width
+
+    def _scale_and_shift_inverse(self, zhat: torch.Tensor) -> torch.Tensor:
+        half_width = self._levels // 2
+        return (zhat - half_width) / half_width
+
+    def codes_to_indices(self, zhat: torch.Tensor) -> torch.Tensor:
+        """Grid codes (..., codebook_dim) -> int32 indices (...)."""
+        if zhat.shape[-1] != self.codebook_dim:
+            raise ValueError(f"codes must end with {self.codebook_dim} channels, got shape {tuple(zhat.shape)}")
+        return (self._scale_and_shift(zhat) * self._basis).sum(dim=-1).to(torch.int32)
+
+    def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (...) -> each channel's level index (..., codebook_dim)."""
+        return (indices.unsqueeze(-1) // self._basis) % self._levels
+
+    def _indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        return self._scale_and_shift_inverse(self.indices_to_level_indices(indices))
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices -> the output ``forward`` gives for them (after ``project_out``), channel-first for
+        images and video or with ``channel_first``."""
+        check_indices_dtype(indices)
+        if self.keep_num_codebooks_dim and (indices.ndim < 2 or indices.shape[-1] != self.num_codebooks):
+            raise ValueError(f"indices must end with a codebook axis of size {self.num_codebooks}, "
+                             f"got {tuple(indices.shape)}")
+        check_index_range(indices, self.codebook_size)
+        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        codes = self._indices_to_codes(indices)
+        if self.keep_num_codebooks_dim:
+            codes = rearrange(codes, "... c d -> ... (c d)")
+        codes = self.project_out(codes)
+        return codes.movedim(-1, 1) if is_img_or_video or self.channel_first else codes
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, z: torch.Tensor) -> FSQOutput:
+        """z: (b, n, dim), (b, dim, n) with ``channel_first``, or (b, dim, *spatial) for images and video.
+        Returns ``(quantized, indices)``."""
+        tokens, layout = self._tokens(z)
+        orig_dtype = tokens.dtype
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            if self.has_projections:  # the projections run in their own dtype (the reference fails otherwise)
+                tokens = tokens.to(self.project_in.weight.dtype)
+            codes = rearrange(self.project_in(tokens), "b n (c d) -> b n c d", c=self.num_codebooks)
+            if codes.dtype not in self.allowed_dtypes:
+                codes = codes.float()
+            codes = self.quantize(codes)
+            indices = self.codes_to_indices(codes)
+            codes = rearrange(codes, "b n c d -> b n (c d)").to(orig_dtype)
+            if self.has_projections:
+                codes = codes.to(self.project_out.weight.dtype)
+            out = self.project_out(codes).to(orig_dtype)
+        if not self.keep_num_codebooks_dim:
+            indices = indices[..., 0]
+        return FSQOutput(layout.restore_features(out), layout.restore_indices(indices))
+
+    def _tokens(self, z: torch.Tensor):
+        if isinstance(z, torch.Tensor) and z.ndim == 2:
+            raise ValueError(f"FSQ expects (batch, n, {self.dim}) or channel-first feature maps, got {tuple(z.shape)}")
+        is_img_or_video = isinstance(z, torch.Tensor) and z.ndim >= 4
+        return to_tokens(z, self.dim, channel_last=not self.channel_first, accept_image_fmap=is_img_or_video)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Indices for z, as ``forward`` gives them (the export encoder)."""
+        return self.forward(z).indices
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices_to_codes``: the quantized output for indices (the export decoder)."""
+        return self.indices_to_codes(indices)
