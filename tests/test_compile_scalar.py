@@ -1,9 +1,9 @@
-"""torch.compile(fullgraph=True) equals eager for the scalar quantizers (FSQ so far), train and eval."""
+"""torch.compile(fullgraph=True) equals eager for the scalar quantizers (FSQ and its residual forms so far), train and eval."""
 
 import pytest
 import torch
 
-from vqdeploy import FSQ
+from vqdeploy import FSQ, GroupedResidualFSQ, ResidualFSQ
 
 from helpers import compare_eager_compiled, twin
 
@@ -30,3 +30,27 @@ def test_fsq_decode_compiles():
     indices = fsq.encode(torch.randn(2, 12, 8))
     decode = torch.compile(fsq.decode, fullgraph=True)
     torch.testing.assert_close(decode(indices), fsq.decode(indices), atol=1e-6, rtol=0)
+
+
+RESIDUAL_FSQ_OPTIONS = {
+    "dropout_projection": (ResidualFSQ, dict(dim=8, levels=[8, 5, 5], num_quantizers=3, quantize_dropout=True)),
+    "grouped_dropout": (GroupedResidualFSQ, dict(dim=8, groups=2, levels=[5, 5], num_quantizers=2,
+                                                 quantize_dropout=True)),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(RESIDUAL_FSQ_OPTIONS))
+def test_residual_fsq_compiles_to_one_graph(name, mode):
+    cls, options = RESIDUAL_FSQ_OPTIONS[name]
+    eager = cls(**options).train(mode == "train")
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    compare_eager_compiled(eager, compiled, lambda: torch.randn(2, 12, 8), lambda x: dict(return_all_codes=True),
+                           steps=2)
+
+
+def test_residual_fsq_seeded_dropout_and_bandwidth_compile():
+    eager = ResidualFSQ(dim=8, levels=[8, 5, 5], num_quantizers=3, quantize_dropout=True)
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    compare_eager_compiled(eager, compiled, lambda: torch.randn(2, 12, 8),
+                           lambda x: dict(rand_quantize_dropout_fixed_seed=3, num_quantizers=2), steps=2)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vqdeploy import FSQ
+from vqdeploy import FSQ, GroupedResidualFSQ, ResidualFSQ
 
 
 def test_codes_lie_on_the_grid_and_indices_round_trip():
@@ -96,3 +96,89 @@ def test_bad_calls():
         fsq.codes_to_indices(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="keep_num_codebooks_dim"):
         FSQ(levels=[8, 5], num_codebooks=2, keep_num_codebooks_dim=False)
+
+
+# ---------------------------------------------------------------------------------------------- residual FSQ
+
+def _rfsq(**options):
+    return ResidualFSQ(dim=options.pop("dim", 8), levels=[8, 5, 5, 5], num_quantizers=options.pop("num_quantizers", 3),
+                       **options)
+
+
+def test_residual_fsq_refines_on_finer_grids():
+    rfsq = _rfsq().eval()
+    x = torch.randn(2, 30, 8)
+    quantized, indices, all_codes = rfsq(x, return_all_codes=True)
+    assert indices.shape == (2, 30, 3) and indices.dtype == torch.int32 and all_codes.shape == (3, 2, 30, 4)
+    torch.testing.assert_close(rfsq.get_output_from_indices(indices), quantized, atol=1e-6, rtol=0)
+    assert torch.equal(rfsq.encode(x), indices)
+    torch.testing.assert_close(rfsq.decode(indices), quantized, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rfsq.scales[2], torch.tensor([7.0, 4, 4, 4]) ** -2)
+    unprojected = _rfsq(dim=4).eval()  # each layer brings the sum closer to the bounded input
+    x = torch.randn(2, 30, 4)
+    target, indices = unprojected.layers[0].bound(x), unprojected.encode(x)
+    errors = [(target - unprojected.decode(indices[..., :k], num_quantizers=k)).abs().max() for k in (1, 2, 3)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_residual_fsq_dropout_and_bandwidth():
+    rfsq = _rfsq(num_quantizers=4, quantize_dropout=True, quantize_dropout_cutoff_index=1)
+    depths = set()
+    for _ in range(16):
+        indices = rfsq(torch.randn(2, 30, 8)).indices
+        depth = int((indices[0, 0] >= 0).sum())
+        assert torch.all(indices[..., depth:] == -1) and torch.all(indices[..., :depth] >= 0)
+        depths.add(depth)
+    assert depths == {2, 3, 4}
+    rfsq.eval()
+    x = torch.randn(2, 30, 8)
+    small = _rfsq(num_quantizers=2)
+    small.load_state_dict(rfsq.state_dict())
+    quantized, indices = rfsq(x, num_quantizers=2)
+    assert torch.equal(indices, small.eval()(x).indices)
+    torch.testing.assert_close(quantized, small(x).quantized, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("options, shape, index_shape", [
+    (dict(accept_image_fmap=True), (2, 8, 3, 4), (2, 3, 4, 3)),
+    (dict(channel_last=False), (2, 8, 12), (2, 12, 3)),
+    (dict(dim=4), (5, 4), (5, 3)),
+])
+def test_residual_fsq_layouts(options, shape, index_shape):
+    rfsq = _rfsq(**options).eval()
+    x = torch.randn(shape)
+    quantized, indices = rfsq(x)
+    assert quantized.shape == x.shape and indices.shape == index_shape
+    torch.testing.assert_close(rfsq.decode(indices), quantized, atol=1e-6, rtol=0)
+
+
+def test_grouped_residual_fsq():
+    grouped = GroupedResidualFSQ(dim=16, groups=2, levels=[8, 5, 5, 5], num_quantizers=3, quantize_dropout=True)
+    x = torch.randn(2, 30, 16)
+    for _ in range(4):
+        indices = grouped(x).indices
+        assert indices.shape == (2, 2, 30, 3) and torch.equal(indices[0] == -1, indices[1] == -1)
+    grouped.eval()
+    quantized, indices, all_codes = grouped(x, return_all_codes=True)
+    assert isinstance(all_codes, tuple) and all_codes[0].shape == (3, 2, 30, 4)
+    for rfsq, chunk, part, group in zip(grouped.rvqs, x.chunk(2, -1), quantized.chunk(2, -1), indices):
+        assert torch.equal(rfsq(chunk).indices, group)
+        torch.testing.assert_close(rfsq(chunk).quantized, part, atol=0, rtol=0)
+    torch.testing.assert_close(grouped.get_output_from_indices(indices), quantized, atol=1e-6, rtol=0)
+    assert grouped.codebooks.shape == (2, 3, 1000, 4)
+
+
+def test_residual_fsq_bad_input():
+    with pytest.raises(ValueError, match="levels"):
+        ResidualFSQ(dim=8, levels=[8, 1], num_quantizers=2)
+    with pytest.raises(ValueError, match="num_codebooks"):
+        ResidualFSQ(dim=8, levels=[8, 5], num_quantizers=2, num_codebooks=2)
+    with pytest.raises(ValueError, match="divide"):
+        GroupedResidualFSQ(dim=9, groups=2, levels=[8, 5], num_quantizers=2)
+    rfsq = _rfsq().eval()
+    with pytest.raises(ValueError, match=r"num_quantizers must be an int in \[1, 3\]"):
+        rfsq(torch.randn(2, 30, 8), num_quantizers=4)
+    with pytest.raises(ValueError, match="one column per quantizer"):
+        rfsq.get_output_from_indices(torch.zeros(2, 30, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"lie in \[-1, 999\]"):
+        rfsq.get_output_from_indices(torch.full((2, 30, 3), 1000))

@@ -1,4 +1,4 @@
-"""Parity of the scalar quantizers with vector-quantize-pytorch 1.14.17 (FSQ so far).
+"""Parity of the scalar quantizers with vector-quantize-pytorch 1.14.17 (FSQ and its residual forms so far).
 
 Reference modules are saved as safetensors and loaded strictly; FSQ's codes and indices must be bit-identical,
 and so must indices_to_codes and the implicit codebook.
@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import vector_quantize_pytorch as vqp  # the reference, a test dependency
 
-from vqdeploy import FSQ
+from vqdeploy import FSQ, GroupedResidualFSQ, ResidualFSQ
 
 FSQ_CONFIGS = {
     "levels_8555": (dict(levels=[8, 5, 5, 5]), (2, 30, 4)),
@@ -42,3 +42,54 @@ def test_fsq_matches_reference_bit_for_bit(name, tmp_path):
     if "dim" not in options and len(shape) == 3:  # the reference runs half precision only without projections
         (q_ref, idx_ref), (q, idx) = ref(x.half()), ours(x.half())
         assert torch.equal(idx, idx_ref) and torch.equal(q, q_ref) and q.dtype == torch.float16
+
+
+RESIDUAL_FSQ_CONFIGS = {
+    "no_projection": (vqp.ResidualFSQ, ResidualFSQ, dict(dim=4, levels=[8, 5, 5, 5], num_quantizers=3), (2, 30, 4)),
+    "projection": (vqp.ResidualFSQ, ResidualFSQ, dict(dim=16, levels=[8, 5, 5, 3], num_quantizers=4), (2, 30, 16)),
+    "grouped": (vqp.GroupedResidualFSQ, GroupedResidualFSQ,
+                dict(dim=16, groups=2, levels=[8, 5, 5, 5], num_quantizers=3), (2, 30, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(RESIDUAL_FSQ_CONFIGS))
+def test_residual_fsq_matches_reference(name, tmp_path):
+    ref_cls, our_cls, options, shape = RESIDUAL_FSQ_CONFIGS[name]
+    torch.manual_seed(0)
+    ref = ref_cls(**options).eval()
+    path = str(tmp_path / "rfsq.safetensors")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+    ours = our_cls(**options).eval()
+    ours.load_state_dict(load_file(path), strict=True)
+    x = torch.randn(shape)
+    q_ref, idx_ref, codes_ref = ref(x, return_all_codes=True)
+    q, idx, codes = ours(x, return_all_codes=True)
+    assert idx.dtype == idx_ref.dtype and torch.equal(idx, idx_ref)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=0)
+    for a, b in zip(codes if isinstance(codes, tuple) else [codes], codes_ref if isinstance(codes_ref, tuple)
+                    else [codes_ref]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.get_output_from_indices(idx), ref.get_output_from_indices(idx_ref),
+                               atol=1e-5, rtol=0)
+    # a training step (no dropout): same outputs and input gradient
+    ref.train()
+    ours.train()
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    q_ref, idx_ref = ref(x_ref)[:2]
+    q, idx = ours(x_ours)[:2]
+    assert torch.equal(idx, idx_ref)
+    q_ref.pow(2).sum().backward()
+    q.pow(2).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_fsq_dropped_indices_decode_like_reference():
+    options = dict(dim=4, levels=[8, 5, 5, 5], num_quantizers=3, quantize_dropout=True)
+    torch.manual_seed(0)
+    ref, ours = vqp.ResidualFSQ(**options).eval(), ResidualFSQ(**options).eval()
+    idx = ours.encode(torch.randn(2, 30, 4))
+    coarse = torch.cat([idx[..., :1], torch.full_like(idx[..., 1:], -1)], dim=-1)
+    torch.testing.assert_close(ours.get_output_from_indices(coarse), ref.get_output_from_indices(coarse),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.get_output_from_indices(idx[..., :2]), ref.get_output_from_indices(idx[..., :2]),
+                               atol=1e-6, rtol=0)

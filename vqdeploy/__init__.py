@@ -8,6 +8,7 @@ from .codebooks import Codebook, CodebookConfig
 from .fsq import FSQ, FSQOutput
 from .grouped import GroupedOutput, GroupedOutputWithCodes, GroupedResidualQuantizer
 from .random_projection import RandomProjectionQuantizer
+from .residual_fsq import GroupedResidualFSQ, ResidualFSQ, ResidualFSQOutput, ResidualFSQOutputWithCodes
 from .residual import ResidualOutput, ResidualOutputWithCodes, ResidualQuantizer
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .vector_quantize import QuantizeLossOutput, QuantizeOutput, VectorQuantize
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
     "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
+    "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
     "ResidualQuantizer", "GroupedResidualQuantizer",
     "ResidualOutput", "ResidualOutputWithCodes", "GroupedOutput", "GroupedOutputWithCodes",
 ]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .layout import check_index_range, check_indices_dtype, to_tokens
 from .primitives import round_ste
-from .vector_quantize import _positive_int
+from .vector_quantize import QuantizeOutput, _positive_int
 
 
 class FSQOutput(NamedTuple):
@@ -118,10 +118,7 @@ class FSQ(nn.Module):
                              f"got {tuple(indices.shape)}")
         check_index_range(indices, self.codebook_size)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
-        codes = self._indices_to_codes(indices)
-        if self.keep_num_codebooks_dim:
-            codes = rearrange(codes, "... c d -> ... (c d)")
-        codes = self.project_out(codes)
+        codes = self.project_out(self.lookup(indices))
         return codes.movedim(-1, 1) if is_img_or_video or self.channel_first else codes
 
     # ------------------------------------------------------------------ forward
@@ -130,6 +127,11 @@ class FSQ(nn.Module):
         """z: (b, n, dim), (b, dim, n) with ``channel_first``, or (b, dim, *spatial) for images and video.
         Returns ``(quantized, indices)``."""
         tokens, layout = self._tokens(z)
+        out, indices = self.encode_tokens(tokens)
+        return FSQOutput(layout.restore_features(out), layout.restore_indices(indices))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (b, n, dim) -> ``(quantized (b, n, dim), int32 indices (b, n) or (b, n, num_codebooks))``."""
         orig_dtype = tokens.dtype
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             if self.has_projections:  # the projections run in their own dtype (the reference fails otherwise)
@@ -143,9 +145,21 @@ class FSQ(nn.Module):
             if self.has_projections:
                 codes = codes.to(self.project_out.weight.dtype)
             out = self.project_out(codes).to(orig_dtype)
-        if not self.keep_num_codebooks_dim:
-            indices = indices[..., 0]
-        return FSQOutput(layout.restore_features(out), layout.restore_indices(indices))
+        return out, indices if self.keep_num_codebooks_dim else indices[..., 0]
+
+    def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
+                        target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
+                        freeze_codebook: bool = False, active: torch.Tensor | None = None) -> QuantizeOutput:
+        """The residual loop's layer interface: FSQ has no state to train and no loss (a zero one)."""
+        if target is not None:
+            raise ValueError("FSQ has no cross-entropy loss against given indices")
+        out, indices = self.encode_tokens(tokens)
+        return QuantizeOutput(out, indices, torch.zeros(1, device=tokens.device))
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Grid codes (..., num_codebooks * codebook_dim) for indices, before ``project_out``."""
+        codes = self._indices_to_codes(indices)
+        return rearrange(codes, "... c d -> ... (c d)") if self.keep_num_codebooks_dim else codes
 
     def _tokens(self, z: torch.Tensor):
         if isinstance(z, torch.Tensor) and z.ndim == 2:

@@ -108,6 +108,16 @@ class ResidualQuantizer(nn.Module):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
 
+    # ------------------------------------------------------------------ hooks for families
+
+    def start_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The first residual, from the projected input (residual FSQ bounds it first)."""
+        return x
+
+    def layer_scale(self, index: int) -> torch.Tensor | None:
+        """Layer ``index`` quantizes residual / scale and contributes its output * scale (residual FSQ)."""
+        return None
+
     # ------------------------------------------------------------------ arguments
 
     def bandwidth(self, num_quantizers: int | None) -> int:
@@ -176,14 +186,15 @@ class ResidualQuantizer(nn.Module):
         Returns ``ResidualOutput`` on tokens (indices (b, n, q)), or ``QuantizeLossOutput``
         with the summed cross-entropy when ``target`` (b, n, q) is given."""
         k = self.bandwidth(num_quantizers)
-        residual = self.project_in(tokens)
+        residual = self.start_residual(self.project_in(tokens))
         quantized_out, all_indices, all_losses, ce_loss = None, [], [], None
         for i, layer in enumerate(self.layers[:k]):
             active = None if active_count is None else active_count > i
             layer_target = None if target is None else target[..., i:i + 1]
-            out = layer.quantize_tokens(residual, token_weights, layer_target, sample_codebook_temp, freeze_codebook,
-                                        active)
-            quantized = out[0]
+            scale = self.layer_scale(i)
+            out = layer.quantize_tokens(residual if scale is None else residual / scale, token_weights, layer_target,
+                                        sample_codebook_temp, freeze_codebook, active)
+            quantized = out[0] if scale is None else out[0] * scale
             if active is not None:
                 quantized = torch.where(active, quantized, torch.zeros((), dtype=quantized.dtype,
                                                                         device=quantized.device))
@@ -211,11 +222,12 @@ class ResidualQuantizer(nn.Module):
         return layout.restore_indices(self.encode_tokens(tokens, num_quantizers))
 
     def encode_tokens(self, tokens: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
-        residual = self.project_in(tokens)
+        residual = self.start_residual(self.project_in(tokens))
         all_indices = []
-        for layer in self.layers[:self.bandwidth(num_quantizers)]:
-            quantized, indices = layer.encode_tokens(residual)
-            residual = residual - quantized
+        for i, layer in enumerate(self.layers[:self.bandwidth(num_quantizers)]):
+            scale = self.layer_scale(i)
+            quantized, indices = layer.encode_tokens(residual if scale is None else residual / scale)
+            residual = residual - (quantized if scale is None else quantized * scale)
             all_indices.append(indices)
         return torch.stack(all_indices, dim=-1)
 
@@ -254,6 +266,9 @@ class ResidualQuantizer(nn.Module):
             kept = layer_indices >= 0
             check_index_range(layer_indices, layer.codebook_size, allow_minus_one=True)
             layer_codes = layer.lookup(torch.where(kept, layer_indices, 0))
+            scale = self.layer_scale(i)
+            if scale is not None:
+                layer_codes = layer_codes * scale
             codes.append(torch.where(kept.unsqueeze(-1), layer_codes, torch.zeros((), dtype=layer_codes.dtype,
                                                                                    device=layer_codes.device)))
         return torch.stack(codes)
