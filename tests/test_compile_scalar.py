@@ -1,9 +1,10 @@
-"""torch.compile(fullgraph=True) equals eager for the scalar quantizers (FSQ and its residual forms so far), train and eval."""
+"""torch.compile(fullgraph=True) equals eager for the scalar quantizers (FSQ, LFQ and their residual forms so far),
+train and eval."""
 
 import pytest
 import torch
 
-from vqdeploy import FSQ, GroupedResidualFSQ, ResidualFSQ
+from vqdeploy import FSQ, LFQ, GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
 
 from helpers import compare_eager_compiled, twin
 
@@ -54,3 +55,25 @@ def test_residual_fsq_seeded_dropout_and_bandwidth_compile():
     compiled = torch.compile(twin(eager), fullgraph=True)
     compare_eager_compiled(eager, compiled, lambda: torch.randn(2, 12, 8),
                            lambda x: dict(rand_quantize_dropout_fixed_seed=3, num_quantizers=2), steps=2)
+
+
+LFQ_OPTIONS = {
+    "lfq_masked_projection": (LFQ, dict(dim=8, codebook_size=2**5), True),
+    "lfq_fraction_clamp": (LFQ, dict(dim=8, frac_per_sample_entropy=0.5, soft_clamp_input_value=2.0,
+                                     use_code_agnostic_commit_loss=True), False),
+    "residual_lfq_dropout": (ResidualLFQ, dict(dim=8, num_quantizers=2, codebook_size=2**6, quantize_dropout=True),
+                             True),
+    "grouped_lfq": (GroupedResidualLFQ, dict(dim=8, groups=2, num_quantizers=2, codebook_size=2**4), False),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(LFQ_OPTIONS))
+def test_lfq_family_compiles_to_one_graph(name, mode):
+    cls, options, masked = LFQ_OPTIONS[name]
+    eager = cls(**options).train(mode == "train")
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    compare_eager_compiled(eager, compiled, lambda: torch.randn(2, 12, 8),
+                           lambda x: dict(mask=mask) if masked else {}, steps=2)

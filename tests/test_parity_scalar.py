@@ -1,4 +1,4 @@
-"""Parity of the scalar quantizers with vector-quantize-pytorch 1.14.17 (FSQ and its residual forms so far).
+"""Parity of the scalar quantizers with vector-quantize-pytorch 1.14.17 (FSQ, LFQ and their residual forms so far).
 
 Reference modules are saved as safetensors and loaded strictly; FSQ's codes and indices must be bit-identical,
 and so must indices_to_codes and the implicit codebook.
@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import vector_quantize_pytorch as vqp  # the reference, a test dependency
 
-from vqdeploy import FSQ, GroupedResidualFSQ, ResidualFSQ
+from vqdeploy import FSQ, LFQ, GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
 
 FSQ_CONFIGS = {
     "levels_8555": (dict(levels=[8, 5, 5, 5]), (2, 30, 4)),
@@ -93,3 +93,50 @@ def test_residual_fsq_dropped_indices_decode_like_reference():
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(ours.get_output_from_indices(idx[..., :2]), ref.get_output_from_indices(idx[..., :2]),
                                atol=1e-6, rtol=0)
+
+
+LFQ_CONFIGS = {
+    "plain": (vqp.LFQ, LFQ, dict(dim=8, codebook_size=2**8), (2, 30, 8)),
+    "projection_masked": (vqp.LFQ, LFQ, dict(dim=16, codebook_size=2**6), (2, 30, 16)),
+    "codebooks": (vqp.LFQ, LFQ, dict(codebook_size=2**5, num_codebooks=2), (2, 30, 10)),
+    "image": (vqp.LFQ, LFQ, dict(dim=6), (2, 6, 4, 5)),
+    "clamp_scale_agnostic_masked": (vqp.LFQ, LFQ, dict(dim=8, codebook_size=2**8, use_code_agnostic_commit_loss=True,
+                                                     soft_clamp_input_value=2.0, codebook_scale=0.5), (2, 30, 8)),
+    "residual_masked": (vqp.ResidualLFQ, ResidualLFQ, dict(dim=16, num_quantizers=3, codebook_size=2**6), (2, 30, 16)),
+    "grouped_masked": (vqp.GroupedResidualLFQ, GroupedResidualLFQ,
+                       dict(dim=16, groups=2, num_quantizers=2, codebook_size=2**6), (2, 30, 16)),
+}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", list(LFQ_CONFIGS))
+def test_lfq_family_matches_reference(name, mode, tmp_path):
+    """Indices identical; quantized within 1e-6; aux losses within 1e-4 relative (the per-sample entropy is
+    exact here, the reference clamps probabilities inside it); residual outputs within 1e-5."""
+    ref_cls, our_cls, options, shape = LFQ_CONFIGS[name]
+    torch.manual_seed(0)
+    ref = ref_cls(**options).train(mode == "train")
+    path = str(tmp_path / "lfq.safetensors")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+    ours = our_cls(**options).train(mode == "train")
+    ours.load_state_dict(load_file(path), strict=True)
+    x = torch.randn(shape)
+    kwargs = {}
+    if name.endswith("masked"):
+        mask = torch.ones(shape[:2], dtype=torch.bool)
+        mask[1, 10:] = False
+        kwargs["mask"] = mask
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out = ref(x_ref, **kwargs), ours(x_ours, **kwargs)
+    assert out.indices.dtype == out_ref[1].dtype and torch.equal(out.indices, out_ref[1])
+    torch.testing.assert_close(out.quantized, out_ref[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[2], out_ref[2], atol=1e-7, rtol=1e-4)
+    if mode == "train":
+        (out_ref[0].pow(2).sum() + out_ref[2].sum()).backward()
+        (out.quantized.pow(2).sum() + out[2].sum()).backward()
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    if our_cls is LFQ:
+        assert torch.equal(ours.indices_to_codes(out.indices), ref.indices_to_codes(out_ref[1]))
+    else:
+        torch.testing.assert_close(ours.get_output_from_indices(out.indices),
+                                   ref.get_output_from_indices(out_ref[1]), atol=1e-5, rtol=0)

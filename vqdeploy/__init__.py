@@ -6,9 +6,11 @@ export and runtime modules.
 
 from .codebooks import Codebook, CodebookConfig
 from .fsq import FSQ, FSQOutput
+from .lfq import LFQ, LFQOutput, LossBreakdown
 from .grouped import GroupedOutput, GroupedOutputWithCodes, GroupedResidualQuantizer
 from .random_projection import RandomProjectionQuantizer
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ, ResidualFSQOutput, ResidualFSQOutputWithCodes
+from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .residual import ResidualOutput, ResidualOutputWithCodes, ResidualQuantizer
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .vector_quantize import QuantizeLossOutput, QuantizeOutput, VectorQuantize
@@ -19,6 +21,7 @@ __all__ = [
     "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
     "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
     "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
+    "LFQ", "LFQOutput", "LossBreakdown", "ResidualLFQ", "GroupedResidualLFQ",
     "ResidualQuantizer", "GroupedResidualQuantizer",
     "ResidualOutput", "ResidualOutputWithCodes", "GroupedOutput", "GroupedOutputWithCodes",
 ]

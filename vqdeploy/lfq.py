@@ -1,0 +1,231 @@
+"""LFQ: lookup-free quantization (MAGVIT-v2, https://arxiv.org/abs/2310.05737).
+
+Each channel is quantized to its sign (times ``codebook_scale``), so a token of d
+channels is one of 2^d codes and its index is the binary number of its signs.
+Training adds the entropy loss of the paper: low per-token entropy (confident
+codes), high entropy of the batch's average code distribution (all codes used).
+The reference builds an N x 2^d probability table for it; vqdeploy uses the
+factorisation in ``primitives.factorized_code_entropies`` (exact, no table), so
+2^16 and 2^18 codebooks train in a few MB.  API as vector-quantize-pytorch 1.14.17.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .layout import check_index_range, check_indices_dtype, to_tokens
+from .primitives import bit_table, factorized_code_entropies
+from .vector_quantize import QuantizeOutput, _number, _positive_int
+
+
+class LFQOutput(NamedTuple):
+    """What ``LFQ.forward`` returns; unpacks like the reference's ``Return``."""
+
+    quantized: torch.Tensor  # the input's shape, float32
+    indices: torch.Tensor  # int64 (b, *tokens) or (b, *tokens, num_codebooks)
+    entropy_aux_loss: torch.Tensor  # 0-d: entropy and commitment terms, weighted (0 in eval)
+
+
+class LossBreakdown(NamedTuple):
+    per_sample_entropy: torch.Tensor
+    batch_entropy: torch.Tensor
+    commitment: torch.Tensor
+
+
+def _codebook_dim(dim: int | None, codebook_size: int | None) -> int:
+    if dim is None and codebook_size is None:
+        raise ValueError("LFQ needs dim or codebook_size")
+    if codebook_size is None:
+        _positive_int("dim", dim)
+        return dim
+    if not isinstance(codebook_size, int) or codebook_size < 2 or codebook_size & (codebook_size - 1):
+        raise ValueError(f"codebook_size must be a power of two >= 2 for lookup-free quantization, got "
+                         f"{codebook_size!r} (suggested {2 ** math.ceil(math.log2(max(codebook_size, 2)))})"
+                         if isinstance(codebook_size, int) else f"codebook_size must be an int, got {codebook_size!r}")
+    return codebook_size.bit_length() - 1
+
+
+class LFQ(nn.Module):
+    """Lookup-free quantization of ``num_codebooks`` groups of log2(codebook_size) channels."""
+
+    def __init__(self, dim: int | None = None, codebook_size: int | None = None, entropy_loss_weight: float = 0.1,
+                 commitment_loss_weight: float = 0.25, diversity_gamma: float = 1.0,
+                 straight_through_activation: nn.Module | None = None, num_codebooks: int = 1,
+                 keep_num_codebooks_dim: bool | None = None, codebook_scale: float = 1.0,
+                 frac_per_sample_entropy: float = 1.0, use_code_agnostic_commit_loss: bool = False,
+                 projection_has_bias: bool = True, soft_clamp_input_value: float | None = None):
+        super().__init__()
+        codebook_dim = _codebook_dim(dim, codebook_size)
+        _positive_int("num_codebooks", num_codebooks)
+        _number("entropy_loss_weight", entropy_loss_weight)
+        _number("commitment_loss_weight", commitment_loss_weight)
+        _number("diversity_gamma", diversity_gamma)
+        _number("codebook_scale", codebook_scale, 0.0, low_open=True)
+        _number("frac_per_sample_entropy", frac_per_sample_entropy, 0.0, 1.0, low_open=True)
+        if soft_clamp_input_value is not None:
+            _number("soft_clamp_input_value", soft_clamp_input_value, 1.0)
+        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks=1 (indices need a codebook axis)")
+
+        self.codebook_dim = codebook_dim
+        self.codebook_size = 2 ** codebook_dim
+        self.num_codebooks = num_codebooks
+        codebook_dims = codebook_dim * num_codebooks
+        self.dim = codebook_dims if dim is None else dim
+        _positive_int("dim", self.dim)
+        self.has_projections = self.dim != codebook_dims
+        self.project_in = nn.Linear(self.dim, codebook_dims, bias=projection_has_bias) \
+            if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dims, self.dim, bias=projection_has_bias) \
+            if self.has_projections else nn.Identity()
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.activation = nn.Identity() if straight_through_activation is None else straight_through_activation
+        self.entropy_loss_weight = entropy_loss_weight
+        self.commitment_loss_weight = commitment_loss_weight
+        self.diversity_gamma = diversity_gamma
+        self.codebook_scale = codebook_scale
+        self.frac_per_sample_entropy = frac_per_sample_entropy
+        self.use_code_agnostic_commit_loss = use_code_agnostic_commit_loss
+        self.soft_clamp_input_value = soft_clamp_input_value
+
+        # the reference's buffers: ``mask`` (bit weights, saved), the codebook (not saved)
+        self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1))
+        self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+        self.register_buffer("codebook", self.bits_to_codes(bit_table(codebook_dim)), persistent=False)
+
+    # ------------------------------------------------------------------ codes and indices
+
+    def bits_to_codes(self, bits: torch.Tensor) -> torch.Tensor:
+        return bits * self.codebook_scale * 2 - self.codebook_scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.codebook.dtype
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes (..., num_codebooks * codebook_dim) for indices, before ``project_out``."""
+        if not self.keep_num_codebooks_dim:
+            indices = indices.unsqueeze(-1)
+        bits = ((indices.unsqueeze(-1).int() & self.mask.int()) != 0).to(self.dtype)
+        return rearrange(self.bits_to_codes(bits), "... c d -> ... (c d)")
+
+    def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
+        """Indices -> codes (after ``project_out`` unless told otherwise), channel-first for images and video."""
+        check_indices_dtype(indices)
+        if self.keep_num_codebooks_dim and (indices.ndim < 2 or indices.shape[-1] != self.num_codebooks):
+            raise ValueError(f"indices must end with a codebook axis of size {self.num_codebooks}, "
+                             f"got {tuple(indices.shape)}")
+        check_index_range(indices, self.codebook_size)
+        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        codes = self.lookup(indices)
+        if project_out:
+            codes = self.project_out(codes)
+        return codes.movedim(-1, 1) if is_img_or_video else codes
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False,
+                mask: torch.Tensor | None = None):
+        """x: (b, n, dim) or channel-first images/video (b, dim, *spatial); mask: bool (b, n) of tokens that
+        count in the losses.  Returns ``(quantized, indices, aux_loss)``, and a ``LossBreakdown`` when asked."""
+        _number("inv_temperature", inv_temperature, 0.0, low_open=True)
+        if isinstance(x, torch.Tensor) and x.ndim == 2:
+            raise ValueError(f"LFQ expects (batch, n, {self.dim}) or channel-first feature maps, got {tuple(x.shape)}")
+        tokens, layout = to_tokens(x, self.dim, accept_image_fmap=isinstance(x, torch.Tensor) and x.ndim >= 4)
+        token_weights = layout.token_weights(mask, tokens.shape[0])
+        quantized, indices, loss, breakdown = self._quantize(tokens, token_weights, inv_temperature)
+        out = LFQOutput(layout.restore_features(quantized), layout.restore_indices(indices), loss)
+        return (out, breakdown) if return_loss_breakdown else out
+
+    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pure eval quantization of tokens (b, n, dim): ``(quantized, indices)``."""
+        codes = self._split_codebooks(tokens)
+        quantized = torch.where(codes > 0, self.codebook_scale, -self.codebook_scale)
+        return self.project_out(rearrange(quantized, "b n c d -> b n (c d)")), self._indices(quantized)
+
+    def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
+                        target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
+                        freeze_codebook: bool = False, active: torch.Tensor | None = None,
+                        inv_temperature: float = 100.0) -> QuantizeOutput:
+        """The residual loop's layer interface (LFQ has no codebook state; ``active`` changes nothing)."""
+        if target is not None:
+            raise ValueError("LFQ has no cross-entropy loss against given indices")
+        quantized, indices, loss, _ = self._quantize(tokens, token_weights, inv_temperature)
+        return QuantizeOutput(quantized, indices, loss)
+
+    def _split_codebooks(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.project_in(tokens.float())
+        if self.soft_clamp_input_value is not None:
+            x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
+        return rearrange(x, "b n (c d) -> b n c d", c=self.num_codebooks)
+
+    def _indices(self, quantized: torch.Tensor) -> torch.Tensor:
+        indices = ((quantized > 0).long() * self.mask).sum(dim=-1)
+        return indices if self.keep_num_codebooks_dim else indices[..., 0]
+
+    def _quantize(self, tokens: torch.Tensor, token_weights: torch.Tensor | None, inv_temperature: float):
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            x = self._split_codebooks(tokens)  # (b, n, c, d)
+            codebook_value = torch.full_like(x, self.codebook_scale)
+            quantized = torch.where(x > 0, codebook_value, -codebook_value)
+            out = quantized
+            if self.training:
+                activated = self.activation(x)
+                out = activated + (quantized - activated).detach()
+            indices = self._indices(out)
+            per_sample_entropy = batch_entropy = commitment = self.zero
+            if self.training:
+                per_sample_entropy, batch_entropy = self._entropies(x, token_weights, inv_temperature)
+                if self.commitment_loss_weight > 0:
+                    commitment = self._commitment(x, quantized, codebook_value, token_weights)
+            entropy_aux_loss = per_sample_entropy - self.diversity_gamma * batch_entropy
+            loss = entropy_aux_loss * self.entropy_loss_weight + commitment * self.commitment_loss_weight
+            out = self.project_out(rearrange(out, "b n c d -> b n (c d)"))
+        return out, indices, loss, LossBreakdown(per_sample_entropy, batch_entropy, commitment)
+
+    def _entropies(self, x: torch.Tensor, token_weights: torch.Tensor | None, inv_temperature: float):
+        """The reference's softmax(2 * inv_temperature * x . c) over all codes c in {-s, s}^d has
+        per-bit logits 4 * inv_temperature * s * x_j."""
+        weights = None if token_weights is None else token_weights.reshape(-1)
+        if self.frac_per_sample_entropy < 1:
+            weights = self._random_fraction(x.shape[0] * x.shape[1], weights, x.device)
+        bit_logits = 4 * inv_temperature * self.codebook_scale * x.flatten(0, 1)
+        return factorized_code_entropies(bit_logits, weights)
+
+    def _random_fraction(self, num_tokens: int, weights: torch.Tensor | None, device) -> torch.Tensor:
+        """0/1 weights on floor(frac * kept) random kept tokens (a static-shape stand-in for the reference's
+        random subset)."""
+        kept = torch.ones(num_tokens, device=device) if weights is None else (weights > 0).float()
+        keys = torch.where(kept > 0, torch.rand(num_tokens, device=device), torch.full((num_tokens,), 2.0, device=device))
+        ranks = keys.argsort().argsort()
+        chosen = ranks < (kept.sum() * self.frac_per_sample_entropy).floor()
+        return chosen.float() * kept
+
+    def _commitment(self, x, quantized, codebook_value, token_weights):
+        if self.use_code_agnostic_commit_loss:
+            error = (x.pow(2) - codebook_value.pow(2)).pow(2)
+        else:
+            error = (x - quantized.detach()).pow(2)
+        if token_weights is None:
+            return error.mean()
+        per_token = error.flatten(2).mean(dim=-1)  # (b, n)
+        kept = token_weights > 0
+        return torch.where(kept, per_token, 0.0).sum() / kept.sum().clamp(min=1)
+
+    # ------------------------------------------------------------------ pure eval API
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices for x, without touching any state (the export encoder)."""
+        tokens, layout = to_tokens(x, self.dim, accept_image_fmap=x.ndim >= 4)
+        return layout.restore_indices(self.encode_tokens(tokens)[1])
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices_to_codes``: the quantized output for indices (the export decoder)."""
+        return self.indices_to_codes(indices)
+
