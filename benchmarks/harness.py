@@ -36,9 +36,10 @@ def _run_case(builder, params, impl, mode, compiled, shape, device, iters, queue
                 with torch.no_grad():
                     return model(x)
             inp = x.detach().requires_grad_()
-            quantized, _, loss = model(inp)
-            (quantized.square().mean() + loss.sum()).backward()
-            return loss
+            out = model(inp)
+            loss = out[2].sum() if len(out) > 2 else 0.0  # FSQ has no loss
+            (out[0].square().mean() + loss).backward()
+            return out
 
         def sync():
             if device.startswith("cuda"):
@@ -82,19 +83,23 @@ def hardware(device: str) -> str:
 
 def compare(builder: str, cases: list[dict], shape: tuple[int, ...], device: str, iters: int,
             label: str) -> list[dict]:
-    """Time every case (``params`` for the builder plus a ``name``) in eval/train x eager/compile, for both
-    libraries, print a table of medians, speed-ups and memory ratios, and return the rows."""
+    """Time every case (``params`` for the builder plus a ``name``; optionally its own ``shape``, ``modes``, and
+    ``skip_reference`` with the reason) in eval/train x eager/compile, for both libraries, print a table of
+    medians, speed-ups and memory ratios, and return the rows."""
     rows = []
     header = f"{label:>10} {'mode':>5} {'exec':>8} | {'reference ms':>12} {'vqdeploy ms':>11} {'speed-up':>8} | " \
              f"{'ref peak MB':>11} {'vqd peak MB':>11} {'mem ratio':>9}"
     print(header)
     print("-" * len(header))
     for case in cases:
-        params = {k: v for k, v in case.items() if k != "name"}
-        for mode in ("eval", "train"):
+        params = {k: v for k, v in case.items() if k not in ("name", "shape", "skip_reference", "modes")}
+        case_shape = case.get("shape", shape)
+        for mode in case.get("modes", ("eval", "train")):
             for compiled in (False, True):
                 results = {impl: run_case(builder=builder, params=params, impl=impl, mode=mode, compiled=compiled,
-                                          shape=shape, device=device, iters=iters)
+                                          shape=case_shape, device=device, iters=iters)
+                           if impl == "vqdeploy" or not case.get("skip_reference") else
+                           dict(error=case["skip_reference"])
                            for impl in ("reference", "vqdeploy")}
                 ref, ours = results["reference"], results["vqdeploy"]
                 rows.append(dict(case=case["name"], mode=mode, compiled=compiled, reference=ref, vqdeploy=ours))

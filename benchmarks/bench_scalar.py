@@ -1,0 +1,64 @@
+"""FSQ, ResidualFSQ and LFQ: vqdeploy vs vector-quantize-pytorch 1.14.17, side by side in one run.
+
+    python benchmarks/bench_scalar.py [--device cpu|cuda] [--batch 4 --tokens 1024] [--iters 10]
+        [--cases fsq rfsq lfq16 lfq18] [--json out.json]
+
+Times the eval forward and a training step of each quantizer eagerly and under torch.compile, with peak memory
+(see harness.py). LFQ's training step is where the two differ most: the reference's entropy loss builds
+(tokens x 2^d) tables, vqdeploy's factorised loss does not. The 2^18 case runs 16 x 1024 tokens and vqdeploy
+only: the reference's tables would need about 17 GB each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import compare, hardware, write_json  # noqa: E402
+
+
+def build(impl: str, kind: str, **options):
+    import vector_quantize_pytorch as reference
+
+    import vqdeploy
+
+    library = reference if impl == "reference" else vqdeploy
+    return getattr(library, kind)(**options)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--cases", nargs="+", default=["fsq", "rfsq", "lfq16", "lfq18"])
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda")
+    batch = args.batch or (16 if on_cuda else 4)
+    iters = args.iters or (50 if on_cuda else 10)
+    print(f"# scalar quantizers; torch {torch.__version__}, {hardware(device)}; {batch} x {args.tokens} tokens "
+          f"(lfq18: 16 x {args.tokens}), median of {iters}")
+    all_cases = {
+        "fsq": dict(name="fsq", kind="FSQ", levels=[8, 5, 5, 5], dim=256, shape=(batch, args.tokens, 256)),
+        "rfsq": dict(name="rfsq x8", kind="ResidualFSQ", levels=[8, 5, 5, 5], dim=256, num_quantizers=8,
+                     shape=(batch, args.tokens, 256)),
+        "lfq16": dict(name="lfq 2^16", kind="LFQ", dim=16, codebook_size=2**16, shape=(batch, args.tokens, 16)),
+        "lfq18": dict(name="lfq 2^18", kind="LFQ", dim=18, codebook_size=2**18, shape=(16, args.tokens, 18),
+                      modes=("train",), skip_reference="not run: needs ~17 GB per (tokens x 2^18) table"),
+    }
+    cases = [all_cases[name] for name in args.cases]
+    rows = compare("bench_scalar:build", cases, (batch, args.tokens, 16), device, iters, label="case")
+    write_json(args.json, device, (batch, args.tokens), rows)
+
+
+if __name__ == "__main__":
+    main()
