@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .layout import check_index_range, check_indices_dtype, to_tokens
+from .layout import check_grid_indices, to_tokens
 from .primitives import round_ste
 from .vector_quantize import QuantizeOutput, _positive_int
 
@@ -112,11 +112,7 @@ class FSQ(nn.Module):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices -> the output ``forward`` gives for them (after ``project_out``), channel-first for
         images and video or with ``channel_first``."""
-        check_indices_dtype(indices)
-        if self.keep_num_codebooks_dim and (indices.ndim < 2 or indices.shape[-1] != self.num_codebooks):
-            raise ValueError(f"indices must end with a codebook axis of size {self.num_codebooks}, "
-                             f"got {tuple(indices.shape)}")
-        check_index_range(indices, self.codebook_size)
+        check_grid_indices(indices, self.codebook_size, self.num_codebooks if self.keep_num_codebooks_dim else None)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         codes = self.project_out(self.lookup(indices))
         return codes.movedim(-1, 1) if is_img_or_video or self.channel_first else codes

@@ -83,6 +83,15 @@ def check_index_range(indices: torch.Tensor, codebook_size: int, allow_minus_one
         raise ValueError(f"indices must lie in [{low}, {codebook_size - 1}], found values in [{found[0]}, {found[1]}]")
 
 
+def check_grid_indices(indices: torch.Tensor, codebook_size: int, num_codebooks: int | None) -> None:
+    """Indices of an implicit grid (FSQ, LFQ): integer, in range, and ending with a codebook axis of size
+    ``num_codebooks`` when the quantizer keeps one (``num_codebooks`` not None)."""
+    check_indices_dtype(indices)
+    if num_codebooks is not None and (indices.ndim < 2 or indices.shape[-1] != num_codebooks):
+        raise ValueError(f"indices must end with a codebook axis of size {num_codebooks}, got {tuple(indices.shape)}")
+    check_index_range(indices, codebook_size)
+
+
 def to_tokens(x: torch.Tensor, dim: int, channel_last: bool = True, accept_image_fmap: bool = False):
     """Validate ``x`` and return ``(tokens (b, n, dim), TokenLayout)``."""
     if not isinstance(x, torch.Tensor):

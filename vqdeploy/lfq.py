@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .layout import check_index_range, check_indices_dtype, to_tokens
+from .layout import check_grid_indices, to_tokens
 from .primitives import bit_table, factorized_code_entropies
 from .vector_quantize import QuantizeOutput, _number, _positive_int
 
@@ -117,11 +117,7 @@ class LFQ(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Indices -> codes (after ``project_out`` unless told otherwise), channel-first for images and video."""
-        check_indices_dtype(indices)
-        if self.keep_num_codebooks_dim and (indices.ndim < 2 or indices.shape[-1] != self.num_codebooks):
-            raise ValueError(f"indices must end with a codebook axis of size {self.num_codebooks}, "
-                             f"got {tuple(indices.shape)}")
-        check_index_range(indices, self.codebook_size)
+        check_grid_indices(indices, self.codebook_size, self.num_codebooks if self.keep_num_codebooks_dim else None)
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         codes = self.lookup(indices)
         if project_out:
