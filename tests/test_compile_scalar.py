@@ -1,10 +1,10 @@
-"""torch.compile(fullgraph=True) equals eager for the scalar quantizers (FSQ, LFQ and their residual forms so far),
-train and eval."""
+"""torch.compile(fullgraph=True) equals eager for the scalar quantizers (FSQ, LFQ, LatentQuantize and the
+residual forms), train and eval."""
 
 import pytest
 import torch
 
-from vqdeploy import FSQ, LFQ, GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
+from vqdeploy import FSQ, LFQ, GroupedResidualFSQ, GroupedResidualLFQ, LatentQuantize, ResidualFSQ, ResidualLFQ
 
 from helpers import compare_eager_compiled, twin
 
@@ -77,3 +77,38 @@ def test_lfq_family_compiles_to_one_graph(name, mode):
     mask[1, 7:] = False
     compare_eager_compiled(eager, compiled, lambda: torch.randn(2, 12, 8),
                            lambda x: dict(mask=mask) if masked else {}, steps=2)
+
+
+LATENT_OPTIONS = {
+    "unequal_image_projection": (dict(levels=[5, 4, 8], dim=8), (2, 8, 3, 4)),  # a ParameterList of values
+    "equal_codebooks": (dict(levels=5, dim=4, num_codebooks=2), (2, 12, 4)),
+    "fixed_values": (dict(levels=[7, 3, 4], dim=3, optimize_values=False, commitment_loss_weight=0.0), (2, 12, 3)),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(LATENT_OPTIONS))
+def test_latent_quantize_compiles_to_one_graph(name, mode):
+    options, shape = LATENT_OPTIONS[name]
+    eager = LatentQuantize(**options).train(mode == "train")
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    compare_eager_compiled(eager, compiled, lambda: torch.randn(shape), lambda x: {}, steps=2)
+
+
+def test_latent_quantize_in_place_optimizer_is_eager_only():
+    """Its optimizer step runs eagerly: fullgraph refuses it, a graph-broken compile matches eager."""
+    def build():
+        torch.manual_seed(0)
+        return LatentQuantize([5, 3], dim=4, in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+
+    with pytest.raises(Exception, match="(?i)skip|disable|graph break|unsupported"):
+        torch.compile(build(), fullgraph=True)(torch.randn(2, 12, 4))
+    torch._dynamo.reset()
+    eager, compiled = build(), torch.compile(build())
+    for _ in range(2):
+        x = torch.randn(2, 12, 4)
+        out_e, out_c = eager(x), compiled(x)
+        assert torch.equal(out_e.indices, out_c.indices)
+        torch.testing.assert_close(out_e.quantized, out_c.quantized, atol=1e-6, rtol=0)
+    for a, b in zip(eager.values_per_latent, compiled._orig_mod.values_per_latent):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

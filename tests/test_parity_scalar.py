@@ -1,4 +1,4 @@
-"""Parity of the scalar quantizers with vector-quantize-pytorch 1.14.17 (FSQ, LFQ and their residual forms so far).
+"""Parity of the scalar quantizers with vector-quantize-pytorch 1.14.17 (FSQ, LFQ, LatentQuantize, residual forms).
 
 Reference modules are saved as safetensors and loaded strictly; FSQ's codes and indices must be bit-identical,
 and so must indices_to_codes and the implicit codebook.
@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import vector_quantize_pytorch as vqp  # the reference, a test dependency
 
-from vqdeploy import FSQ, LFQ, GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
+from vqdeploy import FSQ, LFQ, GroupedResidualFSQ, GroupedResidualLFQ, LatentQuantize, ResidualFSQ, ResidualLFQ
 
 FSQ_CONFIGS = {
     "levels_8555": (dict(levels=[8, 5, 5, 5]), (2, 30, 4)),
@@ -140,3 +140,82 @@ def test_lfq_family_matches_reference(name, mode, tmp_path):
     else:
         torch.testing.assert_close(ours.get_output_from_indices(out.indices),
                                    ref.get_output_from_indices(out_ref[1]), atol=1e-5, rtol=0)
+
+
+LATENT_CONFIGS = {
+    "unequal_image_projection": (dict(levels=[5, 5, 8], dim=16), (2, 16, 4, 5)),
+    "equal": (dict(levels=5, dim=4), (2, 30, 4)),
+    "codebooks": (dict(levels=4, dim=3, num_codebooks=2), (2, 30, 3)),
+    "fixed_unequal_video": (dict(levels=[7, 3, 4], dim=3, optimize_values=False), (2, 3, 2, 3, 4)),
+    "fixed_equal": (dict(levels=8, dim=3, optimize_values=False, keep_num_codebooks_dim=True), (2, 30, 3)),
+}
+
+
+def _reference_twin(ours: LatentQuantize, options: dict, path: str):
+    """A reference LatentQuantize holding ours' state, through a safetensors file."""
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, path)
+    ref = vqp.LatentQuantize(**options)
+    ref.load_state_dict(load_file(path), strict=True)
+    return ref
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", list(LATENT_CONFIGS))
+def test_latent_quantize_matches_reference(name, mode, tmp_path):
+    """Reference checkpoints load; indices identical; outputs, loss and decoded codes within 1e-5; the input
+    gradient through the straight-through output equal (the aux loss routes its gradients as the paper does,
+    see the README)."""
+    options, shape = LATENT_CONFIGS[name]
+    torch.manual_seed(0)
+    ref = vqp.LatentQuantize(**options).train(mode == "train")
+    path = str(tmp_path / "lq.safetensors")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+    ours = LatentQuantize(**options).train(mode == "train")
+    ours.load_state_dict(load_file(path), strict=True)
+    x = torch.randn(shape)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (q_ref, idx_ref, loss_ref), (q, idx, loss) = ref(x_ref), ours(x_ours)
+    assert idx.dtype == idx_ref.dtype and idx.shape == idx_ref.shape and torch.equal(idx, idx_ref)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.indices_to_codes(idx), ref.indices_to_codes(idx_ref), atol=1e-5, rtol=0)
+    if mode == "train":
+        q_ref.pow(2).sum().backward()
+        q.pow(2).sum().backward()
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_quantize_learned_values_load_into_the_reference(tmp_path):
+    """After the values train, the reference given the same state quantizes to the same outputs."""
+    options = dict(levels=[5, 5, 8], dim=16)
+    torch.manual_seed(0)
+    ours = LatentQuantize(**options)
+    optimizer = torch.optim.SGD(ours.parameters(), lr=0.5)
+    for _ in range(5):
+        optimizer.zero_grad()
+        ours(torch.randn(2, 16, 4, 5)).loss.backward()
+        optimizer.step()
+    assert not torch.equal(ours.values_per_latent[2].detach(), torch.arange(8) / 8 - 0.5)
+    ref = _reference_twin(ours, options, str(tmp_path / "lq.safetensors"))
+    x = torch.randn(2, 16, 4, 5)
+    (q_ref, _, loss_ref), (q, idx, loss) = ref(x), ours(x)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours.indices_to_codes(idx), q)  # the reference decodes to its initial grid instead
+
+
+@pytest.mark.parametrize("levels", [[15], [6, 6, 6]])
+def test_latent_quantize_indices_where_the_reference_truncates(levels, tmp_path):
+    """The reference turns quantized values back into indices by float arithmetic and truncation, which misses
+    grid points (level 15; levels 6 after its straight-through rounding): its indices then decode to other codes.
+    Ours are the chosen level indices: same outputs, and indices that decode to them."""
+    options = dict(levels=levels, dim=len(levels))
+    ours = LatentQuantize(**options)
+    ref = _reference_twin(ours, options, str(tmp_path / "lq.safetensors"))
+    torch.manual_seed(0)
+    x = torch.randn(1, 200, len(levels)) * 0.4
+    (q_ref, idx_ref, _), (q, idx, _) = ref(x), ours(x)
+    torch.testing.assert_close(q, q_ref, atol=1e-6, rtol=0)
+    assert not torch.allclose(ref.indices_to_codes(idx_ref), q_ref, atol=1e-3)
+    assert torch.equal(ours.indices_to_codes(idx), q)
+    assert torch.equal(ours.codes_to_indices(ours.implicit_codebook), torch.arange(ours.codebook_size, dtype=torch.int32))

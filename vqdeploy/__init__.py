@@ -6,6 +6,7 @@ export and runtime modules.
 
 from .codebooks import Codebook, CodebookConfig
 from .fsq import FSQ, FSQOutput
+from .latent_quantize import LatentQuantize, LatentQuantizeOutput
 from .lfq import LFQ, LFQOutput, LossBreakdown
 from .grouped import GroupedOutput, GroupedOutputWithCodes, GroupedResidualQuantizer
 from .random_projection import RandomProjectionQuantizer
@@ -21,7 +22,7 @@ __all__ = [
     "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
     "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
     "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
-    "LFQ", "LFQOutput", "LossBreakdown", "ResidualLFQ", "GroupedResidualLFQ",
+    "LFQ", "LFQOutput", "LossBreakdown", "LatentQuantize", "LatentQuantizeOutput", "ResidualLFQ", "GroupedResidualLFQ",
     "ResidualQuantizer", "GroupedResidualQuantizer",
     "ResidualOutput", "ResidualOutputWithCodes", "GroupedOutput", "GroupedOutputWithCodes",
 ]

@@ -28,12 +28,18 @@ class FSQOutput(NamedTuple):
     indices: torch.Tensor  # int32 (b, *tokens) or (b, *tokens, num_codebooks)
 
 
+MAX_GRID_SIZE = 2**31  # indices are int32, as in the reference
+
+
 def check_levels(levels) -> list[int]:
     if not isinstance(levels, Sequence) or isinstance(levels, str) or len(levels) == 0:
         raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels!r}")
     for level in levels:
         if not isinstance(level, int) or isinstance(level, bool) or level < 2:
             raise ValueError(f"levels must be ints >= 2, got {list(levels)!r}")
+    if math.prod(levels) > MAX_GRID_SIZE:
+        raise ValueError(f"levels {list(levels)!r} make a grid of {math.prod(levels)} codes; int32 indices hold at most "
+                         f"{MAX_GRID_SIZE}")
     return list(levels)
 
 

@@ -1,0 +1,264 @@
+"""LatentQuantize: latent quantization (Hsu et al., https://arxiv.org/abs/2305.18378).
+
+Every latent channel has its own small scalar codebook ("values"), initialised
+to ``levels[i]`` evenly spaced values in [-0.5, 0.5] and learned.  A token is
+quantized channel by channel to the nearest value, and its index is the
+mixed-radix number of the chosen level indices, as in FSQ.  API and checkpoint
+keys follow vector-quantize-pytorch 1.14.17; the gradients follow the paper
+(see the README's deliberate differences):
+
+- the commitment term pulls the input towards its quantized value;
+- the quantization term pulls the values towards the input, so the values learn
+  (in the reference both terms pass through a straight-through estimator and
+  the values never receive a gradient);
+- indices are the chosen level indices, so decoding gives back the learned
+  values ``forward`` returned (the reference recomputes indices from the values
+  by truncation and decodes to the initial grid).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .fsq import check_levels
+from .layout import check_grid_indices, to_tokens
+from .primitives import masked_mse
+from .vector_quantize import _number, _positive_int
+
+
+class LatentQuantizeOutput(NamedTuple):
+    """What ``LatentQuantize.forward`` returns; unpacks like the reference's tuple."""
+
+    quantized: torch.Tensor  # the input's shape
+    indices: torch.Tensor  # int32 (b, *tokens) or (b, *tokens, num_codebooks)
+    loss: torch.Tensor  # 0-d: weighted commitment and quantization terms (0 in eval)
+
+
+def initial_values(level: int) -> torch.Tensor:
+    """The reference's starting values: zero in the middle for odd levels, -0.5 first for all."""
+    return torch.linspace(-0.5, 0.5, level) if level % 2 == 1 else torch.arange(level) / level - 0.5
+
+
+class FixedValues(nn.Module):
+    """Values of unequal levels that do not train (``optimize_values=False``): buffers that follow
+    ``.to()`` but, like the reference's plain list, stay out of checkpoints."""
+
+    def __init__(self, values: Sequence[torch.Tensor]):
+        super().__init__()
+        for i, value in enumerate(values):
+            self.register_buffer(str(i), value, persistent=False)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return list(self._buffers.values())[i]
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def __iter__(self):
+        return iter(self._buffers.values())
+
+
+class LatentQuantize(nn.Module):
+    """Per-channel learned scalar codebooks over ``num_codebooks`` groups of ``len(levels)`` channels."""
+
+    def __init__(self, levels: Sequence[int] | int, dim: int | None = None,
+                 commitment_loss_weight: float = 0.1, quantization_loss_weight: float = 0.1,
+                 num_codebooks: int = 1, keep_num_codebooks_dim: bool | None = None, optimize_values: bool = True,
+                 in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 pad: bool = False):
+        super().__init__()
+        _positive_int("num_codebooks", num_codebooks)
+        if isinstance(levels, int) and not isinstance(levels, bool):
+            if dim is None:
+                raise ValueError("levels given as one int needs dim (the reference repeats it dim times)")
+            _positive_int("dim", dim)
+            levels = [levels] * dim
+        levels = check_levels(levels)
+        _number("commitment_loss_weight", commitment_loss_weight, 0.0)
+        _number("quantization_loss_weight", quantization_loss_weight, 0.0)
+        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks=1 (indices need a codebook axis)")
+        if in_place_codebook_optimizer is not None and not optimize_values:
+            raise ValueError("in_place_codebook_optimizer needs optimize_values=True (fixed values have nothing "
+                             "to optimize)")
+
+        self.levels = levels
+        self.codebook_dim = len(levels)
+        self.num_codebooks = num_codebooks
+        self.effective_codebook_dim = self.codebook_dim * num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.dim = self.effective_codebook_dim if dim is None else dim
+        _positive_int("dim", self.dim)
+        self.codebook_size = math.prod(levels)
+        self.commitment_loss_weight = commitment_loss_weight
+        self.quantization_loss_weight = quantization_loss_weight
+        self.optimize_values = optimize_values
+        self.pad = pad  # accepted for the reference's signature; it does not use it either
+
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
+        basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0, dtype=torch.int32)
+        self.register_buffer("_basis", basis, persistent=False)
+        max_level = max(levels)
+        self.register_buffer("_level_valid", torch.arange(max_level) < self._levels.unsqueeze(-1), persistent=False)
+
+        self.has_projections = self.dim != self.effective_codebook_dim
+        self.project_in = nn.Linear(self.dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
+
+        # the reference's storage, so its checkpoints load: one (codebook_dim, level) tensor when the
+        # levels are equal, else one tensor per channel; parameters when they train, else buffers
+        self.equal_levels = len(set(levels)) == 1
+        values = [initial_values(level) for level in levels]
+        if self.equal_levels:
+            table = torch.stack(values)
+            if optimize_values:
+                self.values_per_latent = nn.Parameter(table)
+            else:
+                self.register_buffer("values_per_latent", table)
+        elif optimize_values:
+            self.values_per_latent = nn.ParameterList([nn.Parameter(v) for v in values])
+        else:
+            self.values_per_latent = FixedValues(values)
+
+        self.in_place_codebook_optimizer = None
+        if in_place_codebook_optimizer is not None:
+            params = [self.values_per_latent] if self.equal_levels else list(self.values_per_latent)
+            self.in_place_codebook_optimizer = in_place_codebook_optimizer(params)
+
+    # ------------------------------------------------------------------ values and the grid
+
+    def value_table(self) -> torch.Tensor:
+        """All channels' values as one (codebook_dim, max level) tensor, zero-padded for unequal levels
+        (``_level_valid`` marks the real entries); gradients reach the stored values."""
+        if self.equal_levels:
+            return self.values_per_latent
+        width = self._level_valid.shape[-1]
+        return torch.stack([F.pad(v, (0, width - v.shape[0])) for v in self.values_per_latent])
+
+    def level_indices(self, z: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Each channel's nearest value: z (..., codebook_dim) -> level indices (..., codebook_dim)."""
+        table = self.value_table() if table is None else table
+        dtype = torch.promote_types(z.dtype, table.dtype)  # as the reference: half inputs meet float32 values
+        distance = (z.unsqueeze(-1).to(dtype) - table.to(dtype)).abs()
+        if not self.equal_levels:
+            distance = distance.masked_fill(~self._level_valid, float("inf"))
+        return distance.argmin(dim=-1)
+
+    def level_values(self, level_indices: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Level indices (..., codebook_dim) -> the values they select, differentiable in the values.
+        A one-hot product over the (few) levels: its backward is a plain reduction, not a scatter."""
+        table = self.value_table() if table is None else table
+        one_hot = level_indices.unsqueeze(-1) == torch.arange(table.shape[-1], device=table.device)
+        return (one_hot.to(table.dtype) * table).sum(dim=-1)
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., codebook_dim) -> the nearest values, with a straight-through gradient to z.
+        The value is exactly the selected value (``z - z.detach()`` is zero)."""
+        values = self.level_values(self.level_indices(z))
+        return values.detach().to(z.dtype) + (z - z.detach())
+
+    def codes_to_indices(self, zhat: torch.Tensor) -> torch.Tensor:
+        """Codes (..., codebook_dim) -> int32 indices of the nearest grid point of the current values."""
+        if zhat.shape[-1] != self.codebook_dim:
+            raise ValueError(f"codes must end with {self.codebook_dim} channels, got shape {tuple(zhat.shape)}")
+        return self._indices_from_levels(self.level_indices(zhat))
+
+    def _indices_from_levels(self, level_indices: torch.Tensor) -> torch.Tensor:
+        return (level_indices * self._basis).sum(dim=-1).to(torch.int32)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes (..., num_codebooks * codebook_dim) for indices, before ``project_out``."""
+        level_indices = (indices.unsqueeze(-1) // self._basis) % self._levels
+        codes = self.level_values(level_indices)
+        return rearrange(codes, "... c d -> ... (c d)") if self.keep_num_codebooks_dim else codes
+
+    @property
+    def implicit_codebook(self) -> torch.Tensor:
+        """Every code of one codebook (codebook_size, codebook_dim), from the current values."""
+        indices = torch.arange(self.codebook_size, device=self._levels.device)
+        return self.level_values((indices.unsqueeze(-1) // self._basis) % self._levels).detach()
+
+    def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
+        """Indices -> the codes ``forward`` returns for them (after ``project_out`` unless told otherwise),
+        channel-first for images and video."""
+        check_grid_indices(indices, self.codebook_size, self.num_codebooks if self.keep_num_codebooks_dim else None)
+        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
+        codes = self.lookup(indices)
+        if project_out:
+            codes = self.project_out(codes)
+        return codes.movedim(-1, 1) if is_img_or_video else codes
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, z: torch.Tensor) -> LatentQuantizeOutput:
+        """z: (b, n, dim) or channel-first images/video (b, dim, *spatial).
+        Returns ``(quantized, indices, loss)``; the loss is 0 in eval."""
+        tokens, layout = self._tokens(z)
+        rows = self._split_codebooks(tokens)
+        if self.in_place_codebook_optimizer is not None and self.training:
+            self._in_place_values_step(rows)
+        table = self.value_table()
+        level_indices = self.level_indices(rows, table)
+        values = self.level_values(level_indices, table)
+        codes = values.detach().to(rows.dtype) + (rows - rows.detach())  # straight-through, exact in value
+        out = self.project_out(rearrange(codes, "b n c d -> b n (c d)"))
+        indices = self._indices_from_levels(level_indices)
+        if not self.keep_num_codebooks_dim:
+            indices = indices[..., 0]
+        loss = self._loss(tokens, out, values) if self.training else torch.zeros((), device=tokens.device)
+        return LatentQuantizeOutput(layout.restore_features(out), layout.restore_indices(indices), loss)
+
+    def _tokens(self, z: torch.Tensor):
+        if isinstance(z, torch.Tensor) and z.ndim == 2:
+            raise ValueError(f"LatentQuantize expects (batch, n, {self.dim}) or channel-first feature maps, "
+                             f"got {tuple(z.shape)}")
+        return to_tokens(z, self.dim, accept_image_fmap=isinstance(z, torch.Tensor) and z.ndim >= 4)
+
+    def _split_codebooks(self, tokens: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.project_in(tokens), "b n (c d) -> b n c d", c=self.num_codebooks)
+
+    def _loss(self, tokens: torch.Tensor, out: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Both terms have the reference's value, mse(input, quantized), over the tokens free of NaN/Inf
+        (bad tokens must not reach the values through their gradient)."""
+        finite = torch.isfinite(tokens).all(dim=-1).float()
+        loss = torch.zeros((), device=tokens.device)
+        if self.commitment_loss_weight > 0:  # moves the input (the encoder)
+            loss = loss + self.commitment_loss_weight * masked_mse(tokens, out.detach(), finite)
+        if self.quantization_loss_weight > 0:  # moves the values, unless the in-place optimizer owns them
+            if self.in_place_codebook_optimizer is not None:
+                values = values.detach()
+            decoded = self.project_out(rearrange(values.to(out.dtype), "b n c d -> b n (c d)"))
+            loss = loss + self.quantization_loss_weight * masked_mse(decoded, tokens.detach(), finite)
+        return loss
+
+    @torch.compiler.disable
+    def _in_place_values_step(self, rows: torch.Tensor) -> None:
+        """One step of the user's optimizer on mse(values, z) before quantizing, as VectorQuantize does for
+        its codebook.  It runs a user's optimizer, so it stays eager (a graph break under torch.compile)."""
+        rows = rows.detach().flatten(2)  # (b, n, c * d)
+        table = self.value_table()
+        values = self.level_values(self.level_indices(rows.unflatten(-1, (self.num_codebooks, -1)), table), table)
+        loss = masked_mse(values.flatten(2).to(rows.dtype), rows, torch.isfinite(rows).all(dim=-1).float())
+        params = [self.values_per_latent] if self.equal_levels else list(self.values_per_latent)
+        loss.backward(inputs=params)
+        self.in_place_codebook_optimizer.step()
+        self.in_place_codebook_optimizer.zero_grad()
+
+    # ------------------------------------------------------------------ pure eval API
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Indices for z, without touching any state (the export encoder)."""
+        tokens, layout = self._tokens(z)
+        indices = self._indices_from_levels(self.level_indices(self._split_codebooks(tokens)))
+        return layout.restore_indices(indices if self.keep_num_codebooks_dim else indices[..., 0])
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices_to_codes``: the quantized output for indices (the export decoder)."""
+        return self.indices_to_codes(indices)
