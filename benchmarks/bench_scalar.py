@@ -1,7 +1,7 @@
-"""FSQ, ResidualFSQ and LFQ: vqdeploy vs vector-quantize-pytorch 1.14.17, side by side in one run.
+"""FSQ, ResidualFSQ, LFQ and LatentQuantize: vqdeploy vs vector-quantize-pytorch 1.14.17, side by side in one run.
 
     python benchmarks/bench_scalar.py [--device cpu|cuda] [--batch 4 --tokens 1024] [--iters 10]
-        [--cases fsq rfsq lfq16 lfq18] [--json out.json]
+        [--cases fsq rfsq lfq16 lfq18 latent] [--json out.json]
 
 Times the eval forward and a training step of each quantizer eagerly and under torch.compile, with peak memory
 (see harness.py). LFQ's training step is where the two differ most: the reference's entropy loss builds
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--cases", nargs="+", default=["fsq", "rfsq", "lfq16", "lfq18"])
+    parser.add_argument("--cases", nargs="+", default=["fsq", "rfsq", "lfq16", "lfq18", "latent"])
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
 
@@ -54,6 +54,8 @@ def main(argv=None) -> None:
         "lfq16": dict(name="lfq 2^16", kind="LFQ", dim=16, codebook_size=2**16, shape=(batch, args.tokens, 16)),
         "lfq18": dict(name="lfq 2^18", kind="LFQ", dim=18, codebook_size=2**18, shape=(16, args.tokens, 18),
                       modes=("train",), skip_reference="not run: needs ~17 GB per (tokens x 2^18) table"),
+        "latent": dict(name="latent", kind="LatentQuantize", levels=[8, 5, 5, 5], dim=256,
+                       shape=(batch, args.tokens, 256)),
     }
     cases = [all_cases[name] for name in args.cases]
     rows = compare("bench_scalar:build", cases, (batch, args.tokens, 16), device, iters, label="case")

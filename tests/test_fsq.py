@@ -72,7 +72,7 @@ def test_checkpoints_hold_only_the_projections():
                                                                                        "project_out.weight"}
 
 
-@pytest.mark.parametrize("levels", [[8, 1], [8, 2.5], [], "855", [True, 3]])
+@pytest.mark.parametrize("levels", [[8, 1], [8, 2.5], [], "855", [True, 3], [8] * 11])  # 2^33 codes: not int32
 def test_bad_levels(levels):
     with pytest.raises(ValueError, match="levels"):
         FSQ(levels=levels)

@@ -91,11 +91,13 @@ def test_non_finite_tokens_do_not_reach_the_values():
     torch.testing.assert_close(loss, LatentQuantize([5, 5, 8], dim=3)(finite_tokens).loss)  # their mean
 
 
-def test_half_input_keeps_its_dtype():
-    lq = LatentQuantize([5, 5, 8], dim=3)
-    x = torch.randn(2, 10, 3)
-    quantized, indices, _ = lq(x.half())
-    assert quantized.dtype == torch.float16 and torch.equal(indices, lq(x.half().float()).indices)
+@pytest.mark.parametrize("dim", [3, 8])
+def test_half_input_keeps_its_dtype(dim):
+    lq = LatentQuantize([5, 5, 8], dim=dim)
+    x = torch.randn(2, 10, dim).half()
+    quantized, indices, loss = lq(x)
+    assert quantized.dtype == torch.float16 and torch.equal(indices, lq(x.float()).indices)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("build, error, match", [

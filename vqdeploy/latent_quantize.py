@@ -212,8 +212,9 @@ class LatentQuantize(nn.Module):
         indices = self._indices_from_levels(level_indices)
         if not self.keep_num_codebooks_dim:
             indices = indices[..., 0]
-        loss = self._loss(tokens, out, values) if self.training else torch.zeros((), device=tokens.device)
-        return LatentQuantizeOutput(layout.restore_features(out), layout.restore_indices(indices), loss)
+        loss = self._loss(tokens, values, out.dtype) if self.training else torch.zeros((), device=tokens.device)
+        out = layout.restore_features(out.to(tokens.dtype))
+        return LatentQuantizeOutput(out, layout.restore_indices(indices), loss)
 
     def _tokens(self, z: torch.Tensor):
         if isinstance(z, torch.Tensor) and z.ndim == 2:
@@ -222,20 +223,28 @@ class LatentQuantize(nn.Module):
         return to_tokens(z, self.dim, accept_image_fmap=isinstance(z, torch.Tensor) and z.ndim >= 4)
 
     def _split_codebooks(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.has_projections:  # the projections run in their own dtype (the reference fails otherwise)
+            tokens = tokens.to(self.project_in.weight.dtype)
         return rearrange(self.project_in(tokens), "b n (c d) -> b n c d", c=self.num_codebooks)
 
-    def _loss(self, tokens: torch.Tensor, out: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Both terms have the reference's value, mse(input, quantized), over the tokens free of NaN/Inf
-        (bad tokens must not reach the values through their gradient)."""
-        finite = torch.isfinite(tokens).all(dim=-1).float()
+    def _loss(self, tokens: torch.Tensor, values: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Both terms have the reference's value, mse(input, quantized), taken over the tokens free of NaN/Inf
+        so that bad tokens cannot reach the values through a gradient.  A token counts as bad when its feature
+        sum is not finite (one reduction; a sum that overflows float marks bad data too)."""
+        kept = torch.isfinite(tokens.detach().sum(dim=-1, keepdim=True))
+        count = (kept.sum() * tokens.shape[-1]).clamp(min=1)
+        if self.in_place_codebook_optimizer is not None:  # the values are that optimizer's to move
+            values = values.detach()
+        # equal to ``out`` in value, but finite for bad tokens and differentiable in the values
+        decoded = self.project_out(rearrange(values.to(out_dtype), "b n c d -> b n (c d)"))
+        partner = decoded.detach()  # replaces a bad token, so that its error and gradient are exactly 0
         loss = torch.zeros((), device=tokens.device)
         if self.commitment_loss_weight > 0:  # moves the input (the encoder)
-            loss = loss + self.commitment_loss_weight * masked_mse(tokens, out.detach(), finite)
-        if self.quantization_loss_weight > 0:  # moves the values, unless the in-place optimizer owns them
-            if self.in_place_codebook_optimizer is not None:
-                values = values.detach()
-            decoded = self.project_out(rearrange(values.to(out.dtype), "b n c d -> b n (c d)"))
-            loss = loss + self.quantization_loss_weight * masked_mse(decoded, tokens.detach(), finite)
+            error = F.mse_loss(torch.where(kept, tokens, partner).float(), partner.float(), reduction="sum")
+            loss = loss + self.commitment_loss_weight * error / count
+        if self.quantization_loss_weight > 0:  # moves the values
+            error = F.mse_loss(decoded.float(), torch.where(kept, tokens.detach(), partner).float(), reduction="sum")
+            loss = loss + self.quantization_loss_weight * error / count
         return loss
 
     @torch.compiler.disable
