@@ -14,11 +14,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 from einops import rearrange
-from torch import nn
 
-from .layout import check_grid_indices, to_tokens
+from .grid import GridQuantizer
+from .layout import to_tokens
 from .primitives import round_ste
-from .vector_quantize import QuantizeOutput, _positive_int
+from .vector_quantize import QuantizeOutput
 
 
 class FSQOutput(NamedTuple):
@@ -43,7 +43,7 @@ def check_levels(levels) -> list[int]:
     return list(levels)
 
 
-class FSQ(nn.Module):
+class FSQ(GridQuantizer):
     """Finite scalar quantization over ``num_codebooks`` groups of ``len(levels)`` channels."""
 
     def __init__(self, levels: Sequence[int], dim: int | None = None, num_codebooks: int = 1,
@@ -52,17 +52,8 @@ class FSQ(nn.Module):
                  channel_first: bool = False, projection_has_bias: bool = True):
         super().__init__()
         levels = check_levels(levels)
-        _positive_int("num_codebooks", num_codebooks)
-        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks=1 (indices need a codebook axis)")
         self.levels = levels
-        self.codebook_dim = len(levels)
-        self.num_codebooks = num_codebooks
-        self.effective_codebook_dim = self.codebook_dim * num_codebooks
-        self.keep_num_codebooks_dim = keep_num_codebooks_dim
-        self.dim = self.effective_codebook_dim if dim is None else dim
-        _positive_int("dim", self.dim)
+        self._init_groups(len(levels), num_codebooks, keep_num_codebooks_dim, dim, projection_has_bias)
         self.scale = scale  # accepted for the reference's signature; it does not use it either
         self.allowed_dtypes = tuple(allowed_dtypes)
         self.channel_first = channel_first
@@ -72,12 +63,6 @@ class FSQ(nn.Module):
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
         basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0, dtype=torch.int32)
         self.register_buffer("_basis", basis, persistent=False)
-
-        self.has_projections = self.dim != self.effective_codebook_dim
-        self.project_in = nn.Linear(self.dim, self.effective_codebook_dim, bias=projection_has_bias) \
-            if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.effective_codebook_dim, self.dim, bias=projection_has_bias) \
-            if self.has_projections else nn.Identity()
         self.register_buffer("implicit_codebook", self._indices_to_codes(torch.arange(self.codebook_size)),
                              persistent=False)
 
@@ -118,10 +103,7 @@ class FSQ(nn.Module):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices -> the output ``forward`` gives for them (after ``project_out``), channel-first for
         images and video or with ``channel_first``."""
-        check_grid_indices(indices, self.codebook_size, self.num_codebooks if self.keep_num_codebooks_dim else None)
-        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
-        codes = self.project_out(self.lookup(indices))
-        return codes.movedim(-1, 1) if is_img_or_video or self.channel_first else codes
+        return self._decode_indices(indices, channel_first=self.channel_first)
 
     # ------------------------------------------------------------------ forward
 
@@ -164,8 +146,7 @@ class FSQ(nn.Module):
         return rearrange(codes, "... c d -> ... (c d)") if self.keep_num_codebooks_dim else codes
 
     def _tokens(self, z: torch.Tensor):
-        if isinstance(z, torch.Tensor) and z.ndim == 2:
-            raise ValueError(f"FSQ expects (batch, n, {self.dim}) or channel-first feature maps, got {tuple(z.shape)}")
+        self._reject_vectors(z)
         is_img_or_video = isinstance(z, torch.Tensor) and z.ndim >= 4
         return to_tokens(z, self.dim, channel_last=not self.channel_first, accept_image_fmap=is_img_or_video)
 

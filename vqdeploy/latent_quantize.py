@@ -27,7 +27,8 @@ from einops import rearrange
 from torch import nn
 
 from .fsq import check_levels
-from .layout import check_grid_indices, to_tokens
+from .grid import GridQuantizer
+from .layout import to_tokens
 from .primitives import masked_mse
 from .vector_quantize import _number, _positive_int
 
@@ -64,7 +65,7 @@ class FixedValues(nn.Module):
         return iter(self._buffers.values())
 
 
-class LatentQuantize(nn.Module):
+class LatentQuantize(GridQuantizer):
     """Per-channel learned scalar codebooks over ``num_codebooks`` groups of ``len(levels)`` channels."""
 
     def __init__(self, levels: Sequence[int] | int, dim: int | None = None,
@@ -73,7 +74,6 @@ class LatentQuantize(nn.Module):
                  in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  pad: bool = False):
         super().__init__()
-        _positive_int("num_codebooks", num_codebooks)
         if isinstance(levels, int) and not isinstance(levels, bool):
             if dim is None:
                 raise ValueError("levels given as one int needs dim (the reference repeats it dim times)")
@@ -82,20 +82,12 @@ class LatentQuantize(nn.Module):
         levels = check_levels(levels)
         _number("commitment_loss_weight", commitment_loss_weight, 0.0)
         _number("quantization_loss_weight", quantization_loss_weight, 0.0)
-        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks=1 (indices need a codebook axis)")
         if in_place_codebook_optimizer is not None and not optimize_values:
             raise ValueError("in_place_codebook_optimizer needs optimize_values=True (fixed values have nothing "
                              "to optimize)")
 
         self.levels = levels
-        self.codebook_dim = len(levels)
-        self.num_codebooks = num_codebooks
-        self.effective_codebook_dim = self.codebook_dim * num_codebooks
-        self.keep_num_codebooks_dim = keep_num_codebooks_dim
-        self.dim = self.effective_codebook_dim if dim is None else dim
-        _positive_int("dim", self.dim)
+        self._init_groups(len(levels), num_codebooks, keep_num_codebooks_dim, dim)
         self.codebook_size = math.prod(levels)
         self.commitment_loss_weight = commitment_loss_weight
         self.quantization_loss_weight = quantization_loss_weight
@@ -107,10 +99,6 @@ class LatentQuantize(nn.Module):
         self.register_buffer("_basis", basis, persistent=False)
         max_level = max(levels)
         self.register_buffer("_level_valid", torch.arange(max_level) < self._levels.unsqueeze(-1), persistent=False)
-
-        self.has_projections = self.dim != self.effective_codebook_dim
-        self.project_in = nn.Linear(self.dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
 
         # the reference's storage, so its checkpoints load: one (codebook_dim, level) tensor when the
         # levels are equal, else one tensor per channel; parameters when they train, else buffers
@@ -129,8 +117,10 @@ class LatentQuantize(nn.Module):
 
         self.in_place_codebook_optimizer = None
         if in_place_codebook_optimizer is not None:
-            params = [self.values_per_latent] if self.equal_levels else list(self.values_per_latent)
-            self.in_place_codebook_optimizer = in_place_codebook_optimizer(params)
+            self.in_place_codebook_optimizer = in_place_codebook_optimizer(self._value_parameters())
+
+    def _value_parameters(self) -> list[nn.Parameter]:
+        return [self.values_per_latent] if self.equal_levels else list(self.values_per_latent)
 
     # ------------------------------------------------------------------ values and the grid
 
@@ -168,32 +158,34 @@ class LatentQuantize(nn.Module):
         """Codes (..., codebook_dim) -> int32 indices of the nearest grid point of the current values."""
         if zhat.shape[-1] != self.codebook_dim:
             raise ValueError(f"codes must end with {self.codebook_dim} channels, got shape {tuple(zhat.shape)}")
-        return self._indices_from_levels(self.level_indices(zhat))
+        return self._mixed_radix(self.level_indices(zhat))
+
+    def _mixed_radix(self, level_indices: torch.Tensor) -> torch.Tensor:
+        return (level_indices * self._basis).sum(dim=-1).to(torch.int32)
 
     def _indices_from_levels(self, level_indices: torch.Tensor) -> torch.Tensor:
-        return (level_indices * self._basis).sum(dim=-1).to(torch.int32)
+        """Level indices (b, n, c, codebook_dim) -> int32 indices (b, n, c), or (b, n) unless c is kept."""
+        indices = self._mixed_radix(level_indices)
+        return indices if self.keep_num_codebooks_dim else indices[..., 0]
+
+    def _levels_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return (indices.unsqueeze(-1) // self._basis) % self._levels
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes (..., num_codebooks * codebook_dim) for indices, before ``project_out``."""
-        level_indices = (indices.unsqueeze(-1) // self._basis) % self._levels
-        codes = self.level_values(level_indices)
+        codes = self.level_values(self._levels_from_indices(indices))
         return rearrange(codes, "... c d -> ... (c d)") if self.keep_num_codebooks_dim else codes
 
     @property
     def implicit_codebook(self) -> torch.Tensor:
         """Every code of one codebook (codebook_size, codebook_dim), from the current values."""
         indices = torch.arange(self.codebook_size, device=self._levels.device)
-        return self.level_values((indices.unsqueeze(-1) // self._basis) % self._levels).detach()
+        return self.level_values(self._levels_from_indices(indices)).detach()
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Indices -> the codes ``forward`` returns for them (after ``project_out`` unless told otherwise),
         channel-first for images and video."""
-        check_grid_indices(indices, self.codebook_size, self.num_codebooks if self.keep_num_codebooks_dim else None)
-        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
-        codes = self.lookup(indices)
-        if project_out:
-            codes = self.project_out(codes)
-        return codes.movedim(-1, 1) if is_img_or_video else codes
+        return self._decode_indices(indices, project_out)
 
     # ------------------------------------------------------------------ forward
 
@@ -210,16 +202,12 @@ class LatentQuantize(nn.Module):
         codes = values.detach().to(rows.dtype) + (rows - rows.detach())  # straight-through, exact in value
         out = self.project_out(rearrange(codes, "b n c d -> b n (c d)"))
         indices = self._indices_from_levels(level_indices)
-        if not self.keep_num_codebooks_dim:
-            indices = indices[..., 0]
         loss = self._loss(tokens, values, out.dtype) if self.training else torch.zeros((), device=tokens.device)
         out = layout.restore_features(out.to(tokens.dtype))
         return LatentQuantizeOutput(out, layout.restore_indices(indices), loss)
 
     def _tokens(self, z: torch.Tensor):
-        if isinstance(z, torch.Tensor) and z.ndim == 2:
-            raise ValueError(f"LatentQuantize expects (batch, n, {self.dim}) or channel-first feature maps, "
-                             f"got {tuple(z.shape)}")
+        self._reject_vectors(z)
         return to_tokens(z, self.dim, accept_image_fmap=isinstance(z, torch.Tensor) and z.ndim >= 4)
 
     def _split_codebooks(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -251,12 +239,12 @@ class LatentQuantize(nn.Module):
     def _in_place_values_step(self, rows: torch.Tensor) -> None:
         """One step of the user's optimizer on mse(values, z) before quantizing, as VectorQuantize does for
         its codebook.  It runs a user's optimizer, so it stays eager (a graph break under torch.compile)."""
-        rows = rows.detach().flatten(2)  # (b, n, c * d)
+        rows = rows.detach()
         table = self.value_table()
-        values = self.level_values(self.level_indices(rows.unflatten(-1, (self.num_codebooks, -1)), table), table)
-        loss = masked_mse(values.flatten(2).to(rows.dtype), rows, torch.isfinite(rows).all(dim=-1).float())
-        params = [self.values_per_latent] if self.equal_levels else list(self.values_per_latent)
-        loss.backward(inputs=params)
+        values = self.level_values(self.level_indices(rows, table), table).to(rows.dtype)
+        rows, values = rows.flatten(2), values.flatten(2)  # (b, n, c * d)
+        loss = masked_mse(values, rows, torch.isfinite(rows).all(dim=-1).float())
+        loss.backward(inputs=self._value_parameters())
         self.in_place_codebook_optimizer.step()
         self.in_place_codebook_optimizer.zero_grad()
 
@@ -265,8 +253,7 @@ class LatentQuantize(nn.Module):
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """Indices for z, without touching any state (the export encoder)."""
         tokens, layout = self._tokens(z)
-        indices = self._indices_from_levels(self.level_indices(self._split_codebooks(tokens)))
-        return layout.restore_indices(indices if self.keep_num_codebooks_dim else indices[..., 0])
+        return layout.restore_indices(self._indices_from_levels(self.level_indices(self._split_codebooks(tokens))))
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """``indices_to_codes``: the quantized output for indices (the export decoder)."""

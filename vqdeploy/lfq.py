@@ -18,7 +18,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .layout import check_grid_indices, to_tokens
+from .grid import GridQuantizer
+from .layout import to_tokens
 from .primitives import bit_table, factorized_code_entropies
 from .vector_quantize import QuantizeOutput, _number, _positive_int
 
@@ -50,7 +51,7 @@ def _codebook_dim(dim: int | None, codebook_size: int | None) -> int:
     return codebook_size.bit_length() - 1
 
 
-class LFQ(nn.Module):
+class LFQ(GridQuantizer):
     """Lookup-free quantization of ``num_codebooks`` groups of log2(codebook_size) channels."""
 
     def __init__(self, dim: int | None = None, codebook_size: int | None = None, entropy_loss_weight: float = 0.1,
@@ -61,7 +62,6 @@ class LFQ(nn.Module):
                  projection_has_bias: bool = True, soft_clamp_input_value: float | None = None):
         super().__init__()
         codebook_dim = _codebook_dim(dim, codebook_size)
-        _positive_int("num_codebooks", num_codebooks)
         _number("entropy_loss_weight", entropy_loss_weight)
         _number("commitment_loss_weight", commitment_loss_weight)
         _number("diversity_gamma", diversity_gamma)
@@ -69,22 +69,9 @@ class LFQ(nn.Module):
         _number("frac_per_sample_entropy", frac_per_sample_entropy, 0.0, 1.0, low_open=True)
         if soft_clamp_input_value is not None:
             _number("soft_clamp_input_value", soft_clamp_input_value, 1.0)
-        keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks=1 (indices need a codebook axis)")
 
-        self.codebook_dim = codebook_dim
+        self._init_groups(codebook_dim, num_codebooks, keep_num_codebooks_dim, dim, projection_has_bias)
         self.codebook_size = 2 ** codebook_dim
-        self.num_codebooks = num_codebooks
-        codebook_dims = codebook_dim * num_codebooks
-        self.dim = codebook_dims if dim is None else dim
-        _positive_int("dim", self.dim)
-        self.has_projections = self.dim != codebook_dims
-        self.project_in = nn.Linear(self.dim, codebook_dims, bias=projection_has_bias) \
-            if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(codebook_dims, self.dim, bias=projection_has_bias) \
-            if self.has_projections else nn.Identity()
-        self.keep_num_codebooks_dim = keep_num_codebooks_dim
         self.activation = nn.Identity() if straight_through_activation is None else straight_through_activation
         self.entropy_loss_weight = entropy_loss_weight
         self.commitment_loss_weight = commitment_loss_weight
@@ -117,12 +104,7 @@ class LFQ(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Indices -> codes (after ``project_out`` unless told otherwise), channel-first for images and video."""
-        check_grid_indices(indices, self.codebook_size, self.num_codebooks if self.keep_num_codebooks_dim else None)
-        is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
-        codes = self.lookup(indices)
-        if project_out:
-            codes = self.project_out(codes)
-        return codes.movedim(-1, 1) if is_img_or_video else codes
+        return self._decode_indices(indices, project_out)
 
     # ------------------------------------------------------------------ forward
 
@@ -131,8 +113,7 @@ class LFQ(nn.Module):
         """x: (b, n, dim) or channel-first images/video (b, dim, *spatial); mask: bool (b, n) of tokens that
         count in the losses.  Returns ``(quantized, indices, aux_loss)``, and a ``LossBreakdown`` when asked."""
         _number("inv_temperature", inv_temperature, 0.0, low_open=True)
-        if isinstance(x, torch.Tensor) and x.ndim == 2:
-            raise ValueError(f"LFQ expects (batch, n, {self.dim}) or channel-first feature maps, got {tuple(x.shape)}")
+        self._reject_vectors(x)
         tokens, layout = to_tokens(x, self.dim, accept_image_fmap=isinstance(x, torch.Tensor) and x.ndim >= 4)
         token_weights = layout.token_weights(mask, tokens.shape[0])
         quantized, indices, loss, breakdown = self._quantize(tokens, token_weights, inv_temperature)
