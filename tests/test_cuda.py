@@ -1,5 +1,5 @@
-"""CUDA-only checks: a compiled training step (quantize dropout included) makes no host-device sync, and
-matches eager on the GPU.
+"""CUDA-only checks: a compiled training step (quantize dropout and the scalar quantizers included) makes no
+host-device sync, and matches eager on the GPU.
 
 These need a CUDA device (the project's GPU machine); on CPU-only machines they are skipped.
 """
@@ -7,7 +7,7 @@ These need a CUDA device (the project's GPU machine); on CPU-only machines they 
 import pytest
 import torch
 
-from vqdeploy import GroupedResidualVQ, ResidualVQ, VectorQuantize
+from vqdeploy import LFQ, GroupedResidualVQ, LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -19,12 +19,19 @@ OPTIONS = {
     "residual_dropout": dict(quantizer=ResidualVQ, num_quantizers=4, quantize_dropout=True,
                              threshold_ema_dead_code=2),
     "grouped_dropout": dict(quantizer=GroupedResidualVQ, groups=2, num_quantizers=3, quantize_dropout=True),
+    "residual_fsq_dropout": dict(quantizer=ResidualFSQ, levels=[8, 5, 5, 5], num_quantizers=3, quantize_dropout=True),
+    "lfq_fraction": dict(quantizer=LFQ, codebook_size=2**12, frac_per_sample_entropy=0.5),
+    "residual_lfq": dict(quantizer=ResidualLFQ, codebook_size=2**10, num_quantizers=2),
+    "latent": dict(quantizer=LatentQuantize, levels=[5, 5, 8]),
 }
 
 
 def _build(name):
     options = dict(OPTIONS[name])
-    return options.pop("quantizer", VectorQuantize)(dim=64, codebook_size=256, **options).cuda()
+    quantizer = options.pop("quantizer", VectorQuantize)
+    if quantizer is VectorQuantize or quantizer.__name__.endswith("VQ"):
+        options["codebook_size"] = 256
+    return quantizer(dim=64, **options).cuda()
 
 
 def _kmeans_init(module) -> bool:
@@ -32,9 +39,10 @@ def _kmeans_init(module) -> bool:
 
 
 def _step(model, x):
-    quantized, indices, loss = model(x)
-    (quantized.square().mean() + loss.sum()).backward()
-    return indices
+    out = model(x)
+    loss = out[2].sum() if len(out) > 2 else 0.0  # FSQ has no loss
+    (out[0].square().mean() + loss).backward()
+    return out[1]
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -66,11 +74,11 @@ def test_compiled_equals_eager_on_cuda(name):
     for step in range(3):
         x = torch.randn(4, 128, 64, device="cuda")
         torch.manual_seed(step)
-        q_e, i_e, l_e = eager(x)
+        out_e = eager(x)
         torch.manual_seed(step)
-        q_c, i_c, l_c = compiled(x)
-        assert torch.equal(i_e, i_c)
-        torch.testing.assert_close(q_c, q_e, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(l_c, l_e, atol=1e-5, rtol=1e-5)
+        out_c = compiled(x)
+        assert torch.equal(out_e[1], out_c[1])
+        for a, b in zip(out_e[::2], out_c[::2]):  # quantized, and the loss where there is one
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled_module.state_dict()[key].float(), value.float(), atol=1e-5, rtol=1e-5)
