@@ -18,8 +18,16 @@ from .vector_quantize import QuantizeLossOutput, QuantizeOutput, VectorQuantize
 
 __version__ = "0.1.0"
 
+
+def load(bundle):
+    """Rebuild the PyTorch quantizer of an export bundle (see ``vqdeploy.export``): JSON and safetensors only."""
+    from .export.bundle import load as load_bundle
+
+    return load_bundle(bundle)
+
+
 __all__ = [
-    "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
+    "load", "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
     "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
     "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
     "LFQ", "LFQOutput", "LossBreakdown", "LatentQuantize", "LatentQuantizeOutput", "ResidualLFQ", "GroupedResidualLFQ",

@@ -15,6 +15,7 @@ from typing import NamedTuple, Sequence
 import torch
 from einops import rearrange
 
+from .config import records_config
 from .grid import GridQuantizer
 from .layout import to_tokens
 from .primitives import round_ste
@@ -43,6 +44,7 @@ def check_levels(levels) -> list[int]:
     return list(levels)
 
 
+@records_config
 class FSQ(GridQuantizer):
     """Finite scalar quantization over ``num_codebooks`` groups of ``len(levels)`` channels."""
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .config import records_config
 from .fsq import check_levels
 from .grid import GridQuantizer
 from .layout import to_tokens
@@ -65,6 +66,7 @@ class FixedValues(nn.Module):
         return iter(self._buffers.values())
 
 
+@records_config
 class LatentQuantize(GridQuantizer):
     """Per-channel learned scalar codebooks over ``num_codebooks`` groups of ``len(levels)`` channels."""
 

@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .config import records_config
 from .grid import GridQuantizer
 from .layout import to_tokens
 from .primitives import bit_table, factorized_code_entropies
@@ -51,6 +52,7 @@ def _codebook_dim(dim: int | None, codebook_size: int | None) -> int:
     return codebook_size.bit_length() - 1
 
 
+@records_config
 class LFQ(GridQuantizer):
     """Lookup-free quantization of ``num_codebooks`` groups of log2(codebook_size) channels."""
 

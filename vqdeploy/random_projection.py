@@ -18,9 +18,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .config import records_config
 from .vector_quantize import VectorQuantize, _positive_int
 
 
+@records_config
 class RandomProjectionQuantizer(nn.Module):
     """dim -> ``num_codebooks`` indices per token, from frozen random projections and codebooks."""
 

@@ -11,6 +11,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .config import records_config
 from .fsq import FSQ, check_levels
 from .grouped import GroupedResidualQuantizer
 from .residual import ResidualQuantizer
@@ -34,6 +35,7 @@ def _without_losses(out):
     return ResidualFSQOutput(out.quantized, out.indices)
 
 
+@records_config
 class ResidualFSQ(ResidualQuantizer):
     """Residual finite scalar quantization with quantize dropout and bandwidth, as ``ResidualVQ``;
     ``kwargs`` go to every FSQ layer."""
@@ -79,6 +81,7 @@ class ResidualFSQ(ResidualQuantizer):
                                                num_quantizers=num_quantizers))
 
 
+@records_config
 class GroupedResidualFSQ(GroupedResidualQuantizer):
     """ResidualFSQ over ``groups`` slices of the features; ``kwargs`` go to each group's ResidualFSQ."""
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from .config import records_config
 from .grouped import GroupedResidualQuantizer
 from .lfq import LFQ, _codebook_dim
 from .residual import ResidualQuantizer
 from .vector_quantize import _positive_int
 
 
+@records_config
 class ResidualLFQ(ResidualQuantizer):
     """Residual lookup-free quantization with quantize dropout and bandwidth, as ``ResidualVQ``;
     ``kwargs`` go to every LFQ layer.  Returns ``(quantized, indices (..., q), losses (q,))``."""
@@ -44,6 +46,7 @@ class ResidualLFQ(ResidualQuantizer):
                                num_quantizers=num_quantizers)
 
 
+@records_config
 class GroupedResidualLFQ(GroupedResidualQuantizer):
     """ResidualLFQ over ``groups`` slices of the features; ``kwargs`` go to each group's ResidualLFQ."""
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from .config import records_config
 from .grouped import GroupedResidualQuantizer
 from .residual import ResidualQuantizer
 from .vector_quantize import VectorQuantize, _positive_int
 
 
+@records_config
 class ResidualVQ(ResidualQuantizer):
     """Residual vector quantization (Algorithm 1 of SoundStream, https://arxiv.org/abs/2107.03312).
 
@@ -51,6 +53,7 @@ class ResidualVQ(ResidualQuantizer):
         return torch.stack([layer.codebook for layer in self.layers])
 
 
+@records_config
 class GroupedResidualVQ(GroupedResidualQuantizer):
     """ResidualVQ over ``groups`` slices of the features; ``kwargs`` go to each group's ResidualVQ."""
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from .config import records_config
 from . import distributed as D
 from .codebooks import Codebook, CodebookConfig
 from .layout import check_index_range, check_indices_dtype, to_tokens
@@ -53,6 +54,7 @@ def _number(name: str, value, low: float | None = None, high: float | None = Non
         raise ValueError(f"{name} must be a finite number in {bounds}, got {value}")
 
 
+@records_config
 class VectorQuantize(nn.Module):
     """Vector quantization with EMA codebooks (VQ-VAE, SoundStream, Improved VQGAN tricks)."""
 

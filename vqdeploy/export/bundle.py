@@ -1,0 +1,102 @@
+"""Bundle files: the manifest, file hashes, and rebuilding the PyTorch quantizer from them.
+
+A bundle is a directory: ``encoder.onnx``, ``decoder.onnx`` (not for encoder-only
+quantizers), ``weights.safetensors`` and ``manifest.json``.  The manifest names the
+class and its constructor config, the graphs' inputs and outputs, the sha256 of
+every file and the versions that wrote it.  Loading goes through JSON and
+safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import config_from_json
+
+FORMAT = "vqdeploy-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted or read: a changed or missing file, an unknown class, a newer format."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def quantizer_classes() -> dict[str, type]:
+    """The classes a bundle may name; nothing else is ever constructed from a manifest."""
+    import vqdeploy
+
+    names = ("VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "ResidualFSQ",
+             "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "LatentQuantize")
+    return {name: getattr(vqdeploy, name) for name in names}
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Hash every file the manifest lists, then write it."""
+    manifest["files"] = {name: sha256(directory / name) for name in manifest["files"]}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(directory: str | Path, check_files: bool = True) -> dict:
+    """The manifest of a bundle, after checking its format and (by default) every file's sha256."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{directory} is not a vqdeploy bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BundleError(f"{path} has format version {version!r}; this vqdeploy reads up to {FORMAT_VERSION} "
+                          "(upgrade vqdeploy to read it)")
+    if manifest.get("class") not in quantizer_classes():
+        raise BundleError(f"{path} names an unknown quantizer class {manifest.get('class')!r}; "
+                          f"known: {', '.join(quantizer_classes())}")
+    if check_files:
+        for name, expected in manifest.get("files", {}).items():
+            file = directory / name
+            if not file.is_file():
+                raise BundleError(f"bundle file {file} is missing")
+            if sha256(file) != expected:
+                raise BundleError(f"bundle file {file} has changed since export (sha256 mismatch)")
+    return manifest
+
+
+def build_quantizer(manifest: dict) -> torch.nn.Module:
+    """An untrained quantizer of the manifest's class and config."""
+    cls = quantizer_classes()[manifest["class"]]
+    return cls(**config_from_json(manifest["config"]))
+
+
+def load(directory: str | Path) -> torch.nn.Module:
+    """Rebuild the PyTorch quantizer of a bundle (in eval mode) from its manifest and safetensors weights.
+    User networks exported around it live only in the ONNX graphs."""
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    quantizer = build_quantizer(manifest)
+    missing, unexpected = load_model(quantizer, str(directory / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise BundleError(f"{directory / WEIGHTS_FILE} does not fit {manifest['class']}: missing {sorted(missing)}, "
+                          f"unexpected {sorted(unexpected)}")
+    return quantizer.eval()
