@@ -44,6 +44,7 @@ class EncoderGraph(nn.Module):
         self.quantizer = quantizer
         self.index_dtype = index_dtype
         self.kwargs = _bandwidth_kwargs(quantizer, num_quantizers)
+        self.eval()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         features = inputs if self.encoder is None else self.encoder(inputs)
@@ -61,6 +62,7 @@ class DecoderGraph(nn.Module):
         self.quantizer = quantizer
         self.decoder = decoder
         self.kwargs = _bandwidth_kwargs(quantizer, num_quantizers)
+        self.eval()
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         features = self.quantizer.decode(indices.long(), **self.kwargs)

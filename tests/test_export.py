@@ -1,0 +1,214 @@
+"""Export bundles: every quantizer class, bare and wrapped between user networks, parity under onnxruntime
+(CPU) at shapes other than the export example, rebuilding without pickle, and tampered bundles."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import vqdeploy as V
+from vqdeploy.export import BundleError, ExportParityError, export, read_manifest, verify
+
+CLASSES = {
+    "vq_heads_cosine_image": (lambda: V.VectorQuantize(dim=16, codebook_size=64, heads=2, codebook_dim=8,
+                                                       separate_codebook_per_head=True, use_cosine_sim=True,
+                                                       accept_image_fmap=True), {}),
+    "vq_channel_first_int32": (lambda: V.VectorQuantize(dim=16, codebook_size=64, channel_last=False),
+                               dict(index_dtype="int32")),
+    "rvq_shared_bandwidth": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=3, shared_codebook=True,
+                                                  codebook_dim=8), dict(num_quantizers=2)),
+    "grouped_rvq": (lambda: V.GroupedResidualVQ(dim=16, groups=2, codebook_size=64, num_quantizers=2), {}),
+    "random_projection": (lambda: V.RandomProjectionQuantizer(dim=16, codebook_size=64, codebook_dim=8,
+                                                              num_codebooks=2), {}),
+    "fsq_channel_first_projection": (lambda: V.FSQ(levels=[8, 5, 5], dim=8, channel_first=True), {}),
+    "residual_fsq": (lambda: V.ResidualFSQ(dim=16, levels=[8, 5, 5, 5], num_quantizers=3), {}),
+    "grouped_fsq": (lambda: V.GroupedResidualFSQ(dim=16, groups=2, levels=[5, 5, 5], num_quantizers=2), {}),
+    "lfq_codebooks": (lambda: V.LFQ(dim=16, codebook_size=2**6, num_codebooks=2), dict(index_dtype="int32")),
+    "residual_lfq": (lambda: V.ResidualLFQ(dim=16, codebook_size=2**8, num_quantizers=2), {}),
+    "grouped_lfq": (lambda: V.GroupedResidualLFQ(dim=16, groups=2, codebook_size=2**5, num_quantizers=2), {}),
+    "latent_trained": (lambda: _trained_latent(), {}),
+}
+
+
+def _trained_latent():
+    """LatentQuantize whose values have moved: the decoder must carry the learned values."""
+    lq = V.LatentQuantize(levels=[5, 5, 8], dim=16)
+    optimizer = torch.optim.SGD(lq.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        lq(torch.randn(2, 20, 16)).loss.backward()
+        optimizer.step()
+    return lq
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_every_class_exports_and_matches_onnxruntime(name, tmp_path):
+    make, options = CLASSES[name]
+    torch.manual_seed(0)
+    quantizer = make()
+    result = export(quantizer, tmp_path / "bundle", **options)
+    assert result.report.passed and len(result.report.checks) >= 2  # two input shapes unlike the example
+    manifest = read_manifest(tmp_path / "bundle")
+    assert manifest["class"] == type(quantizer).__name__
+    index_dtype = options.get("index_dtype", "int64")
+    assert manifest["encoder"]["output"]["dtype"] == index_dtype
+    assert isinstance(manifest["encoder"]["input"]["shape"][0], str)  # a dynamic batch axis
+    assert ("decoder" in manifest) == (name != "random_projection")
+
+    rebuilt = V.load(tmp_path / "bundle")
+    assert type(rebuilt) is type(quantizer) and not rebuilt.training
+    for key, value in quantizer.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    assert verify(tmp_path / "bundle", seed=1).passed
+
+
+def test_wrapped_codec_exports_the_networks_inside_the_graphs(tmp_path):
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv1d(1, 16, 4, stride=2, padding=1), nn.ELU(), nn.Conv1d(16, 16, 3, padding=1))
+    quantizer = V.ResidualVQ(dim=16, codebook_size=32, num_quantizers=2, channel_last=False)
+    decoder = nn.Sequential(nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1), nn.ELU(), nn.Conv1d(8, 1, 3, padding=1))
+    waveform = torch.randn(2, 1, 64)
+    result = export(quantizer, tmp_path / "codec", encoder=encoder, decoder=decoder, example=waveform)
+    assert result.report.passed and result.manifest["wrapped"]
+    encode = ort.InferenceSession(str(tmp_path / "codec" / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    decode = ort.InferenceSession(str(tmp_path / "codec" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 1, 96)
+    indices = encode.run(None, {"inputs": x.numpy()})[0]
+    with torch.no_grad():
+        expected = quantizer.eval().encode(encoder(x))
+        assert np.array_equal(indices, expected.numpy())
+        np.testing.assert_allclose(decode.run(None, {"indices": indices})[0],
+                                   decoder(quantizer.decode(expected)).numpy(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pass the encoder and decoder"):
+        verify(tmp_path / "codec")
+    assert verify(tmp_path / "codec", encoder=encoder, decoder=decoder).passed
+
+
+def test_residual_fsq_indices_identical_on_many_tokens(tmp_path):
+    """The reference's TorchScript export differed on 0.06% of tokens; the dynamo export of vqdeploy's
+    ResidualFSQ (same tanh, division and rounding order) gives identical indices on 64k tokens."""
+    torch.manual_seed(0)
+    rfsq = V.ResidualFSQ(dim=4, levels=[8, 5, 5, 5], num_quantizers=4)
+    export(rfsq, tmp_path / "rfsq", verify=False)
+    session = ort.InferenceSession(str(tmp_path / "rfsq" / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(16, 4096, 4) * 2
+    indices = session.run(None, {"inputs": x.numpy()})[0]
+    assert np.array_equal(indices, rfsq.eval().encode(x).numpy())
+
+
+def test_reference_checkpoint_exports_in_one_call(tmp_path):
+    """A state_dict trained in vector-quantize-pytorch 1.14.17 loads into the twin and exports; onnxruntime
+    gives the reference's own eval indices."""
+    import vector_quantize_pytorch as vqp
+
+    torch.manual_seed(0)
+    ref = vqp.ResidualVQ(dim=16, codebook_size=32, num_quantizers=3, kmeans_init=True, kmeans_iters=2)
+    for _ in range(2):
+        ref(torch.randn(4, 20, 16))
+    twin = V.ResidualVQ(dim=16, codebook_size=32, num_quantizers=3, kmeans_init=True, kmeans_iters=2)
+    twin.load_state_dict(ref.state_dict())
+    export(twin, tmp_path / "rvq")
+    session = ort.InferenceSession(str(tmp_path / "rvq" / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 50, 16)
+    assert np.array_equal(session.run(None, {"inputs": x.numpy()})[0], ref.eval()(x)[1].numpy())
+
+
+@pytest.fixture(scope="module")
+def fsq_bundle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundles") / "fsq"
+    export(V.FSQ(levels=[8, 5, 5, 5], dim=8), path, verify=False)
+    return path
+
+
+def _tampered(bundle, tmp_path, change):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    change(copy)
+    return copy
+
+
+def _edit_manifest(key, value):
+    def change(path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest[key] = value
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    return change
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda p: (p / "encoder.onnx").write_bytes((p / "encoder.onnx").read_bytes() + b"\0"), "encoder.onnx has changed"),
+    (lambda p: (p / "weights.safetensors").unlink(), "weights.safetensors is missing"),
+    (_edit_manifest("class", "Unpickler"), "unknown quantizer class 'Unpickler'"),
+    (_edit_manifest("format_version", 99), "format version 99"),
+    (lambda p: (p / "manifest.json").write_text("{not json"), "not valid JSON"),
+    (lambda p: (p / "manifest.json").unlink(), "manifest.json is missing"),
+])
+def test_tampered_bundles_fail_clearly(fsq_bundle, tmp_path, change, match):
+    with pytest.raises(BundleError, match=match):
+        V.load(_tampered(fsq_bundle, tmp_path, change))
+
+
+def test_loading_never_unpickles(fsq_bundle, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    fsq = V.load(fsq_bundle)
+    assert isinstance(fsq, V.FSQ) and fsq.dim == 8
+
+
+def test_importing_vqdeploy_loads_no_onnx():
+    code = "import sys, vqdeploy; print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_training_only_arguments_are_dropped_and_listed(tmp_path):
+    vq = V.VectorQuantize(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False,
+                          in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    manifest = export(vq, tmp_path / "vq").manifest
+    assert manifest["dropped_training_arguments"] == ["in_place_codebook_optimizer"]
+    assert V.load(tmp_path / "vq").in_place_codebook_optimizer is None
+
+
+def test_bad_export_calls(tmp_path):
+    fsq = V.FSQ(levels=[5, 5])
+    with pytest.raises(TypeError, match="vqdeploy quantizer"):
+        export(nn.Linear(2, 2), tmp_path / "a")
+    with pytest.raises(ValueError, match="index_dtype"):
+        export(fsq, tmp_path / "b", index_dtype="int16")
+    with pytest.raises(ValueError, match="batch of at least 2"):
+        export(fsq, tmp_path / "c", example=torch.randn(1, 6, 2))
+    with pytest.raises(ValueError, match="example is required"):
+        export(fsq, tmp_path / "d", encoder=nn.Identity())
+    with pytest.raises(ValueError, match="num_quantizers applies to residual"):
+        export(fsq, tmp_path / "e", num_quantizers=1)
+    with pytest.raises(ValueError, match="no decoder"):
+        export(V.RandomProjectionQuantizer(dim=8, codebook_size=16, codebook_dim=4), tmp_path / "f",
+               decoder=nn.Identity())
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(fsq, tmp_path / "g")
+    with pytest.raises(FileExistsError, match="not a vqdeploy bundle"):
+        export(fsq, tmp_path / "g", overwrite=True)
+
+
+def test_parity_failures_are_raised_with_the_table(tmp_path, monkeypatch):
+    """A graph that disagrees with PyTorch raises ExportParityError naming the graph (here the PyTorch side is
+    perturbed after export)."""
+    fsq = V.FSQ(levels=[5, 5], dim=4)
+    export(fsq, tmp_path / "fsq")
+    original = V.FSQ.decode
+    monkeypatch.setattr(V.FSQ, "decode", lambda self, indices: original(self, indices) + 1e-3)
+    with pytest.raises(ExportParityError, match="decoder"):
+        verify(tmp_path / "fsq")
