@@ -82,3 +82,42 @@ def test_compiled_equals_eager_on_cuda(name):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled_module.state_dict()[key].float(), value.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_runtime_binds_cuda_tensors_and_runs_argmin_on_the_gpu(tmp_path):
+    """onnxruntime's CUDA provider: torch CUDA tensors in and out (IO binding), indices equal to PyTorch with TF32
+    off, and the data ops (ArgMin, MatMul, ...) placed on the GPU (shape ops may stay on the CPU by design)."""
+    import json
+
+    import onnxruntime as ort
+
+    from vqdeploy.export import export
+    from vqdeploy.runtime import Session
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime here has no CUDA provider (install onnxruntime-gpu)")
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=64, codebook_size=256, num_quantizers=3).eval()
+    export(rvq, tmp_path / "rvq")
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = Session(tmp_path / "rvq", provider="cuda", session_options=options)
+    assert session.on_cuda
+    x = torch.randn(4, 256, 64, device="cuda")
+    indices = session.encode(x)
+    assert indices.is_cuda and torch.equal(indices, rvq.cuda().encode(x))
+    decoded = session.decode(indices)
+    assert decoded.is_cuda
+    torch.testing.assert_close(decoded, rvq.decode(indices), atol=1e-5, rtol=0)
+    placement = {}
+    for name in ("encoder", "decoder"):
+        events = json.load(open(session.sessions[name].end_profiling()))
+        for event in events:
+            args = event.get("args", {})
+            if event.get("cat") == "Node" and "op_name" in args:
+                placement.setdefault(args["op_name"], set()).add(args.get("provider"))
+    for op in ("ArgMin", "MatMul", "Where"):
+        if op in placement:
+            assert placement[op] == {"CUDAExecutionProvider"}, (op, placement[op])
+    assert "ArgMin" in placement

@@ -1,0 +1,176 @@
+"""onnxruntime sessions over an export bundle: ``encode`` (inputs -> indices) and ``decode`` (indices -> outputs).
+
+    from vqdeploy.runtime import Session
+    session = Session("bundle/")                # CUDA when available, else CPU
+    indices = session.encode(features)          # numpy in, numpy out; torch in, torch out (same device)
+    features = session.decode(indices)
+
+On CUDA, torch CUDA tensors are bound in and out with IO binding: outputs are
+allocated by torch at the size the graph's symbolic output shape gives, and nothing
+passes through host memory.  TF32 is off unless asked for, so indices match
+PyTorch's float32 argmin.  ``onnxruntime.InferenceSession.run`` is thread-safe and
+every call makes its own binding, so one Session may serve several threads.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .export.bundle import read_manifest
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+           ast.Mod: operator.mod}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+
+
+def symbolic_size(expression: str | int, sizes: dict[str, int]) -> int | None:
+    """Evaluate an ONNX symbolic dimension ("s3", "2*s5", "(s34//2)") for known input sizes; None when it
+    uses anything beyond integer +, -, *, //, %."""
+    if isinstance(expression, int):
+        return expression
+
+    def evaluate(node):
+        if isinstance(node, ast.Expression):
+            return evaluate(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in sizes:
+            return sizes[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            return _BINARY[type(node.op)](evaluate(node.left), evaluate(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -evaluate(node.operand)
+        raise ValueError(expression)
+
+    try:
+        return evaluate(ast.parse(expression, mode="eval"))
+    except (ValueError, SyntaxError, ZeroDivisionError):
+        return None
+
+
+class Session:
+    """Encode and decode with a bundle's ONNX graphs.
+
+    provider: "auto" (CUDA when torch and onnxruntime see a GPU, else CPU), "cuda" (falls back to CPU with a
+    warning) or "cpu"; tf32: allow TF32 matmuls on CUDA (faster, but indices may then differ from PyTorch
+    float32); check_indices: range-check decode's input (one host read on CUDA tensors)."""
+
+    def __init__(self, bundle: str | Path, provider: str = "auto", device_id: int = 0, tf32: bool = False,
+                 check_indices: bool = True, session_options=None):
+        import onnxruntime as ort
+
+        if provider not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"provider must be 'auto', 'cuda' or 'cpu', got {provider!r}")
+        self.path = Path(bundle)
+        self.manifest = read_manifest(self.path)
+        self.device_id = device_id
+        self.check_indices = check_indices
+        use_cuda = provider != "cpu" and torch.cuda.is_available() \
+            and "CUDAExecutionProvider" in ort.get_available_providers()
+        if provider == "cuda" and not use_cuda:
+            warnings.warn("CUDA was asked for but torch or onnxruntime sees no CUDA device: running on the CPU",
+                          RuntimeWarning, stacklevel=2)
+        providers = ["CPUExecutionProvider"]
+        if use_cuda:
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": int(tf32)}))
+        options = session_options or ort.SessionOptions()
+        self.sessions = {}
+        for graph in ("encoder", "decoder"):
+            if graph in self.manifest:
+                self.sessions[graph] = ort.InferenceSession(str(self.path / self.manifest[graph]["file"]), options,
+                                                            providers=providers)
+        self.on_cuda = use_cuda and self.sessions["encoder"].get_providers()[0] == "CUDAExecutionProvider"
+        if use_cuda and not self.on_cuda:
+            warnings.warn("onnxruntime could not start its CUDA provider: running on the CPU", RuntimeWarning,
+                          stacklevel=2)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.sessions["encoder"].get_providers()
+
+    def encode(self, inputs):
+        """Inputs in the layout of the export example (any batch and token sizes) -> indices."""
+        return self._run("encoder", inputs)
+
+    def decode(self, indices):
+        """Indices as ``encode`` gives them -> outputs.  Indices outside the codebook raise ValueError
+        (-1 is allowed for residual quantizers: a dropped layer, which decodes to zero)."""
+        if "decoder" not in self.sessions:
+            raise ValueError(f"a {self.manifest['class']} bundle has no decoder")
+        if self.check_indices:
+            self._check_index_range(indices)
+        return self._run("decoder", indices)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_index_range(self, indices) -> None:
+        if isinstance(indices, torch.Tensor):
+            if indices.is_floating_point() or indices.dtype == torch.bool:
+                raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+            low, high = (int(indices.min()), int(indices.max())) if indices.numel() else (0, 0)
+        else:
+            indices = np.asarray(indices)
+            if not np.issubdtype(indices.dtype, np.integer):
+                raise TypeError(f"indices must be an integer array, got {indices.dtype}")
+            low, high = (int(indices.min()), int(indices.max())) if indices.size else (0, 0)
+        allowed_low = -1 if self.manifest["dropped_index"] is not None else 0
+        if low < allowed_low or high >= self.manifest["codebook_size"]:
+            raise ValueError(f"indices must lie in [{allowed_low}, {self.manifest['codebook_size'] - 1}], "
+                             f"found values in [{low}, {high}]")
+
+    def _checked_shape(self, graph: str, shape: tuple) -> dict[str, int]:
+        """Match an input shape against the graph's input; returns the symbolic sizes it binds."""
+        expected = self.manifest[graph]["input"]["shape"]
+        sizes = {}
+        fits = len(shape) == len(expected)
+        for size, want in zip(shape, expected):
+            if isinstance(want, int):
+                fits = fits and size == want
+            else:
+                fits = fits and sizes.setdefault(want, size) == size
+        if not fits:
+            readable = ", ".join(str(w) if isinstance(w, int) else "*" for w in expected)
+            raise ValueError(f"{graph} input must have shape ({readable}) (* = any size), got {tuple(shape)}")
+        return sizes
+
+    def _run(self, graph: str, value):
+        spec = self.manifest[graph]["input"]
+        if isinstance(value, torch.Tensor):
+            sizes = self._checked_shape(graph, tuple(value.shape))
+            value = value.detach().to(_TORCH_DTYPES[spec["dtype"]]).contiguous()
+            if value.is_cuda and self.on_cuda:
+                return self._run_bound(graph, value, sizes)
+            out = self.sessions[graph].run(None, {spec["name"]: value.cpu().numpy()})[0]
+            return torch.from_numpy(out).to(value.device)
+        value = np.asarray(value)
+        self._checked_shape(graph, value.shape)
+        return self.sessions[graph].run(None, {spec["name"]: np.ascontiguousarray(value, dtype=spec["dtype"])})[0]
+
+    def _run_bound(self, graph: str, value: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
+        """IO binding: torch owns both buffers on the GPU; no host copy."""
+        spec, out_spec = self.manifest[graph]["input"], self.manifest[graph]["output"]
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        device = value.device
+        index = device.index or 0
+        binding.bind_input(spec["name"], "cuda", index, np.dtype(spec["dtype"]).type, tuple(value.shape),
+                           value.data_ptr())
+        out_shape = [symbolic_size(d, sizes) for d in out_spec["shape"]]
+        if None in out_shape:  # a shape the runtime cannot predict: let onnxruntime allocate, then copy over
+            binding.bind_output(out_spec["name"], "cuda", index)
+            session.run_with_iobinding(binding)
+            return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(device)
+        out = torch.empty(out_shape, dtype=_TORCH_DTYPES[out_spec["dtype"]], device=device)
+        binding.bind_output(out_spec["name"], "cuda", index, np.dtype(out_spec["dtype"]).type, tuple(out_shape),
+                            out.data_ptr())
+        torch.cuda.current_stream(device).synchronize()  # inputs written by torch must be ready
+        session.run_with_iobinding(binding)
+        return out
