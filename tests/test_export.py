@@ -212,3 +212,20 @@ def test_parity_failures_are_raised_with_the_table(tmp_path, monkeypatch):
     monkeypatch.setattr(V.FSQ, "decode", lambda self, indices: original(self, indices) + 1e-3)
     with pytest.raises(ExportParityError, match="decoder"):
         verify(tmp_path / "fsq")
+
+
+@pytest.mark.parametrize("make", [lambda: V.ResidualFSQ(dim=16, levels=[8, 5, 5], num_quantizers=2),
+                                  lambda: V.LFQ(dim=16, codebook_size=2**8)])
+def test_float16_bundles_report_their_agreement(make, tmp_path):
+    from vqdeploy.runtime import Session
+
+    torch.manual_seed(0)
+    result = export(make(), tmp_path / "half", float16=True)
+    manifest = result.manifest
+    assert manifest["float16"] and manifest["encoder"]["input"]["dtype"] == "float16"
+    report = result.report
+    assert report.float16 and report.passed  # agreement is reported against float32 PyTorch, not required
+    assert 0.9 <= report.min_indices_equal <= 1 and report.max_abs_error < 1e-2
+    session = Session(tmp_path / "half", provider="cpu")
+    indices = session.encode(np.random.randn(2, 7, 16).astype(np.float32))
+    assert indices.shape[:2] == (2, 7) and session.decode(indices).shape == (2, 7, 16)

@@ -37,6 +37,13 @@ class GridQuantizer(nn.Module):
         self.project_out = nn.Linear(self.effective_codebook_dim, self.dim, bias=projection_has_bias) \
             if self.has_projections else nn.Identity()
 
+    def _project_in(self, tokens: torch.Tensor) -> torch.Tensor:
+        """project_in in its weights' dtype (half inputs meet float32 weights, or float32 codes half weights)."""
+        return self.project_in(tokens.to(self.project_in.weight.dtype)) if self.has_projections else tokens
+
+    def _project_out(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.project_out(codes.to(self.project_out.weight.dtype)) if self.has_projections else codes
+
     def _decode_indices(self, indices: torch.Tensor, project_out: bool = True,
                         channel_first: bool = False) -> torch.Tensor:
         """Checked indices -> codes (after ``project_out`` unless told otherwise), channel-first for images and
@@ -45,7 +52,7 @@ class GridQuantizer(nn.Module):
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         codes = self.lookup(indices)
         if project_out:
-            codes = self.project_out(codes)
+            codes = self._project_out(codes)
         return codes.movedim(-1, 1) if is_img_or_video or channel_first else codes
 
     def _reject_vectors(self, x) -> None:

@@ -213,9 +213,8 @@ class LatentQuantize(GridQuantizer):
         return to_tokens(z, self.dim, accept_image_fmap=isinstance(z, torch.Tensor) and z.ndim >= 4)
 
     def _split_codebooks(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.has_projections:  # the projections run in their own dtype (the reference fails otherwise)
-            tokens = tokens.to(self.project_in.weight.dtype)
-        return rearrange(self.project_in(tokens), "b n (c d) -> b n c d", c=self.num_codebooks)
+        # the projections run in their own dtype (the reference fails on half input otherwise)
+        return rearrange(self._project_in(tokens), "b n (c d) -> b n c d", c=self.num_codebooks)
 
     def _loss(self, tokens: torch.Tensor, values: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """Both terms have the reference's value, mse(input, quantized), taken over the tokens free of NaN/Inf

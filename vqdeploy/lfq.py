@@ -126,7 +126,7 @@ class LFQ(GridQuantizer):
         """Pure eval quantization of tokens (b, n, dim): ``(quantized, indices)``."""
         codes = self._split_codebooks(tokens)
         quantized = torch.where(codes > 0, self.codebook_scale, -self.codebook_scale)
-        return self.project_out(rearrange(quantized, "b n c d -> b n (c d)")), self._indices(quantized)
+        return self._project_out(rearrange(quantized, "b n c d -> b n (c d)")), self._indices(quantized)
 
     def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
                         target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
@@ -139,7 +139,7 @@ class LFQ(GridQuantizer):
         return QuantizeOutput(quantized, indices, loss)
 
     def _split_codebooks(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.project_in(tokens.float())
+        x = self._project_in(tokens).float()
         if self.soft_clamp_input_value is not None:
             x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
         return rearrange(x, "b n (c d) -> b n c d", c=self.num_codebooks)
@@ -165,7 +165,7 @@ class LFQ(GridQuantizer):
                     commitment = self._commitment(x, quantized, codebook_value, token_weights)
             entropy_aux_loss = per_sample_entropy - self.diversity_gamma * batch_entropy
             loss = entropy_aux_loss * self.entropy_loss_weight + commitment * self.commitment_loss_weight
-            out = self.project_out(rearrange(out, "b n c d -> b n (c d)"))
+            out = self._project_out(rearrange(out, "b n c d -> b n (c d)"))
         return out, indices, loss, LossBreakdown(per_sample_entropy, batch_entropy, commitment)
 
     def _entropies(self, x: torch.Tensor, token_weights: torch.Tensor | None, inv_temperature: float):

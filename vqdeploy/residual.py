@@ -257,7 +257,10 @@ class ResidualQuantizer(nn.Module):
 
     def get_output_from_indices(self, indices: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
         """The summed codes through ``project_out``: (b, *tokens, dim), channel-last as in the reference."""
-        return self.project_out(self.get_codes_from_indices(indices, num_quantizers).sum(dim=0))
+        codes = self.get_codes_from_indices(indices, num_quantizers).sum(dim=0)
+        if self.has_projections:  # grid layers decode in float32; the projection may be half
+            codes = codes.to(self.project_out.weight.dtype)
+        return self.project_out(codes)
 
     def _codes(self, indices: torch.Tensor) -> torch.Tensor:
         codes = []

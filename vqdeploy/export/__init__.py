@@ -43,13 +43,15 @@ class ExportResult:
 def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Module | None = None,
            decoder: torch.nn.Module | None = None, example: torch.Tensor | None = None,
            dynamic_axes: list[int] | None = None, index_dtype: str = "int64", num_quantizers: int | None = None,
-           opset: int = DEFAULT_OPSET, verify: bool = True, provider: str = "cpu",
+           opset: int = DEFAULT_OPSET, float16: bool = False, verify: bool = True, provider: str = "cpu",
            overwrite: bool = False) -> ExportResult:
     """Write the bundle for ``quantizer`` (wrapped between ``encoder`` and ``decoder`` when given) to ``path``.
 
     example: an encoder input (required with a user ``encoder``; batch >= 2); dynamic_axes: the example's
     dynamic axes (default: all but the features, or all but axis 1 with a user encoder); index_dtype: "int64"
-    or "int32"; num_quantizers: residual bandwidth (encode and decode with the first k quantizers).
+    or "int32"; num_quantizers: residual bandwidth (encode and decode with the first k quantizers); float16:
+    half-precision graphs (weights, inputs and outputs), whose agreement with the float32 PyTorch model is
+    reported rather than required.
     Raises ``ExportParityError`` when onnxruntime disagrees with PyTorch (the bundle is left for inspection)."""
     quantizer, encoder, decoder = _frozen_copies(quantizer, encoder, decoder)
     if index_dtype not in INDEX_DTYPES:
@@ -73,13 +75,18 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
         example_indices = encoder_graph(example)
     index_axes = dynamic_output_axes(encoder_graph, example, input_axes)
     manifest = _manifest(quantizer, encoder is not None or decoder is not None, index_dtype, num_quantizers, opset)
-    manifest["encoder"] = _export_graph(encoder_graph, example, input_axes, directory / ENCODER_FILE, opset,
-                                        "inputs", "indices")
+    manifest["float16"] = float16
+    # the exported modules: these float32 ones, or half copies (the float32 ones stay the parity reference)
+    exported = [copy.deepcopy(m).half() if float16 and m is not None else m for m in (quantizer, encoder, decoder)]
+    manifest["encoder"] = _export_graph(EncoderGraph(exported[0], exported[1], INDEX_DTYPES[index_dtype],
+                                                     num_quantizers),
+                                        example.half() if float16 else example, input_axes, directory / ENCODER_FILE,
+                                        opset, "inputs", "indices")
     decoder_graph = None
     if has_decoder(quantizer):
         decoder_graph = DecoderGraph(quantizer, decoder, num_quantizers)
-        manifest["decoder"] = _export_graph(decoder_graph, example_indices, index_axes, directory / DECODER_FILE,
-                                            opset, "indices", "outputs")
+        manifest["decoder"] = _export_graph(DecoderGraph(exported[0], exported[2], num_quantizers), example_indices,
+                                            index_axes, directory / DECODER_FILE, opset, "indices", "outputs")
 
     from safetensors.torch import save_model
 
