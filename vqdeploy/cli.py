@@ -70,7 +70,7 @@ def _info(args) -> int:
 
     manifest = read_manifest(args.bundle)
     rows = [("class", manifest["class"]), ("config", json.dumps(manifest["config"])),
-            ("wrapped networks", manifest["wrapped"]), ("index dtype", manifest["index_dtype"]),
+            ("user networks", f"encoder {manifest['encoder_network']}, decoder {manifest['decoder_network']}"), ("index dtype", manifest["index_dtype"]),
             ("num_quantizers", manifest["num_quantizers"]), ("codebook size", manifest["codebook_size"]),
             ("opset", manifest["opset"])]
     for graph in ("encoder", "decoder"):

@@ -23,12 +23,12 @@ import torch
 from ..config import config_to_json
 from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, BundleError, load,
                      quantizer_classes, read_manifest, write_manifest)
-from .checks import FLOAT32_ATOL, ExportParityError, VerifyReport, check_onnx_file, verify_graphs
+from .checks import FLOAT32_ATOL, WRAPPED_MIN_INDICES_EQUAL, ExportParityError, VerifyReport, check_onnx_file, verify_graphs
 from .graphs import (INDEX_DTYPES, DecoderGraph, EncoderGraph, default_example, dynamic_input_axes,
                      dynamic_output_axes, has_decoder, is_residual)
 
 __all__ = ["export", "verify", "load", "read_manifest", "ExportResult", "VerifyReport", "BundleError",
-           "ExportParityError", "FLOAT32_ATOL"]
+           "ExportParityError", "FLOAT32_ATOL", "WRAPPED_MIN_INDICES_EQUAL"]
 
 DEFAULT_OPSET = 20
 
@@ -74,7 +74,9 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
     with torch.no_grad():
         example_indices = encoder_graph(example)
     index_axes = dynamic_output_axes(encoder_graph, example, input_axes)
-    manifest = _manifest(quantizer, encoder is not None or decoder is not None, index_dtype, num_quantizers, opset)
+    manifest = _manifest(quantizer, index_dtype, num_quantizers, opset)
+    manifest.update(wrapped=encoder is not None or decoder is not None, encoder_network=encoder is not None,
+                    decoder_network=decoder is not None)
     manifest["float16"] = float16
     # the exported modules: these float32 ones, or half copies (the float32 ones stay the parity reference)
     exported = [copy.deepcopy(m).half() if float16 and m is not None else m for m in (quantizer, encoder, decoder)]
@@ -110,8 +112,9 @@ def verify(path: str | Path, *, encoder: torch.nn.Module | None = None, decoder:
     Returns the report; raises ``ExportParityError`` on any disagreement."""
     directory = Path(path)
     manifest = read_manifest(directory)
-    if manifest["wrapped"] and encoder is None and decoder is None:
-        raise ValueError("this bundle wraps user networks: pass the encoder and decoder modules to verify it")
+    for graph, network in (("encoder", encoder), ("decoder", decoder)):
+        if manifest[f"{graph}_network"] and network is None:
+            raise ValueError(f"this bundle's {graph} graph holds a user network: pass the {graph} module to verify it")
     quantizer, encoder, decoder = _frozen_copies(load(directory), encoder, decoder)
     for name in manifest["files"]:
         if name.endswith(".onnx"):
@@ -149,7 +152,7 @@ def _fresh_directory(directory: Path, overwrite: bool) -> Path:
     return directory
 
 
-def _manifest(quantizer, wrapped: bool, index_dtype: str, num_quantizers: int | None, opset: int) -> dict:
+def _manifest(quantizer, index_dtype: str, num_quantizers: int | None, opset: int) -> dict:
     import onnx
     import onnxscript
 
@@ -163,7 +166,7 @@ def _manifest(quantizer, wrapped: bool, index_dtype: str, num_quantizers: int | 
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "class": type(quantizer).__name__, "config": config, "dropped_training_arguments": dropped,
-        "wrapped": wrapped, "index_dtype": index_dtype, "num_quantizers": num_quantizers,
+        "index_dtype": index_dtype, "num_quantizers": num_quantizers,
         "codebook_size": codebook_size, "dropped_index": -1 if is_residual(quantizer) else None,
         "opset": opset,
         "versions": {"vqdeploy": vqdeploy.__version__, "torch": torch.__version__, "onnx": onnx.__version__,

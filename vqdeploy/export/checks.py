@@ -3,7 +3,10 @@
 Parity runs on fresh random inputs at shapes other than the export example (so that
 no size is baked in): the encoder's indices must be identical, the decoder's outputs
 within ``FLOAT32_ATOL``.  Every failure is collected and raised as one
-``ExportParityError``.  Float16 graphs are compared with the float32 PyTorch model and
+``ExportParityError``.  With a user network inside the encoder graph, its convolutions
+and matmuls round differently in onnxruntime and PyTorch, so a token within about 1e-6
+of a decision boundary may flip: there at least ``WRAPPED_MIN_INDICES_EQUAL`` of the
+indices must agree (the codec recipe measures 4 flips in 64,000).  Float16 graphs are compared with the float32 PyTorch model and
 their agreement is reported, not required (only a graph that fails to run fails).
 """
 
@@ -18,6 +21,7 @@ import torch
 from .graphs import is_residual
 
 FLOAT32_ATOL = 1e-5
+WRAPPED_MIN_INDICES_EQUAL = 0.999
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -122,7 +126,8 @@ def verify_graphs(directory: Path, manifest: dict, encoder_graph, decoder_graph,
             inputs = torch.randn(shape)
             with torch.no_grad():
                 expected = encoder_graph(inputs)
-            report.checks.append(_check_encoder(encoder_session, inputs, expected, float16))
+            min_equal = WRAPPED_MIN_INDICES_EQUAL if manifest.get("encoder_network") else 1.0
+            report.checks.append(_check_encoder(encoder_session, inputs, expected, float16, min_equal))
             if decoder_session is not None:
                 for label, indices in _decoder_inputs(encoder_graph.quantizer, expected):
                     report.checks.append(_check_decoder(decoder_session, decoder_graph, indices, label, float16))
@@ -141,7 +146,8 @@ def _decoder_inputs(quantizer, indices: torch.Tensor) -> list[tuple[str, torch.T
     return [("decoder", indices), ("decoder, -1", dropped)]
 
 
-def _check_encoder(encoder_session, inputs: torch.Tensor, expected: torch.Tensor, float16: bool) -> GraphCheck:
+def _check_encoder(encoder_session, inputs: torch.Tensor, expected: torch.Tensor, float16: bool,
+                   min_equal: float) -> GraphCheck:
     check = GraphCheck("encoder", tuple(inputs.shape))
     feed = (inputs.half() if float16 else inputs).numpy()
     try:
@@ -153,8 +159,8 @@ def _check_encoder(encoder_session, inputs: torch.Tensor, expected: torch.Tensor
         check.problem = f"got {got.dtype}{got.shape}, expected {expected.numpy().dtype}{tuple(expected.shape)}"
         return check
     check.indices_equal = float((got == expected.numpy()).mean())
-    if check.indices_equal < 1 and not float16:
-        check.problem = "indices differ"
+    if check.indices_equal < min_equal and not float16:
+        check.problem = "indices differ" if min_equal == 1 else f"fewer than {min_equal:.1%} of indices agree"
     return check
 
 

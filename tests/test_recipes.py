@@ -1,0 +1,30 @@
+"""The export/ recipes run end to end (a few compiled training steps, export, onnxruntime check, report)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+RECIPES = Path(__file__).resolve().parent.parent / "export"
+
+
+def _recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_codec_recipe(tmp_path, capsys):
+    _recipe("codec").main(["--steps", "3", "--batch", "4", "--out", str(tmp_path / "codec")])
+    out = capsys.readouterr().out
+    assert "reconstruction SNR" in out and "kbit/s" in out and "onnxruntime (CPU)" in out
+    assert (tmp_path / "codec" / "encoder.onnx").is_file() and (tmp_path / "codec" / "decoder.onnx").is_file()
+
+
+@pytest.mark.parametrize("quantizer", ["fsq", "lfq"])
+def test_tokenizer_recipe(quantizer, tmp_path, capsys):
+    _recipe("tokenizer").main(["--quantizer", quantizer, "--steps", "3", "--batch", "4",
+                               "--out", str(tmp_path / "tokenizer")])
+    out = capsys.readouterr().out
+    assert "reconstruction PSNR" in out and "tokens per image" in out
