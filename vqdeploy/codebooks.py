@@ -17,7 +17,7 @@ from torch import nn
 
 from . import distributed as D
 from .primitives import (cosine_logits, counts_per_code, draw_uniform, ema, euclidean_logits, gather_codes, kmeans,
-                         l2norm, laplace_smoothing, masked_mean_var, nearest_codes, row_sample_noise_shape,
+                         l2norm, laplace_smoothing, lookup_codes, masked_mean_var, nearest_codes, row_sample_noise_shape,
                          rows_all_finite, sample_codes, sample_rows, snapshot, sq_dist_scores, straight_through_weights,
                          sums_per_code, zero_dropped_rows)
 from .state import OptionalStateMixin, flag
@@ -174,7 +174,7 @@ class Codebook(OptionalStateMixin):
         """Nearest code per row (h, n, d) -> (h, n) and the code itself, no state change (the eval forward)."""
         codes = self.codes_for_matching().detach()
         indices = nearest_codes(x.float(), codes, self.config.use_cosine_sim)
-        return CodebookOutput(gather_codes(codes, indices), indices, None)
+        return CodebookOutput(lookup_codes(codes, indices), indices, None)
 
     # ------------------------------------------------------------------ forward
 

@@ -159,8 +159,10 @@ def sq_dist_scores(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     This is the squared Euclidean distance less ``||x||^2``: its argmin is the
     nearest code, without the square root, the clamp or ``||x||^2`` (which do
     not change the winner), as FAISS and most VQ codebases do."""
-    sq_norms = codes.pow(2).sum(dim=-1).unsqueeze(1)
-    return torch.baddbmm(sq_norms, x, codes.transpose(1, 2), alpha=-2.0)
+    sq_norms = codes.pow(2).sum(dim=-1)
+    if codes.shape[0] == 1:  # one codebook: a 2-D addmm, which exports as a single ONNX Gemm (bias fused)
+        return torch.addmm(sq_norms, x[0], codes[0].t(), alpha=-2.0).unsqueeze(0)
+    return torch.baddbmm(sq_norms.unsqueeze(1), x, codes.transpose(1, 2), alpha=-2.0)
 
 
 def euclidean_logits(x: torch.Tensor, codes: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,6 +183,15 @@ def nearest_codes(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = F
     if use_cosine_sim:
         return cosine_logits(x, codes).argmax(dim=-1)
     return sq_dist_scores(x, codes).argmin(dim=-1)
+
+
+def lookup_codes(codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``gather_codes`` for lookups without a gradient to the codes (eval, export): one embedding Gather
+    over the flattened codebooks instead of an expanded GatherElements."""
+    h, k, d = codes.shape
+    if h > 1:
+        indices = indices + torch.arange(h, device=indices.device).unsqueeze(1) * k
+    return F.embedding(indices, codes.reshape(h * k, d))
 
 
 def gather_codes(codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -241,11 +241,15 @@ class VectorQuantize(nn.Module):
     def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
         """(b, n, heads * d) -> codebook rows (num_codebooks, rows, d)."""
         # contiguous: strided rows trip torch.cond's checks in the k-means init under inductor
+        if self.heads == 1:  # a plain reshape (einops would add a size-1 permute, a copy in exported graphs)
+            return tokens.reshape(1, -1, tokens.shape[-1]).contiguous()
         if self.separate_codebook_per_head:
             return rearrange(tokens, "b n (h d) -> h (b n) d", h=self.heads).contiguous()
         return rearrange(tokens, "b n (h d) -> 1 (b h n) d", h=self.heads).contiguous()
 
     def _merge_rows(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        if self.heads == 1:
+            return rows.reshape(batch, -1, rows.shape[-1])
         if self.separate_codebook_per_head:
             return rearrange(rows, "h (b n) d -> b n (h d)", b=batch)
         return rearrange(rows, "1 (b h n) d -> b n (h d)", b=batch, h=self.heads)
