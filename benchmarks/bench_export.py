@@ -14,28 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import hardware, write_json  # noqa: E402
-
-
-def _median_ms(fn, iters: int, sync) -> float:
-    for _ in range(3):  # warm-up (and compile)
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def build(name: str):
@@ -52,6 +37,7 @@ def run_case(name: str, device: str, batch: int, tokens: int, iters: int) -> lis
     from vqdeploy.export import export
     from vqdeploy.export.graphs import DecoderGraph, EncoderGraph
     from vqdeploy.runtime import Session
+    from vqdeploy.timing import median_ms
 
     torch.manual_seed(0)
     quantizer = build(name).eval()
@@ -75,9 +61,9 @@ def run_case(name: str, device: str, batch: int, tokens: int, iters: int) -> lis
                     ("encode", lambda: encoder(x), lambda: compiled_encoder(x), lambda: session.encode(feed)),
                     ("decode", lambda: decoder(indices), lambda: compiled_decoder(indices),
                      lambda: session.decode(index_feed))):
-                eager_ms = _median_ms(eager, iters, sync)
-                compiled_ms = _median_ms(compiled, iters, sync)
-                ort_ms = _median_ms(ort_call, iters, sync)
+                eager_ms = median_ms(eager, iters, warmup=3, sync=sync)  # warm-up includes compiling
+                compiled_ms = median_ms(compiled, iters, warmup=3, sync=sync)
+                ort_ms = median_ms(ort_call, iters, warmup=3, sync=sync)
                 rows.append(dict(case=name, graph=graph, eager_ms=eager_ms, compiled_ms=compiled_ms, ort_ms=ort_ms,
                                  providers=session.providers[0], indices_identical=identical))
     return rows

@@ -11,7 +11,6 @@ Copy this folder and replace the data and the networks with your own.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -22,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from recipe_tools import median_ms, train, usage  # noqa: E402
+from recipe_tools import endless, median_ms, recipe_parser, train, usage  # noqa: E402
 
 import vqdeploy  # noqa: E402
 from vqdeploy.export import export  # noqa: E402
@@ -83,26 +82,16 @@ def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
+    parser = recipe_parser(__doc__, "codec_bundle")
     parser.add_argument("--samples", type=int, default=2048, help="training clip length")
-    parser.add_argument("--out", default="codec_bundle")
-    parser.add_argument("--eager", action="store_true", help="train without torch.compile")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-
-    def batches():
-        while True:
-            yield synthetic_audio(args.batch, args.samples, generator)
-
     codec = ConvCodec()
     q = codec.quantizer
-    print(f"training ConvCodec (ResidualVQ {q.num_quantizers} x {q.codebook_size} codes) for {args.steps} steps, "
-          f"{'eager' if args.eager else 'torch.compile(fullgraph=True)'}")
-    train(codec, batches(), args.steps, codec_loss, compile=not args.eager)
+    train(codec, endless(lambda: synthetic_audio(args.batch, args.samples, generator)), args,
+          f"ConvCodec (ResidualVQ {q.num_quantizers} x {q.codebook_size} codes)", codec_loss)
 
     print(f"exporting to {args.out}/ with the encoder and decoder networks inside the graphs")
     example = synthetic_audio(2, args.samples, generator)

@@ -11,7 +11,6 @@ PSNR, codebook usage, tokens and bits per image, and torch vs onnxruntime timing
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -22,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from recipe_tools import median_ms, train, usage  # noqa: E402
+from recipe_tools import endless, median_ms, recipe_parser, train, usage  # noqa: E402
 
 import vqdeploy  # noqa: E402
 from vqdeploy.export import export  # noqa: E402
@@ -86,27 +85,17 @@ def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = recipe_parser(__doc__, "tokenizer_bundle")
     parser.add_argument("--quantizer", choices=["fsq", "lfq"], default="fsq")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--out", default="tokenizer_bundle")
-    parser.add_argument("--eager", action="store_true", help="train without torch.compile")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-
-    def batches():
-        while True:
-            yield synthetic_images(args.batch, args.size, generator)
-
     tokenizer = ConvTokenizer(args.quantizer)
     q = tokenizer.quantizer
-    print(f"training ConvTokenizer ({type(q).__name__}, {q.codebook_size} codes) for {args.steps} steps, "
-          f"{'eager' if args.eager else 'torch.compile(fullgraph=True)'}")
-    train(tokenizer, batches(), args.steps, tokenizer_loss, compile=not args.eager)
+    train(tokenizer, endless(lambda: synthetic_images(args.batch, args.size, generator)), args,
+          f"ConvTokenizer ({type(q).__name__}, {q.codebook_size} codes)", tokenizer_loss)
 
     print(f"exporting to {args.out}/ with the encoder and decoder networks inside the graphs")
     example = synthetic_images(2, args.size, generator)

@@ -104,3 +104,12 @@ def test_symbolic_sizes():
     assert symbolic_size("s0", sizes) == 3 and symbolic_size(7, sizes) == 7
     assert symbolic_size("(s1//2)", sizes) == 25 and symbolic_size("2*s1 - 1", sizes) == 99
     assert symbolic_size("Max(s0, 2)", sizes) is None and symbolic_size("s9", sizes) is None
+
+
+def test_encoder_only_bundles_have_no_decode(tmp_path):
+    rpq = V.RandomProjectionQuantizer(dim=8, codebook_size=16, codebook_dim=4)
+    export(rpq, tmp_path / "rpq", verify=False)
+    session = Session(tmp_path / "rpq", provider="cpu")
+    assert np.array_equal(session.encode(np.ones((2, 5, 8), np.float32)), rpq.encode(torch.ones(2, 5, 8)).numpy())
+    with pytest.raises(ValueError, match="no decoder"):
+        session.decode(np.zeros((2, 5), np.int64))

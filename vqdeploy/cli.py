@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 
 def _progress(message: str) -> None:
@@ -86,21 +84,12 @@ def _info(args) -> int:
     return 0
 
 
-def _median_ms(fn, iters: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def _bench(args) -> int:
     import torch
 
     from .export import load
     from .runtime import Session
+    from .timing import median_ms
 
     session = Session(args.bundle, provider=args.provider)
     manifest = session.manifest
@@ -121,12 +110,12 @@ def _bench(args) -> int:
     rows = []
     with torch.no_grad():
         _progress(f"timing encode on {tuple(shape)} ({device}, median of {args.iters})")
-        rows.append(("encode", _median_ms(lambda: (quantizer.encode(x, **kwargs), sync()), args.iters),
-                     _median_ms(lambda: (session.encode(x), sync()), args.iters)))
+        rows.append(("encode", median_ms(lambda: quantizer.encode(x, **kwargs), args.iters, sync=sync),
+                     median_ms(lambda: session.encode(x), args.iters, sync=sync)))
         if "decoder" in manifest:
             _progress("timing decode")
-            rows.append(("decode", _median_ms(lambda: (quantizer.decode(indices, **kwargs), sync()), args.iters),
-                         _median_ms(lambda: (session.decode(indices), sync()), args.iters)))
+            rows.append(("decode", median_ms(lambda: quantizer.decode(indices, **kwargs), args.iters, sync=sync),
+                         median_ms(lambda: session.decode(indices), args.iters, sync=sync)))
     print(f"{'graph':8} {'torch eager ms':>15} {'onnxruntime ms':>15} {'speed-up':>9}")
     for graph, torch_ms, ort_ms in rows:
         print(f"{graph:8} {torch_ms:15.3f} {ort_ms:15.3f} {torch_ms / ort_ms:8.2f}x")
