@@ -163,6 +163,11 @@ def _edit_manifest(key, value):
     (_edit_manifest("format_version", 99), "format version 99"),
     (lambda p: (p / "manifest.json").write_text("{not json"), "not valid JSON"),
     (lambda p: (p / "manifest.json").unlink(), "manifest.json is missing"),
+    (_edit_manifest("files", {}), "'files' must hash exactly"),
+    (_edit_manifest("files", ["encoder.onnx"]), "field 'files' is missing or not a dict"),
+    (_edit_manifest("encoder", {"file": "../elsewhere.onnx", "input": {}, "output": {}, "dynamic_axes": [],
+                                "example_shape": []}), "the encoder entry must name encoder.onnx"),
+    (_edit_manifest("config", None), "field 'config'"),
 ])
 def test_tampered_bundles_fail_clearly(fsq_bundle, tmp_path, change, match):
     with pytest.raises(BundleError, match=match):
@@ -175,6 +180,7 @@ def test_loading_never_unpickles(fsq_bundle, monkeypatch):
 
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     fsq = V.load(fsq_bundle)
     assert isinstance(fsq, V.FSQ) and fsq.dim == 8
@@ -208,12 +214,30 @@ def test_bad_export_calls(tmp_path):
     with pytest.raises(ValueError, match="no decoder"):
         export(V.RandomProjectionQuantizer(dim=8, codebook_size=16, codebook_dim=4), tmp_path / "f",
                decoder=nn.Identity())
+    with pytest.raises(ValueError, match="axes of the 3-D example"):
+        export(fsq, tmp_path / "h", dynamic_axes=[0, 3])
+    with pytest.raises(ValueError, match="size of at least 2"):
+        export(fsq, tmp_path / "i", example=torch.randn(2, 1, 2))
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         export(fsq, tmp_path / "g")
     with pytest.raises(FileExistsError, match="not a vqdeploy bundle"):
         export(fsq, tmp_path / "g", overwrite=True)
+    (tmp_path / "g" / "notes.txt").unlink()
+    (tmp_path / "g" / "manifest.json").write_text('{"name": "my app"}')  # someone else's manifest
+    with pytest.raises(FileExistsError, match="not a vqdeploy bundle"):
+        export(fsq, tmp_path / "g", overwrite=True)
+    assert (tmp_path / "g" / "manifest.json").read_text() == '{"name": "my app"}'
+
+
+def test_overwrite_replaces_a_bundle_and_compiled_modules_export(tmp_path):
+    fsq = V.FSQ(levels=[5, 5], dim=4)
+    export(fsq, tmp_path / "b", verify=False)
+    result = export(torch.compile(V.FSQ(levels=[8, 5], dim=4)), tmp_path / "b", overwrite=True)
+    assert result.manifest["config"]["levels"] == [8, 5] and result.report.passed
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json",
+                                                                  "weights.safetensors"]
 
 
 def test_parity_failures_are_raised_with_the_table(tmp_path, monkeypatch):

@@ -51,6 +51,11 @@ def test_bad_indices_and_shapes_raise(rvq_bundle):
         session.decode(np.zeros((1, 4, 2), dtype=np.int64))
     with pytest.raises(ValueError, match=r"shape \(\*, \*, 16\)"):
         session.encode(np.zeros((1, 4, 8), dtype=np.float32))
+    with pytest.raises(TypeError, match="floating-point"):
+        session.encode(np.zeros((1, 4, 16), dtype=np.int64))
+    unchecked = Session(path, provider="cpu", check_indices=False)
+    with pytest.raises(TypeError, match="integer"):
+        unchecked.decode(torch.zeros(1, 4, 3))
 
 
 def test_single_vq_rejects_minus_one(tmp_path):

@@ -7,7 +7,8 @@
 
 On CUDA, torch CUDA tensors are bound in and out with IO binding: outputs are
 allocated by torch at the size the graph's symbolic output shape gives, and nothing
-passes through host memory.  TF32 is off unless asked for, so indices match
+passes through host memory (if a symbolic size uses an operation the runtime cannot
+evaluate, onnxruntime allocates the output and it is copied over through the host).  TF32 is off unless asked for, so indices match
 PyTorch's float32 argmin.  ``onnxruntime.InferenceSession.run`` is thread-safe and
 every call makes its own binding, so one Session may serve several threads.
 """
@@ -59,7 +60,7 @@ class Session:
 
     provider: "auto" (CUDA when torch and onnxruntime see a GPU, else CPU), "cuda" (falls back to CPU with a
     warning) or "cpu"; tf32: allow TF32 matmuls on CUDA (faster, but indices may then differ from PyTorch
-    float32); check_indices: range-check decode's input (one host read on CUDA tensors)."""
+    float32); check_indices: range-check decode's input (one ``aminmax`` read back from CUDA tensors)."""
 
     def __init__(self, bundle: str | Path, provider: str = "auto", device_id: int = 0, tf32: bool = False,
                  check_indices: bool = True, session_options=None):
@@ -98,6 +99,9 @@ class Session:
 
     def encode(self, inputs):
         """Inputs in the layout of the export example (any batch and token sizes) -> indices."""
+        dtype = inputs.dtype if isinstance(inputs, torch.Tensor) else np.asarray(inputs).dtype
+        if not (dtype.is_floating_point if isinstance(dtype, torch.dtype) else np.issubdtype(dtype, np.floating)):
+            raise TypeError(f"encode expects floating-point inputs, got {dtype}")
         return self._run("encoder", inputs)
 
     def decode(self, indices):
@@ -105,21 +109,26 @@ class Session:
         (-1 is allowed for residual quantizers: a dropped layer, which decodes to zero)."""
         if "decoder" not in self.sessions:
             raise ValueError(f"a {self.manifest['class']} bundle has no decoder")
+        self._check_index_dtype(indices)
         if self.check_indices:
             self._check_index_range(indices)
         return self._run("decoder", indices)
 
     # ------------------------------------------------------------------ internals
 
+    @staticmethod
+    def _check_index_dtype(indices) -> None:
+        if isinstance(indices, torch.Tensor):
+            if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+                raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        elif not np.issubdtype(np.asarray(indices).dtype, np.integer):
+            raise TypeError(f"indices must be an integer array, got {np.asarray(indices).dtype}")
+
     def _check_index_range(self, indices) -> None:
         if isinstance(indices, torch.Tensor):
-            if indices.is_floating_point() or indices.dtype == torch.bool:
-                raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-            low, high = (int(indices.min()), int(indices.max())) if indices.numel() else (0, 0)
+            low, high = (int(v) for v in torch.aminmax(indices.long())) if indices.numel() else (0, 0)
         else:
             indices = np.asarray(indices)
-            if not np.issubdtype(indices.dtype, np.integer):
-                raise TypeError(f"indices must be an integer array, got {indices.dtype}")
             low, high = (int(indices.min()), int(indices.max())) if indices.size else (0, 0)
         allowed_low = -1 if self.manifest["dropped_index"] is not None else 0
         if low < allowed_low or high >= self.manifest["codebook_size"]:
@@ -160,17 +169,20 @@ class Session:
         session = self.sessions[graph]
         binding = session.io_binding()
         device = value.device
-        index = device.index or 0
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index != self.device_id:
+            raise ValueError(f"the session runs on cuda:{self.device_id}, the tensor is on cuda:{index}")
+        torch.cuda.current_stream(device).synchronize()  # onnxruntime reads the input on its own stream
         binding.bind_input(spec["name"], "cuda", index, np.dtype(spec["dtype"]).type, tuple(value.shape),
                            value.data_ptr())
         out_shape = [symbolic_size(d, sizes) for d in out_spec["shape"]]
-        if None in out_shape:  # a shape the runtime cannot predict: let onnxruntime allocate, then copy over
+        if None in out_shape:  # a shape the runtime cannot predict: onnxruntime allocates, copied over the host
             binding.bind_output(out_spec["name"], "cuda", index)
             session.run_with_iobinding(binding)
             return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(device)
         out = torch.empty(out_shape, dtype=_TORCH_DTYPES[out_spec["dtype"]], device=device)
         binding.bind_output(out_spec["name"], "cuda", index, np.dtype(out_spec["dtype"]).type, tuple(out_shape),
                             out.data_ptr())
-        torch.cuda.current_stream(device).synchronize()  # inputs written by torch must be ready
         session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # written on onnxruntime's stream: done before torch reads them
         return out

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import config_to_json
-from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, BundleError, load,
+from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS_FILE, BundleError, load,
                      quantizer_classes, read_manifest, write_manifest)
 from .checks import FLOAT32_ATOL, WRAPPED_MIN_INDICES_EQUAL, ExportParityError, VerifyReport, check_onnx_file, verify_graphs
 from .graphs import (INDEX_DTYPES, DecoderGraph, EncoderGraph, default_example, dynamic_input_axes,
@@ -128,7 +127,9 @@ def verify(path: str | Path, *, encoder: torch.nn.Module | None = None, decoder:
 
 
 def _frozen_copies(quantizer, encoder, decoder):
-    """Eval-mode copies without gradients, so that exporting leaves the caller's modules untouched."""
+    """Eval-mode copies without gradients, so that exporting leaves the caller's modules untouched
+    (a torch.compile'd module is unwrapped to the module it compiles)."""
+    quantizer, encoder, decoder = (getattr(m, "_orig_mod", m) for m in (quantizer, encoder, decoder))
     if type(quantizer) not in quantizer_classes().values():
         raise TypeError(f"expected a vqdeploy quantizer ({', '.join(quantizer_classes())}), "
                         f"got {type(quantizer).__name__}")
@@ -141,13 +142,25 @@ def _frozen_copies(quantizer, encoder, decoder):
     return copies
 
 
+BUNDLE_FILES = (MANIFEST, ENCODER_FILE, DECODER_FILE, WEIGHTS_FILE)
+
+
 def _fresh_directory(directory: Path, overwrite: bool) -> Path:
+    """An empty directory, or an old bundle whose files are removed (with ``overwrite``).  A directory holding
+    anything but bundle files is never touched."""
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace it)")
-        if not (directory / "manifest.json").is_file():
-            raise FileExistsError(f"{directory} is not a vqdeploy bundle; refusing to overwrite it")
-        shutil.rmtree(directory)
+            raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace a bundle)")
+        others = sorted(p.name for p in directory.iterdir() if p.name not in BUNDLE_FILES or not p.is_file())
+        try:
+            read_manifest(directory, check_files=False)
+        except BundleError:
+            others = others or [MANIFEST]
+        if others:
+            raise FileExistsError(f"{directory} is not a vqdeploy bundle (it holds {others[:5]}); refusing to "
+                                  "overwrite it")
+        for name in BUNDLE_FILES:
+            (directory / name).unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 

@@ -52,8 +52,16 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+REQUIRED_KEYS = {"config": dict, "files": dict, "encoder": dict, "index_dtype": str, "codebook_size": int,
+                 "wrapped": bool, "encoder_network": bool, "decoder_network": bool, "float16": bool}
+GRAPH_KEYS = ("file", "input", "output", "dynamic_axes", "example_shape")
+
+
 def read_manifest(directory: str | Path, check_files: bool = True) -> dict:
-    """The manifest of a bundle, after checking its format and (by default) every file's sha256."""
+    """The manifest of a bundle, after checking its format, its fields and (by default) every file's sha256.
+
+    The hashes catch changed, truncated or mixed-up files; the manifest itself is not signed, so they are no
+    defence against someone who rewrites it too."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -71,14 +79,31 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> dict:
     if manifest.get("class") not in quantizer_classes():
         raise BundleError(f"{path} names an unknown quantizer class {manifest.get('class')!r}; "
                           f"known: {', '.join(quantizer_classes())}")
+    _check_fields(path, manifest)
     if check_files:
-        for name, expected in manifest.get("files", {}).items():
+        for name, expected in manifest["files"].items():
             file = directory / name
             if not file.is_file():
                 raise BundleError(f"bundle file {file} is missing")
             if sha256(file) != expected:
                 raise BundleError(f"bundle file {file} has changed since export (sha256 mismatch)")
     return manifest
+
+
+def _check_fields(path: Path, manifest: dict) -> None:
+    """Every field the loaders read, of the right type; the hashed files exactly the bundle's own."""
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise BundleError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    graphs = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE}
+    for graph, file in graphs.items():
+        if graph in manifest:
+            entry = manifest[graph]
+            if not isinstance(entry, dict) or any(key not in entry for key in GRAPH_KEYS) or entry["file"] != file:
+                raise BundleError(f"{path}: the {graph} entry must name {file} and hold {', '.join(GRAPH_KEYS)}")
+    expected = {ENCODER_FILE, WEIGHTS_FILE} | ({DECODER_FILE} if "decoder" in manifest else set())
+    if set(manifest["files"]) != expected or not all(isinstance(v, str) for v in manifest["files"].values()):
+        raise BundleError(f"{path}: 'files' must hash exactly {sorted(expected)}, got {sorted(manifest['files'])}")
 
 
 def build_quantizer(manifest: dict) -> torch.nn.Module:

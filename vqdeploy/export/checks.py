@@ -84,20 +84,45 @@ def check_onnx_file(path: Path) -> None:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as error:
         raise ExportParityError(f"{path.name} fails onnx.checker: {error}") from None
-    custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in _all_nodes(model.graph) if n.domain not in STANDARD_DOMAINS})
+    custom += [f"opset {o.domain}" for o in model.opset_import if o.domain not in STANDARD_DOMAINS]
     if custom or len(model.functions):
         raise ExportParityError(f"{path.name} uses non-standard ops or local functions: "
                                 f"{custom or [f.name for f in model.functions]}")
 
 
+def _all_nodes(graph):
+    """Every node of a graph, those inside If/Loop/Scan bodies included."""
+    import onnx
+
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _all_nodes(subgraph)
+
+
 def session(path: Path, provider: str = "cpu"):
-    """An onnxruntime session on the CPU, or on CUDA (without fallback: a CUDA check must run on the GPU)."""
+    """An onnxruntime session on the CPU, or on CUDA; a CUDA check that onnxruntime would quietly run on the
+    CPU raises instead."""
     import onnxruntime as ort
 
+    if provider not in ("cpu", "cuda"):
+        raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    providers = ["CPUExecutionProvider"] if provider == "cpu" else [("CUDAExecutionProvider", {"use_tf32": 0})]
-    return ort.InferenceSession(str(path), options, providers=providers)
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        providers = [("CUDAExecutionProvider", {"use_tf32": 0})]
+    created = ort.InferenceSession(str(path), options, providers=providers)
+    if provider == "cuda" and created.get_providers()[0] != "CUDAExecutionProvider":
+        raise ExportParityError(f"onnxruntime could not run {path.name} on CUDA (providers: {created.get_providers()})")
+    return created
 
 
 def verify_shapes(example_shape: tuple, dynamic_axes: list[int]) -> list[tuple]:

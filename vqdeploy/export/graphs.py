@@ -94,6 +94,8 @@ def dynamic_input_axes(quantizer: nn.Module, example: torch.Tensor, wrapped: boo
     """The encoder input's dynamic axes: given, else every axis but the features (bare quantizers) or
     every axis but axis 1, the channels (wrapped networks, channel-first by convention)."""
     if dynamic_axes is not None:
+        if any(not isinstance(a, int) or not -example.ndim <= a < example.ndim for a in dynamic_axes):
+            raise ValueError(f"dynamic_axes must be axes of the {example.ndim}-D example, got {dynamic_axes}")
         axes = sorted({a % example.ndim for a in dynamic_axes})
     elif wrapped:
         axes = [a for a in range(example.ndim) if a != 1]
@@ -101,6 +103,10 @@ def dynamic_input_axes(quantizer: nn.Module, example: torch.Tensor, wrapped: boo
         axes = [a for a in range(example.ndim) if a != feature_axis(quantizer, example.ndim)]
     if 0 not in axes:
         raise ValueError(f"the batch axis 0 must be dynamic, got dynamic axes {axes}")
+    small = [a for a in axes if example.shape[a] < 2]
+    if small:  # torch.export fixes axes of size 0 and 1
+        raise ValueError(f"dynamic axes need a size of at least 2 in the example; axes {small} of shape "
+                         f"{tuple(example.shape)} are smaller")
     return axes
 
 
