@@ -66,14 +66,13 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
     if example.shape[0] < 2:
         raise ValueError("example needs a batch of at least 2 (torch.export fixes axes of size 1)")
     example = example.detach().float()
-    directory = _fresh_directory(Path(path), overwrite)
-
     encoder_graph = EncoderGraph(quantizer, encoder, INDEX_DTYPES[index_dtype], num_quantizers)
     input_axes = dynamic_input_axes(quantizer, example, encoder is not None, dynamic_axes)
     with torch.no_grad():
         example_indices = encoder_graph(example)
     index_axes = dynamic_output_axes(encoder_graph, example, input_axes)
     manifest = _manifest(quantizer, index_dtype, num_quantizers, opset)
+    directory = _fresh_directory(Path(path), overwrite)  # only now: a call that fails above changes no file
     manifest.update(wrapped=encoder is not None or decoder is not None, encoder_network=encoder is not None,
                     decoder_network=decoder is not None)
     manifest["float16"] = float16
