@@ -51,6 +51,10 @@ class GroupedResidualQuantizer(nn.Module):
         return self.rvqs[0].num_quantizers
 
     @property
+    def codebook_size(self) -> int:
+        return self.rvqs[0].codebook_size
+
+    @property
     def split_dim(self) -> int:
         return 1 if self.accept_image_fmap or not self.channel_last else -1
 

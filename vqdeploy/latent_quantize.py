@@ -47,6 +47,11 @@ def initial_values(level: int) -> torch.Tensor:
     return torch.linspace(-0.5, 0.5, level) if level % 2 == 1 else torch.arange(level) / level - 0.5
 
 
+def _straight_through(values: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Exactly ``values`` in value (``z - z.detach()`` is zero), with the gradient going to z."""
+    return values.detach().to(z.dtype) + (z - z.detach())
+
+
 class FixedValues(nn.Module):
     """Values of unequal levels that do not train (``optimize_values=False``): buffers that follow
     ``.to()`` but, like the reference's plain list, stay out of checkpoints."""
@@ -153,8 +158,7 @@ class LatentQuantize(GridQuantizer):
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """z (..., codebook_dim) -> the nearest values, with a straight-through gradient to z.
         The value is exactly the selected value (``z - z.detach()`` is zero)."""
-        values = self.level_values(self.level_indices(z))
-        return values.detach().to(z.dtype) + (z - z.detach())
+        return _straight_through(self.level_values(self.level_indices(z)), z)
 
     def codes_to_indices(self, zhat: torch.Tensor) -> torch.Tensor:
         """Codes (..., codebook_dim) -> int32 indices of the nearest grid point of the current values."""
@@ -201,7 +205,7 @@ class LatentQuantize(GridQuantizer):
         table = self.value_table()
         level_indices = self.level_indices(rows, table)
         values = self.level_values(level_indices, table)
-        codes = values.detach().to(rows.dtype) + (rows - rows.detach())  # straight-through, exact in value
+        codes = _straight_through(values, rows)
         out = self.project_out(rearrange(codes, "b n c d -> b n (c d)"))
         indices = self._indices_from_levels(level_indices)
         loss = self._loss(tokens, values, out.dtype) if self.training else torch.zeros((), device=tokens.device)

@@ -118,6 +118,11 @@ class ResidualQuantizer(nn.Module):
         """Layer ``index`` quantizes residual / scale and contributes its output * scale (residual FSQ)."""
         return None
 
+    @property
+    def codebook_size(self) -> int:
+        """Codes per layer (every layer has the same number)."""
+        return self.layers[0].codebook_size
+
     # ------------------------------------------------------------------ arguments
 
     def bandwidth(self, num_quantizers: int | None) -> int:

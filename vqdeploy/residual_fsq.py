@@ -55,7 +55,6 @@ class ResidualFSQ(ResidualQuantizer):
         super().__init__(dim, layer_dim, layers, quantize_dropout, quantize_dropout_cutoff_index,
                          quantize_dropout_multiple_of, accept_image_fmap, channel_last)
         self.levels = levels
-        self.codebook_size = layers[0].codebook_size
         levels_tensor = torch.tensor(levels, dtype=torch.float32)
         scales = torch.stack([(levels_tensor - 1) ** -i for i in range(num_quantizers)])
         self.register_buffer("scales", scales, persistent=False)  # as in the reference
@@ -92,7 +91,6 @@ class GroupedResidualFSQ(GroupedResidualQuantizer):
             return ResidualFSQ(dim=dim_per_group, accept_image_fmap=accept_image_fmap, **kwargs)
 
         super().__init__(dim, groups, make_group, accept_image_fmap, channel_last)
-        self.codebook_size = self.rvqs[0].codebook_size
 
     @property
     def codebooks(self) -> torch.Tensor:

@@ -30,7 +30,6 @@ class ResidualLFQ(ResidualQuantizer):
             raise ValueError("ResidualLFQ layers quantize with one codebook (num_codebooks=1)")
         super().__init__(dim, codebook_dim, layers, quantize_dropout, quantize_dropout_cutoff_index,
                          quantize_dropout_multiple_of, accept_image_fmap, channel_last)
-        self.codebook_size = codebook_size
 
     @property
     def codebooks(self) -> torch.Tensor:

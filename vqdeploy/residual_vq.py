@@ -44,10 +44,6 @@ class ResidualVQ(ResidualQuantizer):
                 layer.in_place_codebook_optimizer = optimizer_factory(shared.parameters())
 
     @property
-    def codebook_size(self) -> int:
-        return self.layers[0].codebook_size
-
-    @property
     def codebooks(self) -> torch.Tensor:
         """(q, codebook_size, codebook_dim), or (q, heads, ...) with separate codebooks per head."""
         return torch.stack([layer.codebook for layer in self.layers])

@@ -172,14 +172,11 @@ def _manifest(quantizer, index_dtype: str, num_quantizers: int | None, opset: in
 
     config, dropped = config_to_json(quantizer.init_config)
     json.dumps(config)  # a config that cannot be written fails here, before any file is
-    codebook_size = getattr(quantizer, "codebook_size", None)
-    if codebook_size is None:  # grouped quantizers: every group has the same codebook size
-        codebook_size = quantizer.rvqs[0].codebook_size
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "class": type(quantizer).__name__, "config": config, "dropped_training_arguments": dropped,
         "index_dtype": index_dtype, "num_quantizers": num_quantizers,
-        "codebook_size": codebook_size, "dropped_index": -1 if is_residual(quantizer) else None,
+        "codebook_size": quantizer.codebook_size, "dropped_index": -1 if is_residual(quantizer) else None,
         "opset": opset,
         "versions": {"vqdeploy": vqdeploy.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxscript": onnxscript.__version__},

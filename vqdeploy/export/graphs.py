@@ -12,18 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-RESIDUAL_CLASSES = ("ResidualVQ", "GroupedResidualVQ", "ResidualFSQ", "GroupedResidualFSQ", "ResidualLFQ",
-                    "GroupedResidualLFQ")
-ENCODER_ONLY_CLASSES = ("RandomProjectionQuantizer",)
+from ..grid import GridQuantizer
+from ..grouped import GroupedResidualQuantizer
+from ..random_projection import RandomProjectionQuantizer
+from ..residual import ResidualQuantizer
+
 INDEX_DTYPES = {"int64": torch.int64, "int32": torch.int32}
 
 
 def is_residual(quantizer: nn.Module) -> bool:
-    return type(quantizer).__name__ in RESIDUAL_CLASSES
+    """Residual and grouped quantizers: several layers, where -1 marks a dropped one."""
+    return isinstance(quantizer, (ResidualQuantizer, GroupedResidualQuantizer))
 
 
 def has_decoder(quantizer: nn.Module) -> bool:
-    return type(quantizer).__name__ not in ENCODER_ONLY_CLASSES
+    return not isinstance(quantizer, RandomProjectionQuantizer)
 
 
 def _bandwidth_kwargs(quantizer: nn.Module, num_quantizers: int | None) -> dict:
@@ -73,7 +76,7 @@ def feature_axis(quantizer: nn.Module, ndim: int) -> int:
     """Which axis of a quantizer's input holds the features (the one axis that is not dynamic)."""
     channel_first = (getattr(quantizer, "accept_image_fmap", False) or not getattr(quantizer, "channel_last", True)
                      or getattr(quantizer, "channel_first", False))
-    image_like = ndim >= 4 and type(quantizer).__name__ in ("FSQ", "LFQ", "LatentQuantize")
+    image_like = ndim >= 4 and isinstance(quantizer, GridQuantizer)
     return 1 if channel_first or image_like else ndim - 1
 
 
