@@ -17,7 +17,6 @@ from einops import rearrange
 
 from .config import records_config
 from .grid import GridQuantizer
-from .layout import to_tokens
 from .primitives import round_ste
 from .vector_quantize import QuantizeOutput
 
@@ -70,9 +69,13 @@ class FSQ(GridQuantizer):
 
     # ------------------------------------------------------------------ the grid
 
+    def bound_scale(self, eps: float = 1e-3) -> torch.Tensor:
+        """The tanh's output scale per channel, (levels - 1) * (1 + eps) / 2: the bounded range's half width."""
+        return (self._levels - 1) * (1 + eps) / 2
+
     def bound(self, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
         """Squash z (..., codebook_dim) into the level range; even levels are shifted by half a step."""
-        half_l = (self._levels - 1) * (1 + eps) / 2
+        half_l = self.bound_scale(eps)
         offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
         shift = (offset / half_l).atanh()
         return (z + shift).tanh() * half_l - offset
@@ -146,11 +149,6 @@ class FSQ(GridQuantizer):
         """Grid codes (..., num_codebooks * codebook_dim) for indices, before ``project_out``."""
         codes = self._indices_to_codes(indices)
         return rearrange(codes, "... c d -> ... (c d)") if self.keep_num_codebooks_dim else codes
-
-    def _tokens(self, z: torch.Tensor):
-        self._reject_vectors(z)
-        is_img_or_video = isinstance(z, torch.Tensor) and z.ndim >= 4
-        return to_tokens(z, self.dim, channel_last=not self.channel_first, accept_image_fmap=is_img_or_video)
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """Indices for z, as ``forward`` gives them (the export encoder)."""

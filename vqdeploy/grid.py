@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layout import check_grid_indices
+from .layout import check_grid_indices, to_tokens
 from .vector_quantize import _positive_int
 
 
@@ -55,8 +55,12 @@ class GridQuantizer(nn.Module):
             codes = self._project_out(codes)
         return codes.movedim(-1, 1) if is_img_or_video or channel_first else codes
 
-    def _reject_vectors(self, x) -> None:
-        """The reference's grid quantizers take (b, n, dim) or feature maps, never single vectors."""
+    def _tokens(self, x: torch.Tensor):
+        """``(tokens (b, n, dim), layout)`` for (b, n, dim), (b, dim, n) with ``channel_first``, or channel-first
+        images and video; the reference's grid quantizers never take single vectors (b, dim)."""
         if isinstance(x, torch.Tensor) and x.ndim == 2:
             raise ValueError(f"{type(self).__name__} expects (batch, n, {self.dim}) or channel-first feature maps, "
                              f"got {tuple(x.shape)}")
+        is_img_or_video = isinstance(x, torch.Tensor) and x.ndim >= 4
+        return to_tokens(x, self.dim, channel_last=not getattr(self, "channel_first", False),
+                         accept_image_fmap=is_img_or_video)

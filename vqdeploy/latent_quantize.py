@@ -29,7 +29,6 @@ from torch import nn
 from .config import records_config
 from .fsq import check_levels
 from .grid import GridQuantizer
-from .layout import to_tokens
 from .primitives import masked_mse
 from .vector_quantize import _number, _positive_int
 
@@ -211,10 +210,6 @@ class LatentQuantize(GridQuantizer):
         loss = self._loss(tokens, values, out.dtype) if self.training else torch.zeros((), device=tokens.device)
         out = layout.restore_features(out.to(tokens.dtype))
         return LatentQuantizeOutput(out, layout.restore_indices(indices), loss)
-
-    def _tokens(self, z: torch.Tensor):
-        self._reject_vectors(z)
-        return to_tokens(z, self.dim, accept_image_fmap=isinstance(z, torch.Tensor) and z.ndim >= 4)
 
     def _split_codebooks(self, tokens: torch.Tensor) -> torch.Tensor:
         # the projections run in their own dtype (the reference fails on half input otherwise)

@@ -20,7 +20,6 @@ from torch import nn
 
 from .config import records_config
 from .grid import GridQuantizer
-from .layout import to_tokens
 from .primitives import bit_table, factorized_code_entropies
 from .vector_quantize import QuantizeOutput, _number, _positive_int
 
@@ -101,8 +100,11 @@ class LFQ(GridQuantizer):
         """Codes (..., num_codebooks * codebook_dim) for indices, before ``project_out``."""
         if not self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
-        bits = ((indices.unsqueeze(-1).int() & self.mask.int()) != 0).to(self.dtype)
-        return rearrange(self.bits_to_codes(bits), "... c d -> ... (c d)")
+        return rearrange(self.bits_to_codes(self.index_bits(indices).to(self.dtype)), "... c d -> ... (c d)")
+
+    def index_bits(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (...) -> their bits (..., codebook_dim) as bools, most significant first."""
+        return (indices.unsqueeze(-1).int() & self.mask.int()) != 0
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Indices -> codes (after ``project_out`` unless told otherwise), channel-first for images and video."""
@@ -115,8 +117,7 @@ class LFQ(GridQuantizer):
         """x: (b, n, dim) or channel-first images/video (b, dim, *spatial); mask: bool (b, n) of tokens that
         count in the losses.  Returns ``(quantized, indices, aux_loss)``, and a ``LossBreakdown`` when asked."""
         _number("inv_temperature", inv_temperature, 0.0, low_open=True)
-        self._reject_vectors(x)
-        tokens, layout = to_tokens(x, self.dim, accept_image_fmap=isinstance(x, torch.Tensor) and x.ndim >= 4)
+        tokens, layout = self._tokens(x)
         token_weights = layout.token_weights(mask, tokens.shape[0])
         quantized, indices, loss, breakdown = self._quantize(tokens, token_weights, inv_temperature)
         out = LFQOutput(layout.restore_features(quantized), layout.restore_indices(indices), loss)
@@ -139,10 +140,14 @@ class LFQ(GridQuantizer):
         return QuantizeOutput(quantized, indices, loss)
 
     def _split_codebooks(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self._project_in(tokens).float()
-        if self.soft_clamp_input_value is not None:
-            x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
-        return rearrange(x, "b n (c d) -> b n c d", c=self.num_codebooks)
+        return rearrange(self.soft_clamp(self._project_in(tokens).float()), "b n (c d) -> b n c d",
+                         c=self.num_codebooks)
+
+    def soft_clamp(self, x: torch.Tensor) -> torch.Tensor:
+        """``tanh(x / v) * v`` with v = ``soft_clamp_input_value``, when set."""
+        if self.soft_clamp_input_value is None:
+            return x
+        return (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
 
     def _indices(self, quantized: torch.Tensor) -> torch.Tensor:
         indices = ((quantized > 0).long() * self.mask).sum(dim=-1)
@@ -201,7 +206,7 @@ class LFQ(GridQuantizer):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Indices for x, without touching any state (the export encoder)."""
-        tokens, layout = to_tokens(x, self.dim, accept_image_fmap=x.ndim >= 4)
+        tokens, layout = self._tokens(x)
         return layout.restore_indices(self.encode_tokens(tokens)[1])
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:

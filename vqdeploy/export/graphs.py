@@ -49,9 +49,15 @@ class EncoderGraph(nn.Module):
         self.kwargs = _bandwidth_kwargs(quantizer, num_quantizers)
         self.eval()
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        features = inputs if self.encoder is None else self.encoder(inputs)
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The quantizer's input: the user encoder's output, or the inputs themselves."""
+        return inputs if self.encoder is None else self.encoder(inputs)
+
+    def indices(self, features: torch.Tensor) -> torch.Tensor:
         return self.quantizer.encode(features, **self.kwargs).to(self.index_dtype)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.indices(self.features(inputs))
 
 
 class DecoderGraph(nn.Module):

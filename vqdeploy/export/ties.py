@@ -1,0 +1,251 @@
+"""Near-ties: telling float rounding from real disagreements between onnxruntime's indices and PyTorch's.
+
+Every quantizer decides by comparison: the nearest code, the nearest level after a tanh bound, the sign.
+PyTorch and onnxruntime evaluate the compared quantities in float32 with other summation orders and other
+tanh and exp approximations, so a token within a few hundred float32 ulps of a decision boundary can go
+either way in a correct export.  Such a token is a near-tie: it is counted and reported, never failed on.
+
+For each token whose indices differ, the first layer where they differ is examined in float64 on the
+PyTorch side, with the graph's own weights and the layer input PyTorch computed (for a user network inside
+the encoder graph: the network's output as PyTorch computed it).  Two numbers decide:
+
+- the margin ``m``: how much better PyTorch's choice is than onnxruntime's for that input (half the
+  difference of their distances; negative when float64 prefers onnxruntime's);
+- the size ``e`` of the float32 computation that compared them: the magnitude its terms can reach, so that
+  the rounding of two correct implementations is at most a small multiple of ``2**-24 * e``.
+
+The token is a near-tie when ``m <= NEAR_TIE_RTOL * e``, else its disagreement is real.  Per decision
+(``z`` the layer's input, ``a`` the elementwise magnitude of what ``z`` was computed from: ``|x|`` for
+the graph input, ``|W| |x| + |b|`` through a projection, plus the codes a residual subtracted):
+
+=============================  ==========================================  ===============================
+decision                       margin m                                    size e
+=============================  ==========================================  ===============================
+nearest code (Euclidean)       ``|z - c_onnx|^2 - |z - c_torch|^2``        ``C^2 + 2 |a| C``, C = max(|c|)
+nearest code (cosine)          ``zn . c_torch - zn . c_onnx``              ``max(1, |a| / |z|)``
+FSQ level, per channel         the bounded value's distance to the         ``h * (1 + a / s)``: ``h`` the
+                               midpoint between the two levels             half width, ``s`` the residual
+                                                                           layer's scale
+LFQ sign, per channel          ``|z|``, the distance to the sign boundary  ``a``
+LatentQuantize value, channel  half the difference of the two distances    ``a + max |value|``
+=============================  ==========================================  ===============================
+
+Dividing by the residual scale ``s`` is how a residual FSQ layer amplifies the error of its input: layer i
+rounds ``residual / (levels - 1) ** -i``.  A user network's output is exact only up to its own rounding,
+which grows with the size of the token's features, not of each feature: with a network inside the encoder
+graph, ``a`` is at least the root mean square of the token's features.
+
+``NEAR_TIE_RTOL = 2**-16`` is 256 float32 unit roundoffs of ``e``: above what float32 sums of up to a few
+thousand terms, ulp-level tanh differences and a user network's last layers round to, and far below what a
+wrong weight or a wrong op moves decisions by (a codebook perturbed by 1e-3 of its size fails).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fsq import FSQ
+from ..grid import GridQuantizer
+from ..grouped import GroupedResidualQuantizer
+from ..latent_quantize import LatentQuantize
+from ..layout import to_tokens
+from ..lfq import LFQ
+from ..random_projection import RandomProjectionQuantizer
+from ..residual import ResidualQuantizer
+from ..residual_fsq import ResidualFSQ
+from ..vector_quantize import VectorQuantize
+
+NEAR_TIE_RTOL = 2.0 ** -16
+
+
+class Agreement(NamedTuple):
+    """How one encoder run's indices compare, per token (one feature vector of the quantizer's input)."""
+
+    tokens: int
+    identical: int
+    near_ties: int | None  # None when not classified (float16 graphs)
+    real: int | None
+    worst: float  # the largest m / (NEAR_TIE_RTOL * e) among differing tokens (<= 1 when all are near-ties)
+
+
+def compare_indices(quantizer: nn.Module, features: torch.Tensor, expected: torch.Tensor, got: torch.Tensor,
+                    wrapped: bool = False, classify: bool = True) -> Agreement:
+    """Classify onnxruntime's indices ``got`` against PyTorch's ``expected`` for the quantizer input
+    ``features`` (PyTorch's, float32); ``wrapped``: the features came out of a user network.
+    ``classify=False`` only counts identical tokens."""
+    expected, got = _per_token(quantizer, expected.long()), _per_token(quantizer, got.long())
+    differs = (expected != got).flatten(1).any(dim=1)
+    tokens, num_differ = expected.shape[0], int(differs.sum())
+    if num_differ == 0 or not classify:
+        return Agreement(tokens, tokens - num_differ, 0 if classify else None, 0 if classify else None, 0.0)
+    rows = differs.nonzero().squeeze(1)
+    x = _tokens(quantizer, features).reshape(tokens, -1)[rows].double()
+    magnitude = x.abs()
+    if wrapped:
+        magnitude = magnitude.clamp(min=x.pow(2).mean(dim=-1, keepdim=True).sqrt())
+    with torch.no_grad():
+        ratios = _ratios(copy.deepcopy(quantizer).double(), x, magnitude, expected[rows], got[rows])
+    near = int((ratios <= 1).sum())
+    return Agreement(tokens, tokens - num_differ, near, num_differ - near, float(ratios.max()))
+
+
+# ---------------------------------------------------------------------------------------- shapes
+
+
+def _tokens(quantizer: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The quantizer's input as tokens (b, n, dim), in the order its indices are laid out."""
+    if isinstance(quantizer, GridQuantizer):
+        return quantizer._tokens(features)[0]
+    if isinstance(quantizer, RandomProjectionQuantizer):
+        return features
+    return to_tokens(features, quantizer.dim, quantizer.channel_last, quantizer.accept_image_fmap)[0]
+
+
+def _columns(quantizer: nn.Module) -> int:
+    """Index columns per layer: heads, or codebooks of a grid quantizer that keeps their axis."""
+    if isinstance(quantizer, VectorQuantize):
+        return quantizer.heads
+    if isinstance(quantizer, GridQuantizer):
+        return quantizer.num_codebooks if quantizer.keep_num_codebooks_dim else 1
+    if isinstance(quantizer, RandomProjectionQuantizer):
+        return quantizer.num_codebooks
+    return 1
+
+
+def _per_token(quantizer: nn.Module, indices: torch.Tensor) -> torch.Tensor:
+    """Indices as the quantizer returns them -> (tokens, groups, layers, columns)."""
+    if isinstance(quantizer, GroupedResidualQuantizer):
+        groups, layers = indices.shape[0], indices.shape[-1]
+        return indices.movedim(0, -2).reshape(-1, groups, layers, 1)
+    if isinstance(quantizer, ResidualQuantizer):
+        return indices.reshape(-1, 1, indices.shape[-1], 1)
+    return indices.reshape(-1, 1, 1, _columns(quantizer))
+
+
+# ---------------------------------------------------------------------------------------- families
+
+
+def _ratios(quantizer: nn.Module, x, magnitude, expected, got) -> torch.Tensor:
+    """m / (NEAR_TIE_RTOL * e) per token at its first differing layer, the worst over groups: (M,)."""
+    if isinstance(quantizer, GroupedResidualQuantizer):
+        chunks = zip(quantizer.rvqs, x.chunk(quantizer.groups, dim=-1), magnitude.chunk(quantizer.groups, dim=-1))
+        return torch.stack([_residual_ratios(rvq, xg, mg, expected[:, g], got[:, g])
+                            for g, (rvq, xg, mg) in enumerate(chunks)]).amax(dim=0)
+    if isinstance(quantizer, ResidualQuantizer):
+        return _residual_ratios(quantizer, x, magnitude, expected[:, 0], got[:, 0])
+    if isinstance(quantizer, RandomProjectionQuantizer):
+        x, magnitude = _random_projection(quantizer, x, magnitude)
+        quantizer = quantizer.vq
+    return _layer(quantizer, x, magnitude, expected[:, 0, 0], got[:, 0, 0])[0]
+
+
+def _residual_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> torch.Tensor:
+    """Walk the layers with PyTorch's codes (the same as onnxruntime's up to the first difference)."""
+    residual, magnitude = _projected(rvq.project_in, x, magnitude)
+    if isinstance(rvq, ResidualFSQ):  # the input is bounded once: |bound(z)| <= h, with z's error times h
+        magnitude = rvq.layers[0].bound_scale() * (1 + magnitude)
+    residual = rvq.start_residual(residual)
+    ratios = torch.full(x.shape[:1], -torch.inf, dtype=x.dtype)
+    decided = torch.zeros(x.shape[:1], dtype=torch.bool)
+    for i in range(expected.shape[1]):
+        scale = rvq.layer_scale(i)
+        scale = 1.0 if scale is None else scale.to(x.dtype)
+        layer_ratios, codes = _layer(rvq.layers[i], residual / scale, magnitude / scale, expected[:, i], got[:, i])
+        first = (expected[:, i] != got[:, i]).any(dim=-1) & ~decided
+        ratios = torch.where(first, layer_ratios, ratios)
+        decided |= first
+        residual = residual - codes * scale
+        magnitude = magnitude + (codes * scale).abs()
+    return ratios
+
+
+def _random_projection(rpq: RandomProjectionQuantizer, x, magnitude):
+    """The BEST-RQ projection: normalised features through fixed random matrices.  The layer norm computes
+    (x - mean) / std: its terms are |x| and |mean|, divided by std."""
+    if isinstance(rpq.norm, nn.LayerNorm):
+        std = (x.var(dim=-1, unbiased=False, keepdim=True) + rpq.norm.eps).sqrt()
+        magnitude = (magnitude + x.mean(dim=-1, keepdim=True).abs()) / std
+    projected = torch.einsum("nd,hde->nhe", rpq.norm(x), rpq.rand_projs).flatten(1)
+    return projected, torch.einsum("nd,hde->nhe", magnitude, rpq.rand_projs.abs()).flatten(1)
+
+
+def _projected(linear: nn.Module, z, magnitude):
+    if not isinstance(linear, nn.Linear):
+        return z, magnitude
+    magnitude = magnitude @ linear.weight.abs().t()
+    if linear.bias is not None:
+        magnitude = magnitude + linear.bias.abs()
+    return linear(z), magnitude
+
+
+def _layer(layer: nn.Module, z, magnitude, expected, got):
+    """One layer's decision for inputs z (M, dim): (worst ratio over its differing columns (M,), the output
+    PyTorch's indices select (M, dim))."""
+    z, magnitude = _projected(layer.project_in, z, magnitude)
+    m = z.shape[0]
+    if isinstance(layer, VectorQuantize):
+        z, magnitude = z.reshape(m, layer.heads, -1), magnitude.reshape(m, layer.heads, -1)
+        ratio, codes = _nearest_code(layer, z, magnitude, expected, got)
+    else:
+        z, magnitude = z.reshape(m, layer.num_codebooks, -1), magnitude.reshape(m, layer.num_codebooks, -1)
+        expected, got = expected.reshape(m, -1), got.reshape(m, -1)
+        decide = {FSQ: _fsq_level, LFQ: _lfq_sign, LatentQuantize: _latent_value}[type(layer)]
+        ratio, codes = decide(layer, z, magnitude, expected, got)
+    ratio = torch.where(expected.reshape(m, -1) != got.reshape(m, -1), ratio, -torch.inf).amax(dim=-1)
+    return ratio, layer.project_out(codes.flatten(1))
+
+
+def _ratio(margin, size):
+    return margin / (NEAR_TIE_RTOL * size).clamp(min=torch.finfo(size.dtype).tiny)
+
+
+def _nearest_code(vq: VectorQuantize, z, magnitude, expected, got):
+    """Per head: (ratio (M, heads), PyTorch's codes (M, heads, codebook_dim))."""
+    codes = vq._codebook.codes_for_matching().to(z.dtype)  # (it computes in float32: exact for float32 codes)
+    books = torch.arange(vq.heads) if codes.shape[0] > 1 else torch.zeros(vq.heads, dtype=torch.long)
+    ours, theirs = codes[books, expected], codes[books, got]
+    size = magnitude.norm(dim=-1)
+    if vq._codebook.config.use_cosine_sim:
+        zn = F.normalize(z, dim=-1)
+        margin = (zn * ours).sum(dim=-1) - (zn * theirs).sum(dim=-1)
+        scale = (size / z.norm(dim=-1).clamp(min=torch.finfo(z.dtype).tiny)).clamp(min=1.0)
+    else:
+        margin = (z - theirs).pow(2).sum(dim=-1) - (z - ours).pow(2).sum(dim=-1)
+        largest = torch.maximum(ours.norm(dim=-1), theirs.norm(dim=-1))
+        scale = largest * (largest + 2 * size)  # the terms of the compared scores |c|^2 - 2 z.c
+    return _ratio(margin, scale), ours
+
+
+def _channel_ratio(margin, size, differs):
+    """The worst channel of each codebook (M, c), over the channels whose choice differs."""
+    return torch.where(differs, _ratio(margin, size), -torch.inf).amax(dim=-1)
+
+
+def _fsq_level(fsq: FSQ, z, magnitude, expected, got):
+    bounded = fsq.bound(z)
+    ours, theirs = fsq.indices_to_level_indices(expected), fsq.indices_to_level_indices(got)
+    centre = fsq._levels // 2
+    margin = ((bounded - (theirs - centre)).abs() - (bounded - (ours - centre)).abs()) / 2
+    size = fsq.bound_scale().to(z.dtype) * (1 + magnitude)
+    return _channel_ratio(margin, size, ours != theirs), fsq._indices_to_codes(expected).to(z.dtype)
+
+
+def _lfq_sign(lfq: LFQ, z, magnitude, expected, got):
+    z = lfq.soft_clamp(z)
+    ours, theirs = (lfq.bits_to_codes(lfq.index_bits(i).to(z.dtype)) for i in (expected, got))
+    margin = ((z - theirs).abs() - (z - ours).abs()) / 2
+    return _channel_ratio(margin, magnitude, ours != theirs), ours
+
+
+def _latent_value(lq: LatentQuantize, z, magnitude, expected, got):
+    table = lq.value_table()
+    ours, theirs = lq._levels_from_indices(expected), lq._levels_from_indices(got)
+    values, other = lq.level_values(ours, table), lq.level_values(theirs, table)
+    margin = ((z - other).abs() - (z - values).abs()) / 2
+    size = magnitude + table.abs().amax(dim=-1)
+    return _channel_ratio(margin, size, ours != theirs), values
