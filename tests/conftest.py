@@ -1,5 +1,6 @@
 """Shared fixtures: fixed seeds, a fresh dynamo cache per test, eager-compatible RNG in compiled code."""
 
+import os
 import warnings
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="vector_quantize_pytorch")
 
-torch.set_num_threads(2)
+# 2 threads, as CI has, unless OMP_NUM_THREADS says otherwise (the suites must pass at any thread count)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture(autouse=True)

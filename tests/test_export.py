@@ -155,6 +155,116 @@ def test_tampered_bundles_fail_clearly(fsq_bundle, tmp_path, change, match):
         V.load(_tampered(fsq_bundle, tmp_path, change))
 
 
+@pytest.fixture(scope="module")
+def hostile_bases(tmp_path_factory, fsq_bundle):
+    """Small bundles of the kinds a hostile manifest can target: codebooks in the weights (VectorQuantize),
+    layers (ResidualVQ), groups (GroupedResidualFSQ), FSQ with projections and with no weights at all,
+    per-channel values."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hostile")
+    bases = {"fsq": fsq_bundle}
+    for name, quantizer in (("vq", V.VectorQuantize(dim=16, codebook_size=64)), ("fsq_bare", V.FSQ(levels=[8, 5])),
+                            ("rvq", V.ResidualVQ(dim=16, codebook_size=32, num_quantizers=2)),
+                            ("grouped", V.GroupedResidualFSQ(dim=8, groups=2, levels=[5, 5], num_quantizers=2)),
+                            ("latent", V.LatentQuantize(levels=5, dim=4))):
+        export(quantizer, root / name, verify=False)
+        bases[name] = root / name
+    return bases
+
+
+def _rewritten(bundle, tmp_path, edit):
+    """A copy of ``bundle`` whose manifest ``edit`` rewrote, with every hash recomputed: what an attacker (or
+    a careless tool) can do, since the manifest is not signed."""
+    import shutil
+
+    from vqdeploy.export.bundle import write_manifest
+
+    copy = tmp_path / "rewritten"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    manifest["files"] = list(manifest["files"])
+    write_manifest(copy, manifest)
+    return copy
+
+
+def _set(*path, value):
+    def edit(manifest):
+        *parents, last = path
+        target = manifest
+        for key in parents:
+            target = target[key]
+        target[last] = value
+    return edit
+
+
+HOSTILE = {
+    "huge_codebook": ("vq", _set("config", "codebook_size", value=10**12), "'codebook_size'"),
+    "negative_codebook": ("vq", _set("config", "codebook_size", value=-5), "codebook_size must be a positive int"),
+    "huge_dim": ("vq", _set("config", "dim", value=10**9), "'dim'"),
+    "dim_disagrees_with_weights": ("vq", _set("config", "dim", value=32), "field 'dim'"),
+    "heads_without_their_projection": ("vq", _set("config", "heads", value=2), "lacks 'project_in.weight'"),
+    "unknown_key": ("vq", _set("config", "exec", value="rm -rf /"), "config field 'exec' is not an argument"),
+    "training_only_key": ("vq", _set("config", "in_place_codebook_optimizer", value="SGD"),
+                          "'in_place_codebook_optimizer' is not an argument"),
+    "manifest_codebook_size": ("vq", _set("codebook_size", value=10**12), "field 'codebook_size'"),
+    "index_shape": ("vq", _set("encoder", "output", "shape", value=["s0", "s1", 5]), "field 'encoder.output'"),
+    "huge_layers": ("rvq", _set("config", "num_quantizers", value=10**9), "'num_quantizers' x 'groups'"),
+    "negative_layers": ("rvq", _set("config", "num_quantizers", value=-1), "'num_quantizers' must be a positive"),
+    "bandwidth": ("rvq", _set("num_quantizers", value=99), "field 'num_quantizers'"),
+    "more_layers_than_weights": ("rvq", _set("config", "num_quantizers", value=3), "lacks 'layers.2"),
+    "huge_groups": ("grouped", _set("config", "groups", value=10**6), "'num_quantizers' x 'groups'"),
+    "fewer_groups": ("grouped", _set("config", "groups", value=1), "config field 'dim'|groups"),
+    "fsq_levels_disagree_with_projection": ("fsq", _set("config", "levels", value=[2] * 31), "field 'levels'"),
+    "fsq_more_channels_than_graph": ("fsq_bare", _set("config", "levels", value=[8, 5, 5]), "field 'dim'"),
+    "fsq_grid_of_2_31_codes": ("fsq_bare", _set("config", "levels", value=[2**16, 2**15]), "max_derived_bytes"),
+    "fsq_levels_not_ints": ("fsq", _set("config", "levels", value="8,5,5,5"), "levels must be"),
+    "latent_channels": ("latent", _set("config", "dim", value=10**9), "'dim'"),
+    "dtype_object": ("fsq", _set("config", "allowed_dtypes", value=[{"dtype": "__class__"}]), "unknown value"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_manifests_fail_before_anything_is_built(name, hostile_bases, tmp_path, monkeypatch):
+    """Huge or negative sizes, sizes that disagree with the weights or the graphs, unknown keys: a
+    BundleError naming the field, from vqdeploy.load and from Session, before any quantizer is constructed."""
+    import vqdeploy.export.bundle as bundle_module
+    from vqdeploy.runtime import Session
+
+    base, edit, match = HOSTILE[name]
+    bundle = _rewritten(hostile_bases[base], tmp_path, edit)
+
+    def refuse(manifest):
+        raise AssertionError("a quantizer was built from an unchecked manifest")
+
+    monkeypatch.setattr(bundle_module, "build_quantizer", refuse)
+    with pytest.raises(BundleError, match=match):
+        V.load(bundle)
+    with pytest.raises(BundleError, match=match):
+        Session(bundle, provider="cpu")
+
+
+def test_a_malformed_weights_header_and_the_derived_bytes_limit(hostile_bases, tmp_path):
+    """A safetensors header that claims more data than its file holds is refused unread; tensors a config makes
+    beyond its weights (here FSQ's grid of 1000 codes, 16 kB) are bounded by ``max_derived_bytes``."""
+    import struct
+
+    from vqdeploy.export.bundle import write_manifest
+
+    def claim_a_huge_tensor(path):
+        header = json.dumps({"embed": {"dtype": "F32", "shape": [10**12, 16], "data_offsets": [0, 64]}}).encode()
+        (path / "weights.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["files"] = list(manifest["files"])
+        write_manifest(path, manifest)
+
+    with pytest.raises(BundleError, match="malformed header entry"):
+        V.load(_tampered(hostile_bases["vq"], tmp_path, claim_a_huge_tensor))
+    assert isinstance(V.load(hostile_bases["fsq"]), V.FSQ)
+    with pytest.raises(BundleError, match="max_derived_bytes"):
+        V.load(hostile_bases["fsq"], max_derived_bytes=1000)
+
+
 def test_loading_never_unpickles(fsq_bundle, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("pickle used")

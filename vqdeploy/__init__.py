@@ -19,11 +19,12 @@ from .vector_quantize import QuantizeLossOutput, QuantizeOutput, VectorQuantize
 __version__ = "0.1.0"
 
 
-def load(bundle):
-    """Rebuild the PyTorch quantizer of an export bundle (see ``vqdeploy.export``): JSON and safetensors only."""
+def load(bundle, max_derived_bytes: int | None = None):
+    """Rebuild the PyTorch quantizer of an export bundle (see ``vqdeploy.export``): JSON and safetensors only,
+    after its config is checked against its weights and graphs."""
     from .export.bundle import load as load_bundle
 
-    return load_bundle(bundle)
+    return load_bundle(bundle, max_derived_bytes)
 
 
 __all__ = [

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .export.bundle import read_manifest
+from .export.consistency import check_bundle
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
            ast.Mod: operator.mod}
@@ -70,6 +71,7 @@ class Session:
             raise ValueError(f"provider must be 'auto', 'cuda' or 'cpu', got {provider!r}")
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path)
+        check_bundle(self.path, self.manifest)  # an untrusted manifest's sizes must be its files' before any use
         self.device_id = device_id
         self.check_indices = check_indices
         use_cuda = provider != "cpu" and torch.cuda.is_available() \

@@ -106,19 +106,33 @@ def _check_fields(path: Path, manifest: dict) -> None:
         raise BundleError(f"{path}: 'files' must hash exactly {sorted(expected)}, got {sorted(manifest['files'])}")
 
 
+def value_info(value) -> dict:
+    """An ONNX graph input or output as the manifest records it: name, dtype, shape (ints or symbols)."""
+    import onnx
+
+    tensor = value.type.tensor_type
+    shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
+
+
 def build_quantizer(manifest: dict) -> torch.nn.Module:
-    """An untrained quantizer of the manifest's class and config."""
+    """An untrained quantizer of the manifest's class and config (check the config first: ``consistency``)."""
     cls = quantizer_classes()[manifest["class"]]
     return cls(**config_from_json(manifest["config"]))
 
 
-def load(directory: str | Path) -> torch.nn.Module:
+def load(directory: str | Path, max_derived_bytes: int | None = None) -> torch.nn.Module:
     """Rebuild the PyTorch quantizer of a bundle (in eval mode) from its manifest and safetensors weights.
-    User networks exported around it live only in the ONNX graphs."""
+    User networks exported around it live only in the ONNX graphs.  The config is checked against the
+    weights and graphs first (``consistency``); ``max_derived_bytes`` bounds what it may build beyond the
+    weights (default 2 GiB)."""
     from safetensors.torch import load_model
+
+    from .consistency import MAX_DERIVED_BYTES, check_bundle
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    check_bundle(directory, manifest, MAX_DERIVED_BYTES if max_derived_bytes is None else max_derived_bytes)
     quantizer = build_quantizer(manifest)
     missing, unexpected = load_model(quantizer, str(directory / WEIGHTS_FILE), strict=False)
     if missing or unexpected:

@@ -16,7 +16,7 @@ import torch
 
 from ..config import config_to_json
 from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS_FILE, BundleError, load,
-                     quantizer_classes, read_manifest, write_manifest)
+                     quantizer_classes, read_manifest, value_info, write_manifest)
 from .checks import VerifyReport, check_inputs, check_onnx_file, verify_graphs
 from .graphs import (INDEX_DTYPES, DecoderGraph, EncoderGraph, default_example, dynamic_input_axes,
                      dynamic_output_axes, has_decoder, is_residual)
@@ -96,7 +96,8 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
 
 
 def verify(path: str | Path, *, encoder: torch.nn.Module | None = None, decoder: torch.nn.Module | None = None,
-           provider: str = "cpu", seed: int = 0, inputs: torch.Tensor | list[torch.Tensor] | None = None) -> VerifyReport:
+           provider: str = "cpu", seed: int = 0,
+           inputs: torch.Tensor | list[torch.Tensor] | None = None) -> VerifyReport:
     """Check a bundle's graphs with onnxruntime against PyTorch: against the quantizer rebuilt from the bundle,
     and the user's networks for a wrapped bundle (which the bundle does not hold).  ``inputs``: your own encoder
     inputs (a tensor or a list, shaped like the export example on its fixed axes) instead of seeded random ones.
@@ -212,12 +213,4 @@ def _export_graph(graph: torch.nn.Module, example: torch.Tensor, axes: list[int]
     program.save(str(path))
     model = onnx.load(str(path), load_external_data=False)
     return {"file": path.name, "example_shape": list(example.shape), "dynamic_axes": axes,
-            "input": _value_info(model.graph.input[0]), "output": _value_info(model.graph.output[0])}
-
-
-def _value_info(value) -> dict:
-    import onnx
-
-    tensor = value.type.tensor_type
-    shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
-    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
+            "input": value_info(model.graph.input[0]), "output": value_info(model.graph.output[0])}

@@ -78,6 +78,19 @@ class DecoderGraph(nn.Module):
         return features if self.decoder is None else self.decoder(features)
 
 
+def index_dims(quantizer: nn.Module, num_quantizers: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The fixed sizes around an encoder's token axes: ``(leading, trailing)``, e.g. ((groups,), (k,)) for
+    grouped residual indices (groups, b, *tokens, k), ((), (heads,)) for VectorQuantize with heads."""
+    if isinstance(quantizer, GroupedResidualQuantizer):
+        return (quantizer.groups,), (num_quantizers or quantizer.num_quantizers,)
+    if isinstance(quantizer, ResidualQuantizer):
+        return (), (num_quantizers or quantizer.num_quantizers,)
+    if isinstance(quantizer, GridQuantizer):
+        return (), (quantizer.num_codebooks,) if quantizer.keep_num_codebooks_dim else ()
+    columns = quantizer.num_codebooks if isinstance(quantizer, RandomProjectionQuantizer) else quantizer.heads
+    return (), (columns,) if columns > 1 else ()
+
+
 def feature_axis(quantizer: nn.Module, ndim: int) -> int:
     """Which axis of a quantizer's input holds the features (the one axis that is not dynamic)."""
     channel_first = (getattr(quantizer, "accept_image_fmap", False) or not getattr(quantizer, "channel_last", True)

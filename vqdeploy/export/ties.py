@@ -59,6 +59,7 @@ from ..random_projection import RandomProjectionQuantizer
 from ..residual import ResidualQuantizer
 from ..residual_fsq import ResidualFSQ
 from ..vector_quantize import VectorQuantize
+from .graphs import index_dims, is_residual
 
 NEAR_TIE_RTOL = 2.0 ** -16
 
@@ -106,25 +107,14 @@ def _tokens(quantizer: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return to_tokens(features, quantizer.dim, quantizer.channel_last, quantizer.accept_image_fmap)[0]
 
 
-def _columns(quantizer: nn.Module) -> int:
-    """Index columns per layer: heads, or codebooks of a grid quantizer that keeps their axis."""
-    if isinstance(quantizer, VectorQuantize):
-        return quantizer.heads
-    if isinstance(quantizer, GridQuantizer):
-        return quantizer.num_codebooks if quantizer.keep_num_codebooks_dim else 1
-    if isinstance(quantizer, RandomProjectionQuantizer):
-        return quantizer.num_codebooks
-    return 1
-
-
 def _per_token(quantizer: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """Indices as the quantizer returns them -> (tokens, groups, layers, columns)."""
-    if isinstance(quantizer, GroupedResidualQuantizer):
-        groups, layers = indices.shape[0], indices.shape[-1]
-        return indices.movedim(0, -2).reshape(-1, groups, layers, 1)
-    if isinstance(quantizer, ResidualQuantizer):
-        return indices.reshape(-1, 1, indices.shape[-1], 1)
-    return indices.reshape(-1, 1, 1, _columns(quantizer))
+    leading, trailing = index_dims(quantizer, indices.shape[-1] if is_residual(quantizer) else None)
+    if leading:  # grouped: (groups, b, *tokens, layers)
+        return indices.movedim(0, -2).reshape(-1, leading[0], trailing[0], 1)
+    if is_residual(quantizer):
+        return indices.reshape(-1, 1, trailing[0], 1)
+    return indices.reshape(-1, 1, 1, trailing[0] if trailing else 1)
 
 
 # ---------------------------------------------------------------------------------------- families
