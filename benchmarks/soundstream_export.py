@@ -100,11 +100,12 @@ def main(argv=None) -> int:
         rows.append((f"seed {seed}", verify(out, seed=seed)))
     held_out = [features(synthetic_audio(4, 3.0, seed=2000 + i)) for i in range(4)]
     rows.append(("held-out features", verify(out, inputs=held_out)))
-    print(f"\n{'verify':18} {'tokens':>8} {'identical':>10} {'near-tie':>9} {'real':>5}")
+    print(f"\n{'verify':18} {'tokens':>8} {'identical':>10} {'near-tie':>9} {'real':>5} {'worst margin':>13}")
     for label, report in rows:
         agreements = [c.agreement for c in report.checks if c.agreement is not None]
         counts = [sum(getattr(a, field) for a in agreements) for field in ("tokens", "identical", "near_ties", "real")]
-        print(f"{label:18} {counts[0]:>8} {counts[1]:>10} {counts[2]:>9} {counts[3]:>5}")
+        worst = max(a.worst for a in agreements)  # margin / tolerance of the worst differing token
+        print(f"{label:18} {counts[0]:>8} {counts[1]:>10} {counts[2]:>9} {counts[3]:>5} {worst:>13.2e}")
     return 0
 
 

@@ -185,6 +185,8 @@ def test_other_indices_are_real_disagreements(name):
     wrong = (expected + torch.randint(1, 4, expected.shape)) % quantizer.codebook_size
     agreement = compare_indices(quantizer, x, expected, wrong)
     assert agreement.identical == 0 and agreement.real >= 0.95 * agreement.tokens, agreement
+    garbage = torch.where(torch.rand(expected.shape) < 0.5, -2**31, expected + quantizer.codebook_size)
+    assert compare_indices(quantizer, x, expected, garbage).real == 128  # indices of no code are real
 
 
 def test_the_other_side_of_a_boundary_is_a_near_tie():

@@ -125,14 +125,14 @@ def load(directory: str | Path, max_derived_bytes: int | None = None) -> torch.n
     """Rebuild the PyTorch quantizer of a bundle (in eval mode) from its manifest and safetensors weights.
     User networks exported around it live only in the ONNX graphs.  The config is checked against the
     weights and graphs first (``consistency``); ``max_derived_bytes`` bounds what it may build beyond the
-    weights (default 2 GiB)."""
+    weights (None: ``consistency.MAX_DERIVED_BYTES``, 2 GiB)."""
     from safetensors.torch import load_model
 
-    from .consistency import MAX_DERIVED_BYTES, check_bundle
+    from .consistency import check_bundle
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    check_bundle(directory, manifest, MAX_DERIVED_BYTES if max_derived_bytes is None else max_derived_bytes)
+    check_bundle(directory, manifest, max_derived_bytes)
     quantizer = build_quantizer(manifest)
     missing, unexpected = load_model(quantizer, str(directory / WEIGHTS_FILE), strict=False)
     if missing or unexpected:

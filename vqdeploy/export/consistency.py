@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..config import TRAINING_ONLY_ARGUMENTS, config_from_json
-from .bundle import DECODER_FILE, ENCODER_FILE, WEIGHTS_FILE, BundleError, quantizer_classes, value_info
+from .bundle import (DECODER_FILE, ENCODER_FILE, WEIGHTS_FILE, BundleError, build_quantizer, quantizer_classes,
+                     value_info)
 from .graphs import feature_axis, index_dims, is_residual
 
 MAX_LAYERS = 1024  # num_quantizers x groups: residual codecs use 4 to 32 layers
@@ -55,10 +56,12 @@ def constructor_arguments(name: str) -> set[str]:
     return names | (constructor_arguments(KWARGS_GO_TO[name]) if name in KWARGS_GO_TO else set())
 
 
-def check_bundle(directory: Path, manifest: dict, max_derived_bytes: int = MAX_DERIVED_BYTES) -> nn.Module:
-    """Check a read manifest against its bundle's files; returns the quantizer built on the meta device."""
+def check_bundle(directory: Path, manifest: dict, max_derived_bytes: int | None = None) -> nn.Module:
+    """Check a read manifest against its bundle's files; returns the quantizer built on the meta device.
+    ``max_derived_bytes``: None for ``MAX_DERIVED_BYTES``."""
+    max_derived_bytes = MAX_DERIVED_BYTES if max_derived_bytes is None else max_derived_bytes
     config = _checked_config(directory, manifest)
-    module = _meta_build(directory, manifest["class"], config)
+    module = _meta_build(directory, manifest)
     persistent = _check_weights(directory / WEIGHTS_FILE, module, config)
     _check_graphs(directory, manifest, module, config)
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}.values()
@@ -101,13 +104,13 @@ def _checked_config(directory: Path, manifest: dict) -> dict:
     return config
 
 
-def _meta_build(directory: Path, name: str, config: dict) -> nn.Module:
-    """The quantizer of a config, with every tensor on the meta device (sizes without memory)."""
+def _meta_build(directory: Path, manifest: dict) -> nn.Module:
+    """The manifest's quantizer with every tensor on the meta device (sizes without memory)."""
     try:
         with torch.device("meta"):
-            return quantizer_classes()[name](**config)
+            return build_quantizer(manifest)
     except (ValueError, TypeError, OverflowError, RuntimeError) as error:
-        raise BundleError(f"{directory}: the config does not build a {name}: {error}") from None
+        raise BundleError(f"{directory}: the config does not build a {manifest['class']}: {error}") from None
 
 
 def _sizes(config: dict) -> str:

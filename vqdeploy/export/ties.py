@@ -85,12 +85,16 @@ def compare_indices(quantizer: nn.Module, features: torch.Tensor, expected: torc
     if num_differ == 0 or not classify:
         return Agreement(tokens, tokens - num_differ, 0 if classify else None, 0 if classify else None, 0.0)
     rows = differs.nonzero().squeeze(1)
+    expected, got = expected[rows], got[rows]
+    invalid = ((got < 0) | (got >= quantizer.codebook_size)).flatten(1).any(dim=1)  # no code at all: real
     x = _tokens(quantizer, features).reshape(tokens, -1)[rows].double()
     magnitude = x.abs()
     if wrapped:
         magnitude = magnitude.clamp(min=x.pow(2).mean(dim=-1, keepdim=True).sqrt())
     with torch.no_grad():
-        ratios = _ratios(copy.deepcopy(quantizer).double(), x, magnitude, expected[rows], got[rows])
+        ratios = _ratios(copy.deepcopy(quantizer).double(), x, magnitude, expected,
+                         torch.where(invalid[:, None, None, None], expected, got))
+    ratios = torch.where(invalid, torch.inf, ratios)
     near = int((ratios <= 1).sum())
     return Agreement(tokens, tokens - num_differ, near, num_differ - near, float(ratios.max()))
 
