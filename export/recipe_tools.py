@@ -14,7 +14,7 @@ import torch
 
 from vqdeploy.timing import median_ms
 
-__all__ = ["recipe_parser", "endless", "train", "usage", "median_ms"]
+__all__ = ["recipe_parser", "endless", "train", "usage", "index_agreement", "median_ms"]
 
 
 def recipe_parser(description: str, default_out: str) -> argparse.ArgumentParser:
@@ -39,6 +39,16 @@ def usage(indices: torch.Tensor, codebook_size: int) -> tuple[float, float]:
     probs = counts / counts.sum().clamp(min=1)
     entropy = -(probs * probs.clamp(min=1e-12).log()).sum()
     return float((counts > 0).float().mean()), math.exp(float(entropy))
+
+
+def index_agreement(quantizer: torch.nn.Module, features: torch.Tensor, indices: torch.Tensor, ort_indices) -> str:
+    """onnxruntime's indices against PyTorch's, token by token, as export verification counts them (a near-tie
+    is a token within float32 rounding of a decision boundary; ``features``: the quantizer's input)."""
+    from vqdeploy.export.ties import compare_indices
+
+    agreement = compare_indices(quantizer, features, indices, torch.as_tensor(ort_indices), wrapped=True)
+    return (f"tokens identical {agreement.identical} of {agreement.tokens}, near-ties {agreement.near_ties}, "
+            f"real disagreements {agreement.real}")
 
 
 def train(model: torch.nn.Module, batches, args: argparse.Namespace, name: str, loss_fn, lr: float = 2e-3,

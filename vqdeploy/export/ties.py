@@ -78,8 +78,8 @@ def compare_indices(quantizer: nn.Module, features: torch.Tensor, expected: torc
                     wrapped: bool = False, classify: bool = True) -> Agreement:
     """Classify onnxruntime's indices ``got`` against PyTorch's ``expected`` for the quantizer input
     ``features`` (PyTorch's, float32); ``wrapped``: the features came out of a user network.
-    ``classify=False`` only counts identical tokens."""
-    expected, got = _per_token(quantizer, expected.long()), _per_token(quantizer, got.long())
+    ``classify=False`` only counts identical tokens.  Runs on the CPU, whatever the inputs' device."""
+    expected, got = _per_token(quantizer, expected.long().cpu()), _per_token(quantizer, got.long().cpu())
     differs = (expected != got).flatten(1).any(dim=1)
     tokens, num_differ = expected.shape[0], int(differs.sum())
     if num_differ == 0 or not classify:
@@ -87,12 +87,12 @@ def compare_indices(quantizer: nn.Module, features: torch.Tensor, expected: torc
     rows = differs.nonzero().squeeze(1)
     expected, got = expected[rows], got[rows]
     invalid = ((got < 0) | (got >= quantizer.codebook_size)).flatten(1).any(dim=1)  # no code at all: real
-    x = _tokens(quantizer, features).reshape(tokens, -1)[rows].double()
+    x = _tokens(quantizer, features.detach().cpu()).reshape(tokens, -1)[rows].double()
     magnitude = x.abs()
     if wrapped:
         magnitude = magnitude.clamp(min=x.pow(2).mean(dim=-1, keepdim=True).sqrt())
     with torch.no_grad():
-        ratios = _ratios(copy.deepcopy(quantizer).double(), x, magnitude, expected,
+        ratios = _ratios(copy.deepcopy(quantizer).cpu().double(), x, magnitude, expected,
                          torch.where(invalid[:, None, None, None], expected, got))
     ratios = torch.where(invalid, torch.inf, ratios)
     near = int((ratios <= 1).sum())
