@@ -24,7 +24,8 @@ def test_codec_recipe(tmp_path, capsys):
 
 @pytest.mark.parametrize("quantizer", ["fsq", "lfq"])
 def test_tokenizer_recipe(quantizer, tmp_path, capsys):
-    _recipe("tokenizer").main(["--quantizer", quantizer, "--steps", "3", "--batch", "4",
+    # trained eagerly: the codec recipe covers compiled training
+    _recipe("tokenizer").main(["--quantizer", quantizer, "--steps", "3", "--batch", "4", "--eager",
                                "--out", str(tmp_path / "tokenizer")])
     out = capsys.readouterr().out
     assert "reconstruction PSNR" in out and "tokens per image" in out

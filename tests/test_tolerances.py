@@ -34,7 +34,7 @@ def _compiled_twin(eager, name, **overrides):
     return torch.compile(other, fullgraph=True)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", ["default", "affine"])
 def test_a_swapped_decay_fails_the_compile_comparison(name):
     torch.manual_seed(0)
     eager = _build(name, decay=0.8)

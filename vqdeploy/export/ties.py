@@ -9,8 +9,8 @@ For each token whose indices differ, the first layer where they differ is examin
 PyTorch side, with the graph's own weights and the layer input PyTorch computed (for a user network inside
 the encoder graph: the network's output as PyTorch computed it).  Two numbers decide:
 
-- the margin ``m``: how much better PyTorch's choice is than onnxruntime's for that input (half the
-  difference of their distances; negative when float64 prefers onnxruntime's);
+- the margin ``m``: how much better PyTorch's choice is than onnxruntime's for that input (the table below;
+  negative when float64 prefers onnxruntime's);
 - the size ``e`` of the float32 computation that compared them: the magnitude its terms can reach, so that
   the rounding of two correct implementations is at most a small multiple of ``2**-24 * e``.
 
@@ -35,9 +35,10 @@ rounds ``residual / (levels - 1) ** -i``.  A user network's output is exact only
 which grows with the size of the token's features, not of each feature: with a network inside the encoder
 graph, ``a`` is at least the root mean square of the token's features.
 
-``NEAR_TIE_RTOL = 2**-16`` is 256 float32 unit roundoffs of ``e``: above what float32 sums of up to a few
-thousand terms, ulp-level tanh differences and a user network's last layers round to, and far below what a
-wrong weight or a wrong op moves decisions by (a codebook perturbed by 1e-3 of its size fails).
+``NEAR_TIE_RTOL = 2**-16`` is 256 float32 unit roundoffs of ``e``, the worst-case rounding of a float32 sum of
+256 terms (n u e): every flip measured between onnxruntime and PyTorch, bare and behind a conv network, lay
+within 1/300 of it, while a wrong weight or op moves decisions by far more (an ONNX codebook perturbed by
+1e-3 of its spread fails, tests/test_export_ties.py).
 """
 
 from __future__ import annotations
