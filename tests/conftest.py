@@ -29,3 +29,12 @@ def _eager_compatible_random():
     inductor_config.fallback_random = True
     yield
     inductor_config.fallback_random = previous
+
+
+@pytest.fixture
+def defaults_1_14_17():
+    """Modules built in the test take vector-quantize-pytorch 1.14.17's defaults (its parity suites use it)."""
+    from vqdeploy import use_defaults
+
+    with use_defaults("1.14.17"):
+        yield

@@ -23,10 +23,11 @@ from tolerances import assert_rounding_close
 TOKENS = 24
 CASES = {
     "default": ({}, None),
-    "ema_heads_dead_codes_orthogonal": (dict(codebook_dim=8, heads=2, decay=0.5, eps=1e-3, threshold_ema_dead_code=2,
-                                             commitment_weight=0.25, orthogonal_reg_weight=10.0,
-                                             orthogonal_reg_active_codes_only=True, orthogonal_reg_max_codes=8),
-                                        "mask"),
+    # 1.14.17's defaults: straight-through, padding passed through, code counts from zero
+    "ema_heads_dead_codes_orthogonal_1_14_17": (dict(codebook_dim=8, heads=2, decay=0.5, eps=1e-3,
+                                                     threshold_ema_dead_code=2, commitment_weight=0.25,
+                                                     orthogonal_reg_weight=10.0, orthogonal_reg_active_codes_only=True,
+                                                     orthogonal_reg_max_codes=8, defaults="1.14.17"), "mask"),
     "kmeans_separate_heads_channel_first": (dict(kmeans_init=True, kmeans_iters=3, sync_kmeans=False, heads=2,
                                                  separate_codebook_per_head=True, channel_last=False), "mask"),
     "cosine_kmeans_dead_codes_image": (dict(use_cosine_sim=True, kmeans_init=True, kmeans_iters=2,

@@ -18,6 +18,9 @@ from vqdeploy import VectorQuantize  # noqa: E402
 
 from tolerances import assert_no_drift, assert_rounding_close
 
+# these suites compare with 1.14.17, so its defaults apply (the switch users of checkpoints trained with it take)
+pytestmark = pytest.mark.usefixtures("defaults_1_14_17")
+
 CONFIGS = {
     "euclidean": (dict(dim=16, codebook_size=32), (2, 24, 16)),
     "cosine": (dict(dim=16, codebook_size=32, use_cosine_sim=True), (2, 24, 16)),

@@ -15,6 +15,9 @@ from vqdeploy import GroupedResidualVQ, RandomProjectionQuantizer, ResidualVQ
 
 from tolerances import assert_no_drift, assert_rounding_close
 
+# these suites compare with 1.14.17, so its defaults apply (the switch users of checkpoints trained with it take)
+pytestmark = pytest.mark.usefixtures("defaults_1_14_17")
+
 # one step of rounding (tolerances.py) with reductions bounded by the largest batch here (2 x 24 x 16 elements)
 BOUND = dict(steps=1, n=2 * 24 * 16)
 

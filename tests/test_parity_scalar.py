@@ -14,6 +14,9 @@ from vqdeploy import FSQ, LFQ, GroupedResidualFSQ, GroupedResidualLFQ, LatentQua
 
 from tolerances import LFQ_ENTROPY_RTOL, assert_rounding_close
 
+# these suites compare with 1.14.17, so its defaults apply (the switch users of checkpoints trained with it take)
+pytestmark = pytest.mark.usefixtures("defaults_1_14_17")
+
 # one step of rounding (tolerances.py) with reductions bounded by the largest batch here (2 x 30 x 16 elements)
 BOUND = dict(steps=1, n=2 * 30 * 16)
 

@@ -45,11 +45,42 @@ def test_shapes_and_eval_forward_equals_decode_of_encode(name):
 
 
 def test_straight_through_passes_gradients_unchanged():
-    vq = make(commitment_weight=0.0)
+    vq = make(commitment_weight=0.0, rotation_trick=False)
     x = torch.randn(2, 12, DIM, requires_grad=True)
     quantized, _, _ = vq(x)
     quantized.backward(torch.ones_like(quantized))
     torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(heads=2, codebook_dim=DIM // 2, separate_codebook_per_head=True),
+                                     dict(use_cosine_sim=True)],
+                         ids=["euclidean", "heads", "cosine"])
+def test_rotation_trick_outputs_codes_and_rotates_gradients(options):
+    """On by default (1.32.0): the output is the nearest code, and the gradient reaching each token is the
+    output's gradient turned by the rotation that carries the token onto its code, times |code| / |token|."""
+    vq = make(commitment_weight=0.0, **options)
+    assert vq.rotation_trick
+    before = twin(vq).eval()  # the codes the step chose from (the step then updates the codebook)
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    quantized, indices, _ = vq(x)
+    torch.testing.assert_close(quantized, before.decode(indices), atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(quantized)
+    quantized.backward(g)
+
+    rows = x.detach().double().reshape(2, 12, -1, DIM // vq.heads)  # per head: the vectors that were rotated
+    if options.get("use_cosine_sim"):
+        rows = torch.nn.functional.normalize(rows, dim=-1)
+    codes, g = before.decode(indices).double().reshape(rows.shape), g.double().reshape(rows.shape)
+    u = rows / rows.norm(dim=-1, keepdim=True)
+    q = codes / codes.norm(dim=-1, keepdim=True)
+    w = torch.nn.functional.normalize(u + q, dim=-1)
+    dot = lambda a, b: (a * b).sum(dim=-1, keepdim=True)  # noqa: E731
+    expected = (g - 2 * dot(w, g) * w + 2 * dot(q, g) * u) * codes.norm(dim=-1, keepdim=True) / rows.norm(
+        dim=-1, keepdim=True)
+    if options.get("use_cosine_sim"):  # and back through the normalisation of x
+        norm = x.detach().double().reshape(rows.shape).norm(dim=-1, keepdim=True)
+        expected = (expected - dot(expected, rows) * rows) / norm
+    torch.testing.assert_close(x.grad.double(), expected.reshape(x.shape), atol=1e-5, rtol=1e-4)
 
 
 def test_commitment_loss_is_weighted_mse_to_the_codes():
@@ -182,16 +213,28 @@ def test_any_integer_index_dtype_works():
         torch.testing.assert_close(vq(x, indices=codes.to(dtype)).ce_loss, vq(x, indices=codes).ce_loss)
 
 
-def test_mask_keeps_padded_positions_and_excludes_them_from_statistics():
-    vq = make(decay=0.5)
+@pytest.mark.parametrize("zeros", [True, False], ids=["zeros", "input"])
+def test_mask_fills_padded_positions_and_excludes_them_from_statistics(zeros):
+    """Padding comes back as zeros (1.32.0's default) or as the input (1.14.17's)."""
+    vq = make(decay=0.5, return_zeros_for_masked_padding=zeros)
     reference = twin(vq)
     x = torch.randn(2, 12, DIM)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 7:] = False
     quantized, _, _ = vq(x, mask=mask)
-    assert torch.equal(quantized[1, 7:], x[1, 7:])
+    assert torch.equal(quantized[1, 7:], torch.zeros_like(x[1, 7:]) if zeros else x[1, 7:])
     reference(torch.cat([x[0], x[1, :7]]).unsqueeze(0))
     torch.testing.assert_close(vq.codebook, reference.codebook, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("defaults", ["1.32.0", "1.14.17"])
+def test_masked_tokens_get_index_minus_one_from_1_32(defaults):
+    vq = make(heads=2, codebook_dim=4, defaults=defaults)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    _, indices, _ = vq(torch.randn(2, 12, DIM), mask=mask)
+    assert indices.shape == (2, 12, 2) and torch.all(indices[mask] >= 0)
+    assert torch.all(indices[~mask] == -1) if defaults == "1.32.0" else torch.all(indices[~mask] >= 0)
 
 
 def test_freeze_codebook_leaves_state_untouched():

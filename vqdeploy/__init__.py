@@ -5,6 +5,7 @@ export and runtime modules.
 """
 
 from .codebooks import Codebook, CodebookConfig
+from .defaults import active_defaults, use_defaults
 from .fsq import FSQ, FSQOutput
 from .latent_quantize import LatentQuantize, LatentQuantizeOutput
 from .lfq import LFQ, LFQOutput, LossBreakdown
@@ -28,7 +29,7 @@ def load(bundle, max_derived_bytes: int | None = None):
 
 
 __all__ = [
-    "load", "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
+    "load", "use_defaults", "active_defaults", "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
     "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
     "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
     "LFQ", "LFQOutput", "LossBreakdown", "LatentQuantize", "LatentQuantizeOutput", "ResidualLFQ", "GroupedResidualLFQ",

@@ -62,6 +62,7 @@ class CodebookConfig:
     stochastic_sample_codes: bool = False
     straight_through: bool = False
     reinmax: bool = False
+    initial_cluster_size: float = 0.0  # the EMA count of every code of a new codebook (1 since 1.15.3)
 
     def __post_init__(self):
         if self.affine_param and self.use_cosine_sim:
@@ -77,6 +78,9 @@ class CodebookConfig:
     @property
     def syncs_kmeans(self) -> bool:
         return self.use_ddp and self.sync_kmeans
+
+
+_FLAGS = ("initted", "batch_stats_need_init", "codebook_mean_needs_init", "codebook_variance_needs_init")
 
 
 class Codebook(OptionalStateMixin):
@@ -100,7 +104,7 @@ class Codebook(OptionalStateMixin):
 
         self.register_buffer("initted", flag(not kmeans_init))
         self._kmeans_pending = kmeans_init
-        self.register_buffer("cluster_size", torch.zeros(num_codebooks, codebook_size))
+        self.register_buffer("cluster_size", torch.full((num_codebooks, codebook_size), config.initial_cluster_size))
         self.register_buffer("embed_avg", embed.clone())
         if config.learnable_codebook:
             self.embed = nn.Parameter(embed)
@@ -126,6 +130,11 @@ class Codebook(OptionalStateMixin):
         self._sync_kmeans_pending()
 
     def _adapt_state_dict(self, state_dict: dict, prefix: str) -> None:
+        # since 1.27.0 the reference saves its flags as 0-d bools; ours are its older one-element floats
+        for name in _FLAGS:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.ndim == 0:
+                state_dict[prefix + name] = value.reshape(1).to(torch.float32)
         # the reference registers batch statistics lazily: their presence means they are initialised
         flag_key = prefix + "batch_stats_need_init"
         if self.config.affine_param and prefix + "batch_mean" in state_dict and flag_key not in state_dict:

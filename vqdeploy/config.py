@@ -18,7 +18,8 @@ TRAINING_ONLY_ARGUMENTS = ("in_place_codebook_optimizer", "straight_through_acti
 
 
 def records_config(cls):
-    """Class decorator: instances get ``init_config``, their constructor arguments with defaults applied.
+    """Class decorator: instances get ``init_config``, their constructor arguments with defaults applied, and
+    the release whose defaults they follow (``defaults``, see defaults.py) when they or their layers have one.
     With nested decorated classes the outermost constructor's arguments win (it finishes last)."""
     init = cls.__init__
     signature = inspect.signature(init)
@@ -34,6 +35,9 @@ def records_config(cls):
                 arguments.update(value)
             else:
                 arguments[name] = value
+        release = next((m.defaults_release for m in self.modules() if hasattr(m, "defaults_release")), None)
+        if release is not None:  # rebuilt later, it must follow the same release's defaults whatever the program's
+            arguments["defaults"] = release
         self.__dict__["init_config"] = arguments
 
     cls.__init__ = __init__

@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import records_config
+from .defaults import default_for, release_for
 from .grid import GridQuantizer
 from .primitives import bit_table, factorized_code_entropies
 from .vector_quantize import QuantizeOutput, _number, _positive_int
@@ -56,12 +57,16 @@ class LFQ(GridQuantizer):
     """Lookup-free quantization of ``num_codebooks`` groups of log2(codebook_size) channels."""
 
     def __init__(self, dim: int | None = None, codebook_size: int | None = None, entropy_loss_weight: float = 0.1,
-                 commitment_loss_weight: float = 0.25, diversity_gamma: float = 1.0,
+                 commitment_loss_weight: float | None = None, diversity_gamma: float = 1.0,
                  straight_through_activation: nn.Module | None = None, num_codebooks: int = 1,
                  keep_num_codebooks_dim: bool | None = None, codebook_scale: float = 1.0,
                  frac_per_sample_entropy: float = 1.0, use_code_agnostic_commit_loss: bool = False,
-                 projection_has_bias: bool = True, soft_clamp_input_value: float | None = None):
+                 projection_has_bias: bool = True, soft_clamp_input_value: float | None = None,
+                 defaults: str | None = None):
         super().__init__()
+        self.defaults_release = release_for(defaults)
+        commitment_loss_weight = default_for(self.defaults_release, "LFQ", "commitment_loss_weight",
+                                             commitment_loss_weight)
         codebook_dim = _codebook_dim(dim, codebook_size)
         _number("entropy_loss_weight", entropy_loss_weight)
         _number("commitment_loss_weight", commitment_loss_weight)

@@ -21,6 +21,22 @@ def l2norm(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return F.normalize(t, p=2, dim=dim)
 
 
+def rotate_to(x: torch.Tensor, codes: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024, arXiv 2410.06424, section 4.2): ``codes`` in the forward pass, while
+    the gradient reaches ``x`` through the rotation and rescaling that carries x onto its code (held constant),
+    so it keeps the angle between x and the code instead of passing through unchanged as straight-through does.
+    x, codes: (..., d); ``codes`` get no gradient."""
+    x_norm = x.norm(dim=-1, keepdim=True)
+    codes = codes.detach()
+    code_norm = codes.norm(dim=-1, keepdim=True)
+    u = (x / x_norm.clamp(min=eps)).detach()
+    q = codes / code_norm.clamp(min=eps)
+    w = F.normalize(u + q, dim=-1, eps=eps)
+    # (I - 2 w w^T + 2 u q^T) applied to x: a Householder reflection, then one onto the code's direction
+    rotated = x - 2 * (x * w).sum(dim=-1, keepdim=True) * w + 2 * (x * u).sum(dim=-1, keepdim=True) * q
+    return rotated * (code_norm / x_norm.clamp(min=eps)).detach()
+
+
 def safe_log(t: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
     return torch.log(t.clamp(min=eps))
 

@@ -18,9 +18,10 @@ from torch import nn
 from .config import records_config
 from . import distributed as D
 from .codebooks import Codebook, CodebookConfig
+from .defaults import default_for, release_for
 from .layout import check_index_range, check_indices_dtype, to_tokens
 from .primitives import (counts_per_code, draw_uniform, gather_codes, masked_cross_entropy, masked_mse,
-                         orthogonal_loss)
+                         orthogonal_loss, rotate_to)
 
 
 class QuantizeOutput(NamedTuple):
@@ -93,8 +94,12 @@ class VectorQuantize(nn.Module):
         affine_param_batch_decay: float = 0.99,
         affine_param_codebook_decay: float = 0.9,
         sync_update_v: float = 0.0,
+        rotation_trick: bool | None = None,
+        return_zeros_for_masked_padding: bool | None = None,
+        defaults: str | None = None,
     ):
         super().__init__()
+        self.defaults_release = release = release_for(defaults)
         _positive_int("dim", dim)
         _positive_int("codebook_size", codebook_size)
         _positive_int("heads", heads)
@@ -140,6 +145,16 @@ class VectorQuantize(nn.Module):
         self.sync_update_v = sync_update_v
         self.accept_image_fmap = accept_image_fmap
         self.channel_last = channel_last
+        if rotation_trick and straight_through:
+            raise ValueError("rotation_trick=True and straight_through=True exclude each other (rotation_trick is a "
+                             "gradient through the nearest code, straight_through one through sampled codes)")
+        if rotation_trick is None:
+            rotation_trick = default_for(release, "VectorQuantize", "rotation_trick") and dim > 1 \
+                and not straight_through
+        self.rotation_trick = bool(rotation_trick)
+        self.masked_indices_are_minus_one = default_for(release, "VectorQuantize", "index of masked tokens") == -1
+        self.return_zeros_for_masked_padding = bool(
+            default_for(release, "VectorQuantize", "return_zeros_for_masked_padding", return_zeros_for_masked_padding))
 
         if sync_codebook is None:
             sync_codebook = D.is_distributed()
@@ -167,6 +182,7 @@ class VectorQuantize(nn.Module):
             stochastic_sample_codes=stochastic_sample_codes,
             straight_through=straight_through,
             reinmax=reinmax,
+            initial_cluster_size=default_for(release, "VectorQuantize", "initial cluster_size"),
         ))
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
@@ -339,14 +355,19 @@ class VectorQuantize(nn.Module):
         if self.training:
             if not self.learnable_codebook or freeze_codebook:
                 commit_quantized = quantized.detach()
-            quantized = rows + (quantized - rows).detach()  # straight-through estimator
+            if self.rotation_trick and rows.requires_grad:
+                quantized = rotate_to(rows, quantized.detach())
+            else:
+                quantized = rows + (quantized - rows).detach()  # straight-through estimator
             if self.sync_update_v > 0:
                 # optimistic/pessimistic synchronous update, eq. 21 of https://arxiv.org/abs/2305.08842
                 quantized = quantized + self.sync_update_v * (quantized - quantized.detach())
 
         out = self.project_out(self._merge_rows(quantized, batch))
         if token_weights is not None:
-            out = torch.where(token_weights.unsqueeze(-1) > 0, out, tokens)
+            padding = torch.zeros((), dtype=out.dtype, device=out.device) if self.return_zeros_for_masked_padding \
+                else tokens
+            out = torch.where(token_weights.unsqueeze(-1) > 0, out, padding)
 
         if target is not None:
             return QuantizeLossOutput(out, masked_cross_entropy(logits, target_rows, row_weights))
@@ -356,7 +377,11 @@ class VectorQuantize(nn.Module):
         loss = torch.zeros(1, device=tokens.device, requires_grad=self.training and not torch.compiler.is_compiling())
         if self.training:
             loss = loss + self._aux_loss(rows, commit_quantized, code_indices, logits, row_weights, noise)
-        return QuantizeOutput(out, self._merge_indices(code_indices, batch), loss)
+        indices = self._merge_indices(code_indices, batch)
+        if token_weights is not None and self.masked_indices_are_minus_one:
+            kept = (token_weights > 0).reshape(*token_weights.shape, *(1,) * (indices.ndim - 2))
+            indices = torch.where(kept, indices, -1)
+        return QuantizeOutput(out, indices, loss)
 
     def _samples_orthogonal_codes(self) -> bool:
         max_codes = self.orthogonal_reg_max_codes

@@ -1,0 +1,74 @@
+"""Parity with vector-quantize-pytorch 1.32.0 (the newest release), with its defaults: the rotation trick, zeros
+for masked padding, code counts starting at one, its 0-d bool flags in checkpoints.
+
+1.32.0 runs in one subprocess for the whole module (reference_1_32.py): each case builds a fresh 1.32.0 module,
+saves its state, and runs one training step on the same inputs.  vqdeploy loads that state strictly and runs the
+same step; indices must be identical, outputs, the input's gradient (through the rotation trick) and the
+codebook state after the step within the rounding bound of one step (tolerances.py).
+
+Masks are compared on a single head without projections: 1.32.0's masked training step fails there otherwise
+(its commitment loss compares the codes with the unprojected input), where vqdeploy's runs.
+"""
+
+import pytest
+import torch
+
+from vqdeploy import GroupedResidualVQ, ResidualVQ, VectorQuantize
+
+from reference_1_32 import run_cases, split_state
+from tolerances import assert_no_drift, assert_rounding_close
+
+SHAPE = (2, 24, 16)
+BASE = dict(dim=16, codebook_size=32)
+CASES = {
+    "vq": (VectorQuantize, BASE),
+    "vq_cosine": (VectorQuantize, dict(BASE, use_cosine_sim=True)),
+    "vq_heads_separate": (VectorQuantize, dict(BASE, heads=2, codebook_dim=8, separate_codebook_per_head=True)),
+    "vq_heads_shared_projection": (VectorQuantize, dict(BASE, heads=2, codebook_dim=4)),
+    "vq_affine": (VectorQuantize, dict(BASE, affine_param=True)),
+    "vq_masked": (VectorQuantize, BASE),
+    "vq_straight_through_off": (VectorQuantize, dict(BASE, rotation_trick=False)),
+    "residual": (ResidualVQ, dict(BASE, num_quantizers=3)),
+    "residual_masked": (ResidualVQ, dict(BASE, num_quantizers=2)),
+    "grouped": (GroupedResidualVQ, dict(BASE, groups=2, num_quantizers=2)),
+}
+
+
+def _inputs(name: str) -> dict:
+    generator = torch.Generator().manual_seed(sum(map(ord, name)))
+    inputs = {"x": torch.randn(SHAPE, generator=generator), "grad": torch.randn(SHAPE, generator=generator)}
+    if name.endswith("masked"):
+        mask = torch.ones(SHAPE[:2], dtype=torch.bool)
+        mask[1, 15:] = False
+        inputs["mask"] = mask
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    cases = [dict(name=name, **{"class": cls.__name__}, config=config, seed=0, train=True)
+             for name, (cls, config) in CASES.items()]
+    return run_cases(cases, {name: _inputs(name) for name in CASES}, tmp_path_factory.mktemp("reference_1_32"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_training_step_matches_1_32(reference, name):
+    cls, config = CASES[name]
+    results, inputs = reference[name], _inputs(name)
+    ours = cls(**config)
+    ours.load_state_dict(split_state(results, "state"), strict=True)
+    x = inputs["x"].clone().requires_grad_()
+    kwargs = {"mask": inputs["mask"]} if "mask" in inputs else {}
+    quantized, indices, loss = ours(x, **kwargs)
+    bound = dict(n=x.numel(), data=x.detach())
+
+    assert torch.equal(indices, results["indices"])
+    assert_rounding_close(quantized, results["quantized"], **bound, msg="quantized")
+    assert_rounding_close(loss.reshape(-1), results["loss"], **bound, msg="loss")
+    ((quantized * inputs["grad"]).sum() + loss.sum()).backward()
+    assert_rounding_close(x.grad, results["x_grad"], **bound, msg="input gradient")
+    after = split_state(results, "after")
+    for key, value in ours.state_dict().items():
+        if key.endswith(("embed", "embed_avg", "cluster_size")):
+            assert_rounding_close(value, after[key], **bound, msg=key)
+            assert_no_drift(value, after[key], msg=key)
