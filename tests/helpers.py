@@ -12,7 +12,9 @@ CODEBOOK_SIZE = 32
 
 def input_for(vq: torch.nn.Module, batch: int = 2, tokens: int = 12, requires_grad: bool = False) -> torch.Tensor:
     """A random input in the layout ``vq`` expects."""
-    if vq.accept_image_fmap:
+    if getattr(vq, "accept_3d_fmap", False):
+        shape = (batch, vq.dim, 2, 3, tokens // 6)
+    elif vq.accept_image_fmap:
         shape = (batch, vq.dim, 3, tokens // 3)
     elif not vq.channel_last:
         shape = (batch, vq.dim, tokens)

@@ -23,8 +23,9 @@ INSTALL = (f"pip install --no-deps --target {REFERENCE_DIR} vector-quantize-pyto
 
 
 def run_cases(cases: list[dict], inputs: dict[str, dict[str, torch.Tensor]], directory: Path) -> dict[str, dict]:
-    """Run ``cases`` (name, class, config, seed, train) on 1.32.0 with ``inputs[name]`` (x, optional mask and
-    grad, the gradient of the output); returns each case's tensors (see reference_worker.py)."""
+    """Run ``cases`` (name, class, config, seed, train, optional forward arguments) on 1.32.0 with
+    ``inputs[name]`` (x, grad: the gradient of the output, optional mask or lens); returns each case's tensors
+    (see reference_worker.py)."""
     if not (REFERENCE_DIR / "vector_quantize_pytorch").is_dir():
         raise RuntimeError(f"vector-quantize-pytorch 1.32.0 is not installed in {REFERENCE_DIR}: run `{INSTALL}` "
                            "(or set VQDEPLOY_REFERENCE_1_32 to where it is)")

@@ -2,10 +2,11 @@
 
 Started as ``python reference_worker.py SPEC OUT`` with the release first on PYTHONPATH.  SPEC is a JSON list of
 cases; each case's inputs are in ``OUT/<name>.in.safetensors`` and its results go to ``OUT/<name>.safetensors``:
-the module's state before (``state.*``) and after (``after.*``) one forward and backward, the outputs, the
-input's gradient.  Only tensors cross the process boundary (safetensors, no pickle).
+the module's state before (``state.*``) and after (``after.*``) one forward (with the case's ``forward``
+arguments) and backward, the outputs (``breakdown.i`` for a loss breakdown), the input's gradient.  Only tensors cross the process boundary (safetensors, no pickle).
 """
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -21,16 +22,28 @@ def run(case: dict, out: Path) -> None:
     module = getattr(reference, case["class"])(**case["config"])
     module.train(case["train"])
     state = {f"state.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+    frozen = copy.deepcopy(module) if case.get("frozen_gradient") else None
     inputs = load_file(out / f"{case['name']}.in.safetensors")
     x = inputs["x"].requires_grad_(case["train"])
-    kwargs = {"mask": inputs["mask"]} if "mask" in inputs else {}
-    quantized, indices, loss = module(x, **kwargs)[:3]
+    kwargs = {key: inputs[key] for key in ("mask", "lens") if key in inputs}
+    outputs = module(x, **kwargs, **case.get("forward", {}))
+    quantized, indices, loss = outputs[:3]
     results = {"quantized": quantized.detach(), "indices": indices, "loss": loss.detach().reshape(-1)}
+    if len(outputs) == 4:  # return_loss_breakdown
+        results.update({f"breakdown.{i}": term.detach().reshape(-1) for i, term in enumerate(outputs[3])})
     if case["train"]:
         ((quantized * inputs["grad"]).sum() + loss.sum()).backward()
         results["x_grad"] = x.grad
+        if frozen is not None:
+            # a gradient through the distances: 1.32.0's backward would read the codebook its EMA step has
+            # overwritten in place (through .data), so it is taken from a step that leaves the codebook alone
+            x = inputs["x"].detach().clone().requires_grad_()
+            quantized, _, loss = frozen(x, **kwargs, **case.get("forward", {}), freeze_codebook=True)[:3]
+            ((quantized * inputs["grad"]).sum() + loss.sum()).backward()
+            results["x_grad"] = x.grad
     results.update({f"after.{k}": v.detach().clone() for k, v in module.state_dict().items()})
-    save_file({k: v.contiguous() for k, v in {**state, **results}.items()}, out / f"{case['name']}.safetensors")
+    save_file({k: v.detach().clone().contiguous() for k, v in {**state, **results}.items()},  # no shared storage
+              out / f"{case['name']}.safetensors")
 
 
 if __name__ == "__main__":

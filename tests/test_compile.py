@@ -28,11 +28,12 @@ CASES = {
                                                      threshold_ema_dead_code=2, commitment_weight=0.25,
                                                      orthogonal_reg_weight=10.0, orthogonal_reg_active_codes_only=True,
                                                      orthogonal_reg_max_codes=8, defaults="1.14.17"), "mask"),
-    "kmeans_separate_heads_channel_first": (dict(kmeans_init=True, kmeans_iters=3, sync_kmeans=False, heads=2,
-                                                 separate_codebook_per_head=True, channel_last=False), "mask"),
-    "cosine_kmeans_dead_codes_image": (dict(use_cosine_sim=True, kmeans_init=True, kmeans_iters=2,
-                                            threshold_ema_dead_code=2, accept_image_fmap=True, codebook_dim=8),
-                                       "mask"),
+    "kmeans_separate_heads_channel_first_layernorm_diversity": (
+        dict(kmeans_init=True, kmeans_iters=3, sync_kmeans=False, heads=2, separate_codebook_per_head=True,
+             channel_last=False, layernorm_after_project_in=True, codebook_diversity_loss_weight=0.5), "mask"),
+    "cosine_kmeans_dead_codes_3d_fmap_diversity": (dict(use_cosine_sim=True, kmeans_init=True, kmeans_iters=2,
+                                                        threshold_ema_dead_code=2, accept_3d_fmap=True, codebook_dim=8,
+                                                        codebook_diversity_loss_weight=1.0), "mask"),
     "affine_cross_entropy_synced": (dict(affine_param=True, affine_param_batch_decay=0.5,
                                          affine_param_codebook_decay=0.5, sync_affine_param=True,
                                          commitment_use_cross_entropy_loss=True, sync_codebook=True), "mask"),
@@ -40,9 +41,9 @@ CASES = {
                                        reinmax=True, freeze_codebook=True), lambda x: dict(sample_codebook_temp=0.2)),
     "learnable_sync_update_orthogonal": (dict(ema_update=False, learnable_codebook=True, sync_update_v=0.5,
                                               orthogonal_reg_weight=1.0, commitment_use_cross_entropy_loss=True),
-                                         None),
-    "kmeans_frozen_by_call": (dict(kmeans_init=True, kmeans_iters=2, commitment_weight=0.0),
-                              lambda x: dict(freeze_codebook=True)),
+                                         lambda x: dict(return_loss_breakdown=True)),
+    "kmeans_frozen_by_call_lens": (dict(kmeans_init=True, kmeans_iters=2, commitment_weight=0.0),
+                                   lambda x: dict(freeze_codebook=True, lens=torch.tensor([x.shape[1], 7]))),
 }
 
 

@@ -160,7 +160,8 @@ def test_random_residual_fsq_disagreements_are_all_near_ties(tmp_path):
 # ----------------------------------------------------------------------------- the classifier alone
 
 CLASSIFIER_CASES = {
-    "vq_heads": lambda: V.VectorQuantize(dim=16, codebook_size=32, heads=2, separate_codebook_per_head=True),
+    "vq_heads_layernorm": lambda: V.VectorQuantize(dim=16, codebook_size=32, heads=2, separate_codebook_per_head=True,
+                                                   layernorm_after_project_in=True),
     "vq_cosine_image": lambda: V.VectorQuantize(dim=8, codebook_size=32, use_cosine_sim=True, accept_image_fmap=True),
     "rvq_projection": lambda: V.ResidualVQ(dim=16, codebook_size=32, num_quantizers=3, codebook_dim=8),
     "grouped_rvq": lambda: V.GroupedResidualVQ(dim=16, groups=2, codebook_size=32, num_quantizers=2),

@@ -20,47 +20,67 @@ from tolerances import assert_no_drift, assert_rounding_close
 
 SHAPE = (2, 24, 16)
 BASE = dict(dim=16, codebook_size=32)
+# name: (class, constructor arguments, input shape, forward arguments); names ending in "masked" get a mask,
+# in "lens" sequence lengths
 CASES = {
-    "vq": (VectorQuantize, BASE),
-    "vq_cosine": (VectorQuantize, dict(BASE, use_cosine_sim=True)),
-    "vq_heads_separate": (VectorQuantize, dict(BASE, heads=2, codebook_dim=8, separate_codebook_per_head=True)),
-    "vq_heads_shared_projection": (VectorQuantize, dict(BASE, heads=2, codebook_dim=4)),
-    "vq_affine": (VectorQuantize, dict(BASE, affine_param=True)),
-    "vq_masked": (VectorQuantize, BASE),
-    "vq_straight_through_off": (VectorQuantize, dict(BASE, rotation_trick=False)),
-    "residual": (ResidualVQ, dict(BASE, num_quantizers=3)),
-    "residual_masked": (ResidualVQ, dict(BASE, num_quantizers=2)),
-    "grouped": (GroupedResidualVQ, dict(BASE, groups=2, num_quantizers=2)),
+    "vq": (VectorQuantize, BASE, SHAPE, {}),
+    "vq_cosine": (VectorQuantize, dict(BASE, use_cosine_sim=True), SHAPE, {}),
+    "vq_heads_separate": (VectorQuantize, dict(BASE, heads=2, codebook_dim=8, separate_codebook_per_head=True),
+                          SHAPE, {}),
+    "vq_heads_shared_projection": (VectorQuantize, dict(BASE, heads=2, codebook_dim=4), SHAPE, {}),
+    "vq_affine": (VectorQuantize, dict(BASE, affine_param=True), SHAPE, {}),
+    "vq_masked": (VectorQuantize, BASE, SHAPE, {}),
+    "vq_lens": (VectorQuantize, BASE, SHAPE, {}),
+    "vq_straight_through_off": (VectorQuantize, dict(BASE, rotation_trick=False), SHAPE, {}),
+    "vq_diversity_breakdown": (VectorQuantize, dict(BASE, codebook_diversity_loss_weight=0.5,
+                                                    codebook_diversity_temperature=10.0, heads=2, codebook_dim=8),
+                               SHAPE, dict(return_loss_breakdown=True)),
+    "vq_cosine_diversity_breakdown": (VectorQuantize, dict(BASE, use_cosine_sim=True,
+                                                           codebook_diversity_loss_weight=1.0),
+                                      SHAPE, dict(return_loss_breakdown=True)),
+    "vq_layernorm_projection": (VectorQuantize, dict(BASE, codebook_dim=8, layernorm_after_project_in=True), SHAPE,
+                                {}),
+    "vq_3d_fmap": (VectorQuantize, dict(BASE, accept_3d_fmap=True), (2, 16, 2, 3, 4), {}),
+    "residual": (ResidualVQ, dict(BASE, num_quantizers=3), SHAPE, {}),
+    "residual_masked": (ResidualVQ, dict(BASE, num_quantizers=2), SHAPE, {}),
+    "grouped": (GroupedResidualVQ, dict(BASE, groups=2, num_quantizers=2), SHAPE, {}),
 }
 
 
 def _inputs(name: str) -> dict:
+    shape = CASES[name][2]
     generator = torch.Generator().manual_seed(sum(map(ord, name)))
-    inputs = {"x": torch.randn(SHAPE, generator=generator), "grad": torch.randn(SHAPE, generator=generator)}
+    inputs = {"x": torch.randn(shape, generator=generator), "grad": torch.randn(shape, generator=generator)}
     if name.endswith("masked"):
-        mask = torch.ones(SHAPE[:2], dtype=torch.bool)
+        mask = torch.ones(shape[:2], dtype=torch.bool)
         mask[1, 15:] = False
         inputs["mask"] = mask
+    if name.endswith("lens"):
+        inputs["lens"] = torch.tensor([shape[1], 9])
     return inputs
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    cases = [dict(name=name, **{"class": cls.__name__}, config=config, seed=0, train=True)
-             for name, (cls, config) in CASES.items()]
+    cases = [dict(name=name, **{"class": cls.__name__}, config=config, seed=0, train=True, forward=forward,
+                  frozen_gradient="diversity" in name) for name, (cls, config, _, forward) in CASES.items()]
     return run_cases(cases, {name: _inputs(name) for name in CASES}, tmp_path_factory.mktemp("reference_1_32"))
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_training_step_matches_1_32(reference, name):
-    cls, config = CASES[name]
+    cls, config, _, forward = CASES[name]
     results, inputs = reference[name], _inputs(name)
     ours = cls(**config)
     ours.load_state_dict(split_state(results, "state"), strict=True)
     x = inputs["x"].clone().requires_grad_()
-    kwargs = {"mask": inputs["mask"]} if "mask" in inputs else {}
-    quantized, indices, loss = ours(x, **kwargs)
+    kwargs = {key: inputs[key] for key in ("mask", "lens") if key in inputs}
+    out = ours(x, **kwargs, **forward)
+    quantized, indices, loss = out[:3]
     bound = dict(n=x.numel(), data=x.detach())
+    if forward.get("return_loss_breakdown"):
+        for i, term in enumerate(out.breakdown):
+            assert_rounding_close(term.reshape(-1), results[f"breakdown.{i}"], **bound, msg=out.breakdown._fields[i])
 
     assert torch.equal(indices, results["indices"])
     assert_rounding_close(quantized, results["quantized"], **bound, msg="quantized")

@@ -19,6 +19,26 @@ def test_euclidean_logits_are_negative_distances():
     torch.testing.assert_close(P.euclidean_logits(x, codes), -torch.cdist(x, codes), atol=1e-5, rtol=1e-5)
 
 
+def test_codebook_diversity_loss_is_minus_the_entropy_of_the_average_code_distribution_per_position():
+    h, b, n, k, temperature = 2, 3, 4, 5, 7.0
+    logits = torch.randn(h, b * n, k, dtype=torch.float64)
+    weights = torch.ones(h, b * n, dtype=torch.float64)
+    weights[:, -n:] = 0  # the last sequence is padding
+    weights[:, 1::n] = 0  # and the second position of every sequence
+    expected, positions = 0.0, 0
+    for position in range(n):
+        kept = [(c, s * n + position) for c in range(h) for s in range(b) if weights[c, s * n + position] > 0]
+        if not kept:
+            continue
+        average = sum((logits[c, r] * temperature).softmax(-1) for c, r in kept) / len(kept)
+        expected += float((average * average.clamp(min=1e-5).log()).sum())
+        positions += 1
+    got = P.codebook_diversity_loss(logits, temperature, n, weights)
+    torch.testing.assert_close(got, torch.tensor(expected / positions, dtype=torch.float64))
+    unweighted = P.codebook_diversity_loss(logits, temperature, n)
+    torch.testing.assert_close(unweighted, P.codebook_diversity_loss(logits, temperature, n, torch.ones_like(weights)))
+
+
 def test_weighted_counts_and_sums_equal_one_hot_products():
     indices = torch.randint(0, 9, (3, 40))
     x = torch.randn(3, 40, 4)

@@ -227,6 +227,45 @@ def test_mask_fills_padded_positions_and_excludes_them_from_statistics(zeros):
     torch.testing.assert_close(vq.codebook, reference.codebook, atol=1e-5, rtol=1e-5)
 
 
+def test_lens_equal_the_mask_of_leading_tokens():
+    vq = make()
+    other = twin(vq)
+    x, lens = torch.randn(2, 12, DIM), torch.tensor([12, 5])
+    by_lens, by_mask = vq(x, lens=lens), other(x, mask=torch.arange(12) < lens[:, None])
+    for a, b in zip(by_lens, by_mask):
+        assert torch.equal(a, b)
+
+
+def test_3d_feature_maps_quantize_every_voxel():
+    vq = make(accept_3d_fmap=True)
+    x = torch.randn(2, DIM, 2, 3, 4)
+    quantized, indices, _ = vq.eval()(x)
+    assert quantized.shape == x.shape and indices.shape == (2, 2, 3, 4)
+    tokens = make().eval()
+    tokens.load_state_dict(vq.state_dict())
+    assert torch.equal(indices.reshape(2, 24), tokens(x.flatten(2).transpose(1, 2)).indices)
+    with pytest.raises(ValueError, match="accept_3d_fmap=True expects"):
+        vq(torch.randn(2, DIM, 3, 4))
+
+
+def test_loss_breakdown_holds_the_unweighted_terms_of_the_loss():
+    vq = make(commitment_weight=0.25, codebook_diversity_loss_weight=0.5, orthogonal_reg_weight=2.0, codebook_dim=8)
+    out = vq(torch.randn(2, 12, DIM), return_loss_breakdown=True)
+    terms = out.breakdown
+    assert all(t.ndim == 0 for t in terms) and float(terms.codebook_diversity) < 0 < float(terms.commitment)
+    expected = 0.25 * terms.commitment + 0.5 * terms.codebook_diversity + 2.0 * terms.orthogonal_reg
+    torch.testing.assert_close(out.loss, expected.reshape(1))
+    _, _, loss, terms = vq.eval()(torch.randn(2, 12, DIM), return_loss_breakdown=True)
+    assert float(loss.abs().sum()) == 0 and all(float(t) == 0 for t in terms)
+
+
+def test_layernorm_after_project_in_keeps_the_reference_keys():
+    vq = make(codebook_dim=8, layernorm_after_project_in=True)
+    assert {"project_in.0.weight", "project_in.1.weight", "project_in.1.bias"} <= set(vq.state_dict())
+    tokens = vq.project_in(torch.randn(5, DIM))
+    torch.testing.assert_close(tokens.mean(dim=-1), torch.zeros(5), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("defaults", ["1.32.0", "1.14.17"])
 def test_masked_tokens_get_index_minus_one_from_1_32(defaults):
     vq = make(heads=2, codebook_dim=4, defaults=defaults)
@@ -345,6 +384,10 @@ def test_channel_first_index_lookups_project_before_transposing():
     (lambda vq: vq(torch.randn(0, 12, DIM)), ValueError, "at least one"),
     (lambda vq: vq(torch.randn(2, 0, DIM)), ValueError, "at least one"),
     (lambda vq: vq(torch.randn(2, 12, DIM), sample_codebook_temp=torch.tensor(0.5)), TypeError, "Python number"),
+    (lambda vq: vq(torch.randn(2, 12, DIM), lens=torch.tensor([3.0, 4.0])), TypeError, "integer tensor"),
+    (lambda vq: vq(torch.randn(2, 12, DIM), lens=torch.tensor([3])), ValueError, r"lens must have shape \(2,\)"),
+    (lambda vq: vq(torch.randn(2, 12, DIM), lens=torch.tensor([3, 4]), mask=torch.ones(2, 12, dtype=torch.bool)),
+     ValueError, "either mask or lens"),
 ])
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
@@ -364,6 +407,10 @@ def test_bad_input_raises_a_clear_error(call, error, match):
     (dict(affine_param=True, affine_param_batch_decay=-0.1), "affine_param_batch_decay"),
     (dict(commitment_weight=float("nan")), "commitment_weight"),
     (dict(sample_codebook_temp=-1.0), "sample_codebook_temp"),
+    (dict(accept_image_fmap=True, accept_3d_fmap=True), "exclude each other"),
+    (dict(codebook_diversity_loss_weight=-1.0), "codebook_diversity_loss_weight"),
+    (dict(codebook_diversity_temperature=0.0), "codebook_diversity_temperature"),
+    (dict(rotation_trick=True, straight_through=True, stochastic_sample_codes=True), "exclude each other"),
 ])
 def test_bad_options_raise_value_errors(options, match):
     with pytest.raises(ValueError, match=match):

@@ -15,7 +15,8 @@ from .residual_fsq import GroupedResidualFSQ, ResidualFSQ, ResidualFSQOutput, Re
 from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .residual import ResidualOutput, ResidualOutputWithCodes, ResidualQuantizer
 from .residual_vq import GroupedResidualVQ, ResidualVQ
-from .vector_quantize import QuantizeLossOutput, QuantizeOutput, VectorQuantize
+from .vector_quantize import (QuantizeLossOutput, QuantizeOutput, QuantizeOutputWithBreakdown, VectorQuantize,
+                              VQLossBreakdown)
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,8 @@ def load(bundle, max_derived_bytes: int | None = None):
 
 
 __all__ = [
-    "load", "use_defaults", "active_defaults", "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "Codebook", "CodebookConfig",
+    "load", "use_defaults", "active_defaults", "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "QuantizeOutputWithBreakdown",
+    "VQLossBreakdown", "Codebook", "CodebookConfig",
     "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
     "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
     "LFQ", "LFQOutput", "LossBreakdown", "LatentQuantize", "LatentQuantizeOutput", "ResidualLFQ", "GroupedResidualLFQ",

@@ -92,6 +92,15 @@ def check_grid_indices(indices: torch.Tensor, codebook_size: int, num_codebooks:
     check_index_range(indices, codebook_size)
 
 
+def lens_to_mask(lens: torch.Tensor, batch: int, num_tokens: int) -> torch.Tensor:
+    """Sequence lengths (b,) -> a bool mask (b, n) of each sequence's first ``lens`` tokens."""
+    if not isinstance(lens, torch.Tensor) or lens.dtype.is_floating_point or lens.dtype == torch.bool:
+        raise TypeError(f"lens must be an integer tensor of sequence lengths, got {lens!r:.80}")
+    if tuple(lens.shape) != (batch,):
+        raise ValueError(f"lens must have shape ({batch},), one length per sequence, got {tuple(lens.shape)}")
+    return torch.arange(num_tokens, device=lens.device) < lens[:, None]
+
+
 def to_tokens(x: torch.Tensor, dim: int, channel_last: bool = True, accept_image_fmap: bool = False):
     """Validate ``x`` and return ``(tokens (b, n, dim), TokenLayout)``."""
     if not isinstance(x, torch.Tensor):

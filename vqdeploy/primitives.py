@@ -183,11 +183,12 @@ def sq_dist_scores(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 def euclidean_logits(x: torch.Tensor, codes: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
     """Negative Euclidean distance ``-||x - c||`` (h, n, k), as the reference
-    library exposes it for sampling and cross-entropy losses."""
+    library exposes it for sampling and cross-entropy losses.  The squared distance is clamped at 1e-8 as
+    1.32.0 does (1.14.17: at 0, where the square root's gradient is infinite: NaN for a row equal to a code)."""
     if scores is None:
         scores = sq_dist_scores(x, codes)
     sq = x.pow(2).sum(dim=-1, keepdim=True) + scores
-    return -sq.clamp(min=0.0).sqrt()
+    return -sq.clamp(min=1e-8).sqrt()
 
 
 def cosine_logits(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -388,6 +389,26 @@ def kmeans(x: torch.Tensor, num_clusters: int, num_iters: int, use_cosine_sim: b
 
 # ---------------------------------------------------------------------------
 # losses
+
+
+def codebook_diversity_loss(logits: torch.Tensor, temperature: float, tokens_per_sequence: int,
+                            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Minus the entropy of the code distribution (softmax of ``temperature * logits``), averaged over the batch
+    (and heads) at each position of the sequence, then over positions, as vector-quantize-pytorch 1.32.0 does;
+    minimising it spreads the batch over the codebook.  logits: (h, rows, k), rows = (b, [heads,] n);
+    weights: (h, rows), 0 leaves a token out (positions without any token are left out too)."""
+    h, rows, k = logits.shape
+    prob = (logits * temperature).softmax(dim=-1).reshape(h, -1, tokens_per_sequence, k)
+    if weights is None:
+        average = prob.mean(dim=(0, 1))
+        kept = torch.ones(tokens_per_sequence, device=logits.device)
+    else:
+        weights = weights.reshape(h, -1, tokens_per_sequence, 1).to(prob.dtype)
+        total = weights.sum(dim=(0, 1))
+        average = (prob * weights).sum(dim=(0, 1)) / total.clamp(min=1e-12)
+        kept = (total[:, 0] > 0).to(prob.dtype)
+    entropy = -(average * safe_log(average, eps=1e-5)).sum(dim=-1)
+    return -(entropy * kept).sum() / kept.sum().clamp(min=1.0)
 
 
 def orthogonal_loss(codes: torch.Tensor, code_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,9 +19,9 @@ from .config import records_config
 from . import distributed as D
 from .codebooks import Codebook, CodebookConfig
 from .defaults import default_for, release_for
-from .layout import check_index_range, check_indices_dtype, to_tokens
-from .primitives import (counts_per_code, draw_uniform, gather_codes, masked_cross_entropy, masked_mse,
-                         orthogonal_loss, rotate_to)
+from .layout import check_index_range, check_indices_dtype, lens_to_mask, to_tokens
+from .primitives import (codebook_diversity_loss, counts_per_code, draw_uniform, gather_codes,
+                         masked_cross_entropy, masked_mse, orthogonal_loss, rotate_to)
 
 
 class QuantizeOutput(NamedTuple):
@@ -30,6 +30,24 @@ class QuantizeOutput(NamedTuple):
     quantized: torch.Tensor  # the input's shape
     indices: torch.Tensor  # (b, *tokens) or (b, *tokens, heads)
     loss: torch.Tensor  # (1,)
+
+
+class VQLossBreakdown(NamedTuple):
+    """The unweighted terms of a training loss (``forward(..., return_loss_breakdown=True)``); zeros in eval."""
+
+    commitment: torch.Tensor
+    codebook_diversity: torch.Tensor
+    orthogonal_reg: torch.Tensor
+    inplace_optimize: torch.Tensor
+
+
+class QuantizeOutputWithBreakdown(NamedTuple):
+    """``forward(..., return_loss_breakdown=True)``: the reference's flat 4-tuple."""
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    breakdown: VQLossBreakdown
 
 
 class QuantizeLossOutput(NamedTuple):
@@ -96,6 +114,10 @@ class VectorQuantize(nn.Module):
         sync_update_v: float = 0.0,
         rotation_trick: bool | None = None,
         return_zeros_for_masked_padding: bool | None = None,
+        layernorm_after_project_in: bool = False,
+        accept_3d_fmap: bool = False,
+        codebook_diversity_loss_weight: float = 0.0,
+        codebook_diversity_temperature: float = 100.0,
         defaults: str | None = None,
     ):
         super().__init__()
@@ -118,6 +140,11 @@ class VectorQuantize(nn.Module):
         _number("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
         if ema_update and learnable_codebook:
             raise ValueError("learnable_codebook=True needs ema_update=False (the EMA would overwrite learned codes)")
+        _number("codebook_diversity_loss_weight", codebook_diversity_loss_weight, 0.0)
+        _number("codebook_diversity_temperature", codebook_diversity_temperature, 0.0, low_open=True)
+        if accept_image_fmap and accept_3d_fmap:
+            raise ValueError("accept_image_fmap and accept_3d_fmap exclude each other (accept_3d_fmap is for "
+                             "(batch, dim, depth, height, width) input)")
         _number("sync_update_v", sync_update_v, 0.0, 1.0)
         if sync_update_v > 0 and not learnable_codebook:
             raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
@@ -131,6 +158,8 @@ class VectorQuantize(nn.Module):
         codebook_input_dim = codebook_dim * heads
         self.has_projections = codebook_input_dim != dim
         self.project_in = nn.Linear(dim, codebook_input_dim) if self.has_projections else nn.Identity()
+        if self.has_projections and layernorm_after_project_in:  # the reference's keys: project_in.0, project_in.1
+            self.project_in = nn.Sequential(self.project_in, nn.LayerNorm(codebook_input_dim))
         self.project_out = nn.Linear(codebook_input_dim, dim) if self.has_projections else nn.Identity()
 
         self.eps = eps
@@ -143,8 +172,11 @@ class VectorQuantize(nn.Module):
         self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
         self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
         self.sync_update_v = sync_update_v
-        self.accept_image_fmap = accept_image_fmap
+        self.accept_image_fmap = accept_image_fmap or accept_3d_fmap  # channels first, any number of axes
+        self.accept_3d_fmap = accept_3d_fmap
         self.channel_last = channel_last
+        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
+        self.codebook_diversity_temperature = codebook_diversity_temperature
         if rotation_trick and straight_through:
             raise ValueError("rotation_trick=True and straight_through=True exclude each other (rotation_trick is a "
                              "gradient through the nearest code, straight_through one through sampled codes)")
@@ -235,8 +267,14 @@ class VectorQuantize(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes for ``x`` without touching any state (the export encoder)."""
-        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
+        tokens, layout = self._to_tokens(x)
         return layout.restore_indices(self.encode_tokens(tokens)[1])
+
+    def _to_tokens(self, x: torch.Tensor):
+        if self.accept_3d_fmap and isinstance(x, torch.Tensor) and x.ndim != 5:
+            raise ValueError(f"accept_3d_fmap=True expects (batch, {self.dim}, depth, height, width) input, got shape "
+                             f"{tuple(x.shape)}")
+        return to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
 
     def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pure eval quantization of tokens (b, n, dim): ``(quantized (b, n, dim), indices (b, n[, heads]))``,
@@ -293,34 +331,44 @@ class VectorQuantize(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                sample_codebook_temp: float | None = None, freeze_codebook: bool = False):
+                sample_codebook_temp: float | None = None, freeze_codebook: bool = False,
+                lens: torch.Tensor | None = None, return_loss_breakdown: bool = False):
         """x: (b, dim), (b, n, dim), (b, dim, n) with ``channel_last=False``, or
-        (b, dim, *spatial) with ``accept_image_fmap=True``; mask: bool (b, n).
+        (b, dim, *spatial) with ``accept_image_fmap=True`` ((b, dim, d, h, w) with ``accept_3d_fmap``);
+        mask: bool (b, n), or lens: int (b,), the number of leading tokens of each sequence that are real.
 
-        Returns ``(quantized, indices, loss)``, or ``(quantized, ce_loss)`` when
-        ``indices`` are given."""
+        Returns ``(quantized, indices, loss)`` (with ``return_loss_breakdown``, a fourth element: the
+        unweighted loss terms), or ``(quantized, ce_loss)`` when ``indices`` are given."""
         if sample_codebook_temp is not None:
             _number("sample_codebook_temp", sample_codebook_temp, 0.0)
-        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
+        tokens, layout = self._to_tokens(x)
+        if lens is not None:
+            if mask is not None:
+                raise ValueError("pass either mask or lens, not both")
+            mask = lens_to_mask(lens, tokens.shape[0], tokens.shape[1])
         token_weights = layout.token_weights(mask, tokens.shape[0])
         target = None if indices is None else layout.token_indices(indices, self.heads)
-        out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook)
+        out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook,
+                                   return_loss_breakdown=return_loss_breakdown)
         quantized = layout.restore_features(out[0])
         if indices is not None:
             return QuantizeLossOutput(quantized, out.ce_loss)
+        if return_loss_breakdown:
+            return QuantizeOutputWithBreakdown(quantized, layout.restore_indices(out.indices), out.loss, out.breakdown)
         return QuantizeOutput(quantized, layout.restore_indices(out.indices), out.loss)
 
     def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
                         target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
-                        freeze_codebook: bool = False, active: torch.Tensor | None = None):
+                        freeze_codebook: bool = False, active: torch.Tensor | None = None,
+                        return_loss_breakdown: bool = False):
         """``forward`` on validated tokens (b, n, dim), the form residual wrappers call.
 
         token_weights: (b, n), 0 for tokens that must neither train the codebook
         nor be quantized (padding); target: (b, n, heads) codes for the
         cross-entropy loss; active: a 0-d bool, False for a dropped-out residual
         layer, which then trains nothing (its outputs are the caller's to discard).
-        Returns a ``QuantizeOutput`` with indices (b, n) or (b, n, heads), or a
-        ``QuantizeLossOutput``."""
+        Returns a ``QuantizeOutput`` with indices (b, n) or (b, n, heads) (a
+        ``QuantizeOutputWithBreakdown`` with ``return_loss_breakdown``), or a ``QuantizeLossOutput``."""
         freeze_codebook = freeze_codebook or self.freeze_codebook
         batch = tokens.shape[0]
         row_weights = None if token_weights is None else self._split_token_values(token_weights)
@@ -340,14 +388,17 @@ class VectorQuantize(nn.Module):
         if active is not None:  # zero weights: no statistics, no update, nothing sent to other ranks
             gate = active.to(rows.dtype)
             codebook_weights = gate.expand(rows.shape[:2]) if row_weights is None else row_weights * gate
-        want_logits = target is not None or (self.training and self.commitment_use_cross_entropy_loss)
+        want_logits = target is not None or (self.training and (self.commitment_use_cross_entropy_loss
+                                                                 or self.codebook_diversity_loss_weight > 0))
         codebook_kwargs = dict(weights=codebook_weights, sample_codebook_temp=sample_codebook_temp,
                                freeze_codebook=freeze_codebook, return_logits=want_logits)
         noise = self._draw_noise(rows.shape[1], sample_codebook_temp) if self.training else None
         quantized, code_indices, logits = self._codebook(rows, noise=noise, **codebook_kwargs)
 
+        zero = torch.zeros((), device=tokens.device)
+        inplace_loss = zero
         if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
-            self._in_place_codebook_step(quantized, rows, codebook_weights)
+            inplace_loss = self._in_place_codebook_step(quantized, rows, codebook_weights)
             quantized, code_indices, logits = self._codebook(rows, **codebook_kwargs)
 
         quantized = quantized.to(rows.dtype)
@@ -375,12 +426,19 @@ class VectorQuantize(nn.Module):
         # like the reference, a training loss that requires grad even when no term does (a leaf with
         # requires_grad cannot be created inside a compiled graph, so there it has only its terms' grad)
         loss = torch.zeros(1, device=tokens.device, requires_grad=self.training and not torch.compiler.is_compiling())
+        breakdown = VQLossBreakdown(zero, zero, zero, inplace_loss)
         if self.training:
-            loss = loss + self._aux_loss(rows, commit_quantized, code_indices, logits, row_weights, noise)
+            breakdown = self._aux_losses(rows, commit_quantized, code_indices, logits, row_weights, noise,
+                                         tokens.shape[1])._replace(inplace_optimize=inplace_loss)
+            loss = loss + (breakdown.commitment * self.commitment_weight
+                           + breakdown.codebook_diversity * self.codebook_diversity_loss_weight
+                           + breakdown.orthogonal_reg * self.orthogonal_reg_weight)
         indices = self._merge_indices(code_indices, batch)
         if token_weights is not None and self.masked_indices_are_minus_one:
             kept = (token_weights > 0).reshape(*token_weights.shape, *(1,) * (indices.ndim - 2))
             indices = torch.where(kept, indices, -1)
+        if return_loss_breakdown:
+            return QuantizeOutputWithBreakdown(out, indices, loss, breakdown)
         return QuantizeOutput(out, indices, loss)
 
     def _samples_orthogonal_codes(self) -> bool:
@@ -396,17 +454,22 @@ class VectorQuantize(nn.Module):
 
     # ------------------------------------------------------------------ losses
 
-    def _aux_loss(self, rows, commit_quantized, code_indices, logits, row_weights, noise) -> torch.Tensor:
-        loss = torch.zeros((), device=rows.device)
+    def _aux_losses(self, rows, commit_quantized, code_indices, logits, row_weights, noise,
+                    tokens_per_sequence: int) -> VQLossBreakdown:
+        """The training loss's terms, unweighted (zero where their weight is zero)."""
+        zero = torch.zeros((), device=rows.device)
+        commitment = diversity = orthogonal = zero
         if self.commitment_weight > 0:
             if self.commitment_use_cross_entropy_loss:
-                commit_loss = masked_cross_entropy(logits, code_indices, row_weights)
+                commitment = masked_cross_entropy(logits, code_indices, row_weights)
             else:
-                commit_loss = masked_mse(commit_quantized, rows, row_weights)
-            loss = loss + commit_loss * self.commitment_weight
+                commitment = masked_mse(commit_quantized, rows, row_weights)
+        if self.codebook_diversity_loss_weight > 0:
+            diversity = codebook_diversity_loss(logits, self.codebook_diversity_temperature, tokens_per_sequence,
+                                                row_weights)
         if self.has_codebook_orthogonal_loss:
-            loss = loss + self._orthogonal_loss(code_indices, noise.get("orthogonal")) * self.orthogonal_reg_weight
-        return loss
+            orthogonal = self._orthogonal_loss(code_indices, noise.get("orthogonal"))
+        return VQLossBreakdown(commitment, diversity, orthogonal, zero)
 
     def _orthogonal_loss(self, code_indices: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
         """Orthogonality of the (updated) codebook, over the codes used in this
@@ -426,11 +489,12 @@ class VectorQuantize(nn.Module):
         return orthogonal_loss(codebook, code_weights)
 
     @torch.compiler.disable
-    def _in_place_codebook_step(self, quantized, rows, row_weights) -> None:
-        """One step of the user's codebook optimizer on ``mse(quantized, x)``.
+    def _in_place_codebook_step(self, quantized, rows, row_weights) -> torch.Tensor:
+        """One step of the user's codebook optimizer on ``mse(quantized, x)``; returns that loss.
         It runs a user's optimizer, so it stays eager (a graph break under torch.compile)."""
         loss = masked_mse(quantized, rows.detach(), row_weights)
         params = [p for p in self._codebook.parameters() if p.requires_grad]
         loss.backward(inputs=params)
         self.in_place_codebook_optimizer.step()
         self.in_place_codebook_optimizer.zero_grad()
+        return loss.detach()

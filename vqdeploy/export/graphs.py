@@ -102,7 +102,9 @@ def feature_axis(quantizer: nn.Module, ndim: int) -> int:
 def default_example(quantizer: nn.Module) -> torch.Tensor:
     """A small input in the layout the quantizer expects (batch 2: torch.export specialises sizes 0 and 1)."""
     dim = quantizer.dim
-    if getattr(quantizer, "accept_image_fmap", False):
+    if getattr(quantizer, "accept_3d_fmap", False):
+        shape = (2, dim, 2, 3, 4)
+    elif getattr(quantizer, "accept_image_fmap", False):
         shape = (2, dim, 3, 4)
     elif feature_axis(quantizer, 3) == 1:
         shape = (2, dim, 6)

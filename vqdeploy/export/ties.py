@@ -160,22 +160,33 @@ def _residual_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> tor
 
 
 def _random_projection(rpq: RandomProjectionQuantizer, x, magnitude):
-    """The BEST-RQ projection: normalised features through fixed random matrices.  The layer norm computes
-    (x - mean) / std: its terms are |x| and |mean|, divided by std."""
-    if isinstance(rpq.norm, nn.LayerNorm):
-        std = (x.var(dim=-1, unbiased=False, keepdim=True) + rpq.norm.eps).sqrt()
-        magnitude = (magnitude + x.mean(dim=-1, keepdim=True).abs()) / std
-    projected = torch.einsum("nd,hde->nhe", rpq.norm(x), rpq.rand_projs).flatten(1)
+    """The BEST-RQ projection: normalised features through fixed random matrices."""
+    normed, magnitude = _projected(rpq.norm, x, magnitude)
+    projected = torch.einsum("nd,hde->nhe", normed, rpq.rand_projs).flatten(1)
     return projected, torch.einsum("nd,hde->nhe", magnitude, rpq.rand_projs.abs()).flatten(1)
 
 
-def _projected(linear: nn.Module, z, magnitude):
-    if not isinstance(linear, nn.Linear):
+def _projected(module: nn.Module, z, magnitude):
+    """``module(z)`` and the magnitude of its terms, through linear layers and layer norms (which compute
+    (z - mean) / std: terms |z| and |mean|, divided by std, then scaled and shifted)."""
+    if isinstance(module, nn.Sequential):
+        for inner in module:
+            z, magnitude = _projected(inner, z, magnitude)
         return z, magnitude
-    magnitude = magnitude @ linear.weight.abs().t()
-    if linear.bias is not None:
-        magnitude = magnitude + linear.bias.abs()
-    return linear(z), magnitude
+    if isinstance(module, nn.LayerNorm):
+        std = (z.var(dim=-1, unbiased=False, keepdim=True) + module.eps).sqrt()
+        magnitude = (magnitude + z.mean(dim=-1, keepdim=True).abs()) / std
+        if module.weight is not None:
+            magnitude = magnitude * module.weight.abs()
+        if module.bias is not None:
+            magnitude = magnitude + module.bias.abs()
+        return module(z), magnitude
+    if not isinstance(module, nn.Linear):
+        return z, magnitude
+    magnitude = magnitude @ module.weight.abs().t()
+    if module.bias is not None:
+        magnitude = magnitude + module.bias.abs()
+    return module(z), magnitude
 
 
 def _layer(layer: nn.Module, z, magnitude, expected, got):
