@@ -32,8 +32,9 @@ def _save(tensors: dict, out_dir: str, rank: int) -> None:
 
 
 def train_rank(rank: int, world: int, store: str, out_dir: str, options: dict, data_path: str, compiled: bool,
-               quantizer: str = "VectorQuantize") -> None:
-    """Train a ``vqdeploy.<quantizer>`` on this rank's share of the batches and save the state."""
+               quantizer: str = "VectorQuantize", micro_batches: int = 1) -> None:
+    """Train a ``vqdeploy.<quantizer>`` on this rank's share of the batches and save the state; with
+    ``micro_batches`` > 1 each share is split, and all but the last part only accumulate EMA statistics."""
     with process_group(rank, world, store, out_dir):
         import torch._inductor.config as inductor_config
         import vqdeploy
@@ -47,9 +48,12 @@ def train_rank(rank: int, world: int, store: str, out_dir: str, options: dict, d
         share = batches.shape[1] // world
         torch.manual_seed(1 + rank)
         for step in range(batches.shape[0]):
-            x = batches[step, rank * share:(rank + 1) * share].clone().requires_grad_()
-            quantized, indices, loss = model(x)
-            (quantized.sum() + loss.sum()).backward()
+            parts = batches[step, rank * share:(rank + 1) * share].chunk(micro_batches)
+            for i, part in enumerate(parts):
+                x = part.clone().requires_grad_()
+                kwargs = dict(accum_ema_update=True) if i < len(parts) - 1 else {}
+                quantized, indices, loss = model(x, **kwargs)
+                (quantized.sum() + loss.sum()).backward()
         _save(vq.state_dict(), out_dir, rank)
 
 

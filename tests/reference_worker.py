@@ -1,13 +1,15 @@
 """Runs cases on a vector-quantize-pytorch release other than the test environment's (see reference_1_32.py).
 
 Started as ``python reference_worker.py SPEC OUT`` with the release first on PYTHONPATH.  SPEC is a JSON list of
-cases; each case's inputs are in ``OUT/<name>.in.safetensors`` and its results go to ``OUT/<name>.safetensors``:
+cases; each case's inputs are in ``OUT/<name>.in.safetensors`` (``kw.*``: tensor arguments of the forward call;
+``pre<i>``: inputs of the calls ``pre_steps`` makes first) and its results go to ``OUT/<name>.safetensors``:
 the module's state before (``state.*``) and after (``after.*``) one forward (with the case's ``forward``
-arguments) and backward, the outputs (``breakdown.i`` for a loss breakdown), the input's gradient.  Only tensors cross the process boundary (safetensors, no pickle).
+arguments) and backward and the calls of ``post_methods``, the outputs (``breakdown.i`` for a loss breakdown), the input's gradient.  Only tensors cross the process boundary (safetensors, no pickle).
 """
 
 import copy
 import json
+import operator
 import sys
 from pathlib import Path
 
@@ -26,6 +28,9 @@ def run(case: dict, out: Path) -> None:
     inputs = load_file(out / f"{case['name']}.in.safetensors")
     x = inputs["x"].requires_grad_(case["train"])
     kwargs = {key: inputs[key] for key in ("mask", "lens") if key in inputs}
+    kwargs.update({key[3:]: value for key, value in inputs.items() if key.startswith("kw.")})
+    for i, forward in enumerate(case.get("pre_steps", [])):  # earlier calls (micro-batches), no backward
+        module(inputs[f"pre{i}"], **forward)
     outputs = module(x, **kwargs, **case.get("forward", {}))
     quantized, indices, loss = outputs[:3]
     results = {"quantized": quantized.detach(), "indices": indices, "loss": loss.detach().reshape(-1)}
@@ -41,6 +46,8 @@ def run(case: dict, out: Path) -> None:
             quantized, _, loss = frozen(x, **kwargs, **case.get("forward", {}), freeze_codebook=True)[:3]
             ((quantized * inputs["grad"]).sum() + loss.sum()).backward()
             results["x_grad"] = x.grad
+    for name in case.get("post_methods", []):
+        operator.attrgetter(name)(module)()
     results.update({f"after.{k}": v.detach().clone() for k, v in module.state_dict().items()})
     save_file({k: v.detach().clone().contiguous() for k, v in {**state, **results}.items()},  # no shared storage
               out / f"{case['name']}.safetensors")

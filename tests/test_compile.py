@@ -15,7 +15,7 @@ import torch
 from vqdeploy import VectorQuantize
 
 from helpers import CODEBOOK_SIZE, DIM, compare_eager_compiled, input_for, mask_for, twin
-from tolerances import assert_rounding_close
+from tolerances import assert_rounding_close, assert_state_close
 
 # (constructor options, forward arguments for an input x).  Cases that run k-means or replace dead codes get
 # more kept rows than codes (TOKENS): with fewer, k-means samples rows with replacement and leaves duplicate
@@ -64,6 +64,26 @@ def test_options_compile_to_one_graph(name, mode):
     eager = _build(options).train(mode == "train")
     compiled = torch.compile(twin(eager), fullgraph=True)
     compare_eager_compiled(eager, compiled, lambda: input_for(eager, tokens=TOKENS), _kwargs_for(eager, call))
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["accumulated_weighted", "manual"])
+def test_ema_control_compiles(manual):
+    """Micro-batches accumulated, a per-code EMA weight, and a manual update, compiled: the state after the
+    step equals eager's."""
+    eager = _build(dict(manual_ema_update=manual, threshold_ema_dead_code=0.5))
+    compiled_module = twin(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x = torch.randn(3, 12, DIM)
+    weight = torch.rand(CODEBOOK_SIZE)
+    for model in (eager, compiled):
+        if not manual:
+            model(x[:1], accum_ema_update=True)
+            model(x[1:2], accum_ema_update=True)
+        model(x[2:], ema_update_weight=weight)
+    if manual:
+        eager.update_ema()
+        torch.compile(compiled_module.update_ema, fullgraph=True)()
+    assert_state_close(compiled_module, eager, n=x.numel(), data=x)
 
 
 def test_cross_entropy_against_given_indices_compiles():

@@ -37,10 +37,10 @@ def _spawn(fn, tmp_path, *args):
             for r in range(WORLD)]
 
 
-def _run_two_ranks(options, batches, tmp_path, compiled, quantizer="VectorQuantize"):
+def _run_two_ranks(options, batches, tmp_path, compiled, quantizer="VectorQuantize", micro_batches=1):
     data_path = str(tmp_path / "batches.safetensors")
     save_file({"batches": batches.contiguous()}, data_path)
-    return _spawn(train_rank, tmp_path, options, data_path, compiled, quantizer)
+    return _spawn(train_rank, tmp_path, options, data_path, compiled, quantizer, micro_batches)
 
 
 def _batches(steps=4, batch=4, tokens=10, dim=8, seed=0):
@@ -64,12 +64,14 @@ def test_ranks_hold_identical_codebooks(tmp_path, compiled):
     assert all(float(states[0][f"layers.{i}._codebook.initted"]) == 1.0 for i in range(3))
 
 
-@pytest.mark.parametrize("cosine, compiled", [(False, False), (True, False), (True, True)],
-                         ids=["euclidean-eager", "cosine-eager", "cosine-compiled"])
-def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, compiled, cosine):
+@pytest.mark.parametrize("cosine, compiled, micro_batches", [(False, False, 1), (True, False, 1), (True, True, 1),
+                                                            (False, True, 2)],
+                         ids=["euclidean-eager", "cosine-eager", "cosine-compiled", "accumulated-compiled"])
+def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, compiled, cosine, micro_batches):
+    """Also with each rank's share in two micro-batches, the first only accumulating its EMA statistics."""
     options = dict(BASE, use_cosine_sim=cosine)
     batches = _batches()
-    states = _run_two_ranks(options, batches, tmp_path, compiled)
+    states = _run_two_ranks(options, batches, tmp_path, compiled, micro_batches=micro_batches)
 
     torch.manual_seed(0)
     single = VectorQuantize(**options)

@@ -10,6 +10,8 @@ Masks are compared on a single head without projections: 1.32.0's masked trainin
 (its commitment loss compares the codes with the unprojected input), where vqdeploy's runs.
 """
 
+import operator
+
 import pytest
 import torch
 
@@ -41,6 +43,11 @@ CASES = {
     "vq_layernorm_projection": (VectorQuantize, dict(BASE, codebook_dim=8, layernorm_after_project_in=True), SHAPE,
                                 {}),
     "vq_3d_fmap": (VectorQuantize, dict(BASE, accept_3d_fmap=True), (2, 16, 2, 3, 4), {}),
+    # EMA control: two micro-batches accumulated, then the step; a per-code EMA weight; a manual update
+    "vq_accumulated_ema": (VectorQuantize, dict(BASE, threshold_ema_dead_code=0.5), SHAPE, {}),
+    "vq_ema_update_weight": (VectorQuantize, dict(BASE, heads=2, codebook_dim=8, separate_codebook_per_head=True),
+                             SHAPE, {}),
+    "vq_manual_ema_update": (VectorQuantize, dict(BASE, manual_ema_update=True), SHAPE, {}),
     "residual": (ResidualVQ, dict(BASE, num_quantizers=3), SHAPE, {}),
     "residual_masked": (ResidualVQ, dict(BASE, num_quantizers=2), SHAPE, {}),
     "grouped": (GroupedResidualVQ, dict(BASE, groups=2, num_quantizers=2), SHAPE, {}),
@@ -57,13 +64,22 @@ def _inputs(name: str) -> dict:
         inputs["mask"] = mask
     if name.endswith("lens"):
         inputs["lens"] = torch.tensor([shape[1], 9])
+    if name == "vq_accumulated_ema":
+        inputs.update(pre0=torch.randn(shape, generator=generator), pre1=torch.randn(shape, generator=generator))
+    if name == "vq_ema_update_weight":
+        inputs["kw.ema_update_weight"] = torch.rand(2, CASES[name][1]["codebook_size"], generator=generator)
     return inputs
+
+
+PRE_STEPS = {"vq_accumulated_ema": [dict(accum_ema_update=True)] * 2}
+POST_METHODS = {"vq_manual_ema_update": ["_codebook.update_ema"]}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     cases = [dict(name=name, **{"class": cls.__name__}, config=config, seed=0, train=True, forward=forward,
-                  frozen_gradient="diversity" in name) for name, (cls, config, _, forward) in CASES.items()]
+                  frozen_gradient="diversity" in name, pre_steps=PRE_STEPS.get(name, []),
+                  post_methods=POST_METHODS.get(name, [])) for name, (cls, config, _, forward) in CASES.items()]
     return run_cases(cases, {name: _inputs(name) for name in CASES}, tmp_path_factory.mktemp("reference_1_32"))
 
 
@@ -75,6 +91,9 @@ def test_training_step_matches_1_32(reference, name):
     ours.load_state_dict(split_state(results, "state"), strict=True)
     x = inputs["x"].clone().requires_grad_()
     kwargs = {key: inputs[key] for key in ("mask", "lens") if key in inputs}
+    kwargs.update({key[3:]: value for key, value in inputs.items() if key.startswith("kw.")})
+    for i, pre in enumerate(PRE_STEPS.get(name, [])):
+        ours(inputs[f"pre{i}"], **pre)
     out = ours(x, **kwargs, **forward)
     quantized, indices, loss = out[:3]
     bound = dict(n=x.numel(), data=x.detach())
@@ -87,6 +106,8 @@ def test_training_step_matches_1_32(reference, name):
     assert_rounding_close(loss.reshape(-1), results["loss"], **bound, msg="loss")
     ((quantized * inputs["grad"]).sum() + loss.sum()).backward()
     assert_rounding_close(x.grad, results["x_grad"], **bound, msg="input gradient")
+    for method in POST_METHODS.get(name, []):
+        operator.attrgetter(method)(ours)()
     after = split_state(results, "after")
     for key, value in ours.state_dict().items():
         if key.endswith(("embed", "embed_avg", "cluster_size")):

@@ -47,8 +47,8 @@ def _biased_ema(monkeypatch):
     """The EMA one ulp high on every element, in compiled graphs only (eager runs stay correct)."""
     correct = codebooks.ema
 
-    def ema(old, new, decay):
-        value = correct(old, new, decay)
+    def ema(old, new, decay, weight=None):
+        value = correct(old, new, decay, weight)
         if torch.compiler.is_compiling():
             return torch.nextafter(value, torch.full_like(value, float("inf")))
         return value

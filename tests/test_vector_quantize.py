@@ -9,6 +9,7 @@ import torch
 from vqdeploy import QuantizeOutput, VectorQuantize
 
 from helpers import CODEBOOK_SIZE, DIM, twin
+from tolerances import assert_state_close
 
 LAYOUTS = {
     "sequence": (dict(), (2, 12, DIM), (2, 12)),
@@ -274,6 +275,70 @@ def test_masked_tokens_get_index_minus_one_from_1_32(defaults):
     _, indices, _ = vq(torch.randn(2, 12, DIM), mask=mask)
     assert indices.shape == (2, 12, 2) and torch.all(indices[mask] >= 0)
     assert torch.all(indices[~mask] == -1) if defaults == "1.32.0" else torch.all(indices[~mask] >= 0)
+
+
+# ---------------------------------------------------------------------------------------------- EMA control
+
+
+@pytest.mark.parametrize("options", [dict(), dict(use_cosine_sim=True, heads=2, codebook_dim=8,
+                                                  separate_codebook_per_head=True)], ids=["euclidean", "cosine_heads"])
+def test_accumulated_micro_batches_equal_one_batch(options):
+    """Gradient accumulation: k - 1 calls with accum_ema_update=True and one plain call make the EMA step that
+    one call on all k micro-batches makes (the codes do not move until then)."""
+    accumulated = make(**options)
+    whole = twin(accumulated)
+    x = torch.randn(6, 12, DIM)
+    before = accumulated.codebook.clone()
+    for part in x[:4].chunk(2):
+        accumulated(part, accum_ema_update=True)
+    assert torch.equal(accumulated.codebook, before)
+    accumulated(x[4:])
+    whole(x)
+    assert_state_close(accumulated, whole, n=x.numel(), data=x)
+    assert float(accumulated._codebook.accumulated_counts.abs().sum()) == 0  # consumed by the step
+
+
+def test_manual_ema_update_moves_the_codes_only_when_asked():
+    manual = make(manual_ema_update=True)
+    automatic = twin(make())
+    automatic.load_state_dict(manual.state_dict())
+    x = torch.randn(2, 12, DIM)
+    before = manual.codebook.clone()
+    manual(x)
+    automatic(x)
+    assert torch.equal(manual.codebook, before) and not torch.equal(manual._codebook.cluster_size,
+                                                                      automatic._codebook.cluster_size * 0)
+    manual.update_ema()
+    assert_state_close(manual, automatic, n=x.numel(), data=x)
+
+
+def test_ema_update_weight_scales_each_codes_step():
+    vq = make()
+    plain, weighted, by_callable = twin(vq), twin(vq), twin(vq)
+    x = torch.randn(2, 12, DIM)
+    weight = torch.ones(CODEBOOK_SIZE)
+    weight[::2] = 0.0  # even codes keep their EMA state
+    plain(x)
+    weighted(x, ema_update_weight=weight)
+    seen = []
+    by_callable(x, ema_update_weight=lambda sums, counts: seen.append((sums.shape, counts.shape)) or weight)
+    assert seen == [((1, CODEBOOK_SIZE, DIM), (1, CODEBOOK_SIZE))]
+    for name in ("cluster_size", "embed_avg"):  # (the codes divide by smoothed counts, which share their total)
+        ours, theirs, old = (getattr(m._codebook, name) for m in (weighted, plain, vq))
+        assert torch.equal(ours[:, ::2], old[:, ::2]) and torch.equal(ours[:, 1::2], theirs[:, 1::2]), name
+    assert all(torch.equal(a, b) for a, b in zip(by_callable.state_dict().values(), weighted.state_dict().values()))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(ema_update_weight=torch.ones(3)), ValueError, r"shape \(32,\) or \(1, 32\)"),
+    (dict(ema_update_weight=-1.0), ValueError, "ema_update_weight"),
+    (dict(ema_update_weight="half"), TypeError, "number, a tensor or a callable"),
+])
+def test_bad_ema_arguments_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make()(torch.randn(2, 12, DIM), **kwargs)
+    with pytest.raises(ValueError, match="need an EMA codebook"):
+        make(ema_update=False, learnable_codebook=True)(torch.randn(2, 12, DIM), accum_ema_update=True)
 
 
 def test_freeze_codebook_leaves_state_untouched():

@@ -63,6 +63,7 @@ class CodebookConfig:
     straight_through: bool = False
     reinmax: bool = False
     initial_cluster_size: float = 0.0  # the EMA count of every code of a new codebook (1 since 1.15.3)
+    manual_ema_update: bool = False  # track counts and sums, but recompute the codes only in update_ema()
 
     def __post_init__(self):
         if self.affine_param and self.use_cosine_sim:
@@ -112,6 +113,9 @@ class Codebook(OptionalStateMixin):
             self.register_buffer("embed", embed)
         # vqdeploy's own: how many training steps skipped their update because of NaN/Inf data
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
+        if config.ema_update:  # statistics of micro-batches waiting for one EMA step (accum_ema_update)
+            self.register_buffer("accumulated_counts", torch.zeros(num_codebooks, codebook_size), persistent=False)
+            self.register_buffer("accumulated_sums", torch.zeros(num_codebooks, codebook_size, dim), persistent=False)
 
         if config.affine_param:
             stat_shape = (num_codebooks, 1, dim)
@@ -188,9 +192,13 @@ class Codebook(OptionalStateMixin):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
-                freeze_codebook: bool = False, return_logits: bool = False, noise: dict | None = None) -> CodebookOutput:
+                freeze_codebook: bool = False, return_logits: bool = False, noise: dict | None = None,
+                ema_update_weight=None, accum_ema_update: bool = False) -> CodebookOutput:
         """x: (h, n, d); weights: (h, n) with 0 for rows to ignore (padding);
-        noise: the uniform tensors named by :meth:`noise_shapes` (drawn here when None)."""
+        noise: the uniform tensors named by :meth:`noise_shapes` (drawn here when None);
+        ema_update_weight: scales the EMA step per code (a number, an (h, k) tensor, or a callable of the
+        batch's sums and counts); accum_ema_update: only add this batch's statistics to those waiting for the
+        next EMA step (gradient accumulation: k such calls and one plain call make one step on all k + 1)."""
         temperature = self.config.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
@@ -232,7 +240,8 @@ class Codebook(OptionalStateMixin):
                 if self.config.affine_param:
                     codebook_std, batch_std = self._stds()
                     in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
-                self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, noise.get("expire"))
+                self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, noise.get("expire"),
+                                 ema_update_weight, accum_ema_update)
 
         return CodebookOutput(quantized, indices, logits if return_logits else None)
 
@@ -333,26 +342,49 @@ class Codebook(OptionalStateMixin):
         )
 
     def update_ema_(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None,
-                    update_ok: torch.Tensor, batch_rows: torch.Tensor, uniform: torch.Tensor | None) -> None:
-        """The EMA step, then dead-code replacement, written to the buffers once."""
-        new = self.ema_values(x, indices, weights)
-        if self.config.threshold_ema_dead_code > 0:
-            new = self.replace_dead_codes(new, batch_rows, weights, uniform)
-        self._write_(update_ok, **new)
-
-    def ema_values(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None) -> dict:
-        """EMA of per-code counts and sums (summed over ranks); codes = sums / smoothed counts."""
+                    update_ok: torch.Tensor, batch_rows: torch.Tensor, uniform: torch.Tensor | None,
+                    ema_update_weight=None, accum_ema_update: bool = False) -> None:
+        """The EMA step (with the statistics accumulated since the last one), then dead-code replacement,
+        written to the buffers once; or, with ``accum_ema_update``, only the accumulation."""
         counts = counts_per_code(indices, self.config.codebook_size, weights)
         sums = sums_per_code(x, indices, self.config.codebook_size, weights)
         if self.config.use_ddp:
             counts, sums = D.all_reduce_sum(counts), D.all_reduce_sum(sums)
-        cluster_size = ema(self.cluster_size, counts, self.config.decay)
-        embed_avg = ema(self.embed_avg, sums, self.config.decay)
+        if accum_ema_update:
+            self._write_(update_ok, accumulated_counts=self.accumulated_counts + counts,
+                         accumulated_sums=self.accumulated_sums + sums)
+            return
+        counts, sums = counts + self.accumulated_counts, sums + self.accumulated_sums
+        if callable(ema_update_weight):
+            ema_update_weight = ema_update_weight(sums, counts)
+        new = self.ema_values(counts, sums, ema_update_weight)
+        if self.config.threshold_ema_dead_code > 0:
+            new = self.replace_dead_codes(new, batch_rows, weights, uniform)
+        self._write_(update_ok, **new, accumulated_counts=torch.zeros_like(counts),
+                     accumulated_sums=torch.zeros_like(sums))
+
+    def ema_values(self, counts: torch.Tensor, sums: torch.Tensor, weight=None) -> dict:
+        """EMA of per-code counts and sums (summed over ranks); codes = sums / smoothed counts (kept as they are
+        with ``manual_ema_update``, until ``update_ema``)."""
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=counts.dtype, device=counts.device).expand_as(counts)
+        cluster_size = ema(self.cluster_size, counts, self.config.decay, weight)
+        embed_avg = ema(self.embed_avg, sums, self.config.decay, weight)
+        if self.config.manual_ema_update:
+            return dict(cluster_size=cluster_size, embed_avg=embed_avg)
+        return dict(cluster_size=cluster_size, embed_avg=embed_avg, embed=self.codes_from(cluster_size, embed_avg))
+
+    def codes_from(self, cluster_size: torch.Tensor, embed_avg: torch.Tensor) -> torch.Tensor:
+        """The codes an EMA state gives: sums over Laplace-smoothed counts (unit length for cosine)."""
         smoothed = laplace_smoothing(cluster_size, self.config.codebook_size, self.config.eps)
         embed = embed_avg / smoothed.unsqueeze(-1)
-        if self.config.use_cosine_sim:
-            embed = l2norm(embed)
-        return dict(cluster_size=cluster_size, embed_avg=embed_avg, embed=embed)
+        return l2norm(embed) if self.config.use_cosine_sim else embed
+
+    def update_ema(self) -> None:
+        """Recompute the codes from the EMA counts and sums: with ``manual_ema_update``, when the program chooses
+        (after every layer of a shared codebook has run, or after several steps)."""
+        with torch.no_grad():
+            self.embed.copy_(self.codes_from(self.cluster_size, self.embed_avg))
 
     def replace_dead_codes(self, new: dict, batch_rows: torch.Tensor, weights: torch.Tensor | None,
                            uniform: torch.Tensor | None) -> dict:
@@ -364,7 +396,7 @@ class Codebook(OptionalStateMixin):
         sampled = self._sample(batch_rows, self.config.codebook_size, weights, uniform)
         reset = self.config.reset_value
         return dict(
-            embed=torch.where(expired.unsqueeze(-1), sampled, new["embed"]),
+            embed=torch.where(expired.unsqueeze(-1), sampled, new.get("embed", self.embed.detach())),
             embed_avg=torch.where(expired.unsqueeze(-1), sampled * reset, new["embed_avg"]),
             cluster_size=torch.where(expired, torch.full_like(new["cluster_size"], float(reset)), new["cluster_size"]),
         )

@@ -118,6 +118,7 @@ class VectorQuantize(nn.Module):
         accept_3d_fmap: bool = False,
         codebook_diversity_loss_weight: float = 0.0,
         codebook_diversity_temperature: float = 100.0,
+        manual_ema_update: bool = False,
         defaults: str | None = None,
     ):
         super().__init__()
@@ -215,6 +216,7 @@ class VectorQuantize(nn.Module):
             straight_through=straight_through,
             reinmax=reinmax,
             initial_cluster_size=default_for(release, "VectorQuantize", "initial cluster_size"),
+            manual_ema_update=manual_ema_update,
         ))
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
@@ -332,10 +334,14 @@ class VectorQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 sample_codebook_temp: float | None = None, freeze_codebook: bool = False,
-                lens: torch.Tensor | None = None, return_loss_breakdown: bool = False):
+                lens: torch.Tensor | None = None, return_loss_breakdown: bool = False, ema_update_weight=None,
+                accum_ema_update: bool = False):
         """x: (b, dim), (b, n, dim), (b, dim, n) with ``channel_last=False``, or
         (b, dim, *spatial) with ``accept_image_fmap=True`` ((b, dim, d, h, w) with ``accept_3d_fmap``);
         mask: bool (b, n), or lens: int (b,), the number of leading tokens of each sequence that are real.
+        ema_update_weight scales this step's EMA update per code (a number, a (codebook_size,) or
+        (heads, codebook_size) tensor, or a callable of the batch's code sums and counts); accum_ema_update=True
+        only accumulates the batch's statistics for the next plain call's single EMA step.
 
         Returns ``(quantized, indices, loss)`` (with ``return_loss_breakdown``, a fourth element: the
         unweighted loss terms), or ``(quantized, ce_loss)`` when ``indices`` are given."""
@@ -348,8 +354,10 @@ class VectorQuantize(nn.Module):
             mask = lens_to_mask(lens, tokens.shape[0], tokens.shape[1])
         token_weights = layout.token_weights(mask, tokens.shape[0])
         target = None if indices is None else layout.token_indices(indices, self.heads)
+        self._check_ema_arguments(ema_update_weight, accum_ema_update)
         out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook,
-                                   return_loss_breakdown=return_loss_breakdown)
+                                   return_loss_breakdown=return_loss_breakdown, ema_update_weight=ema_update_weight,
+                                   accum_ema_update=accum_ema_update)
         quantized = layout.restore_features(out[0])
         if indices is not None:
             return QuantizeLossOutput(quantized, out.ce_loss)
@@ -360,7 +368,7 @@ class VectorQuantize(nn.Module):
     def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
                         target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
                         freeze_codebook: bool = False, active: torch.Tensor | None = None,
-                        return_loss_breakdown: bool = False):
+                        return_loss_breakdown: bool = False, ema_update_weight=None, accum_ema_update: bool = False):
         """``forward`` on validated tokens (b, n, dim), the form residual wrappers call.
 
         token_weights: (b, n), 0 for tokens that must neither train the codebook
@@ -391,7 +399,8 @@ class VectorQuantize(nn.Module):
         want_logits = target is not None or (self.training and (self.commitment_use_cross_entropy_loss
                                                                  or self.codebook_diversity_loss_weight > 0))
         codebook_kwargs = dict(weights=codebook_weights, sample_codebook_temp=sample_codebook_temp,
-                               freeze_codebook=freeze_codebook, return_logits=want_logits)
+                               freeze_codebook=freeze_codebook, return_logits=want_logits,
+                               ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
         noise = self._draw_noise(rows.shape[1], sample_codebook_temp) if self.training else None
         quantized, code_indices, logits = self._codebook(rows, noise=noise, **codebook_kwargs)
 
@@ -440,6 +449,25 @@ class VectorQuantize(nn.Module):
         if return_loss_breakdown:
             return QuantizeOutputWithBreakdown(out, indices, loss, breakdown)
         return QuantizeOutput(out, indices, loss)
+
+    def update_ema(self) -> None:
+        """Recompute the codes from the EMA statistics (``manual_ema_update=True`` leaves it to the program)."""
+        self._codebook.update_ema()
+
+    def _check_ema_arguments(self, weight, accumulate: bool) -> None:
+        if (weight is not None or accumulate) and not self._codebook.config.ema_update:
+            raise ValueError("ema_update_weight and accum_ema_update need an EMA codebook (ema_update=True)")
+        if weight is None or callable(weight):
+            return
+        if isinstance(weight, torch.Tensor):
+            books = self._codebook.config.num_codebooks
+            if weight.shape not in ((), (self.codebook_size,), (books, self.codebook_size)):
+                raise ValueError(f"ema_update_weight must be a number or a tensor of shape ({self.codebook_size},) or "
+                                 f"({books}, {self.codebook_size}), got shape {tuple(weight.shape)}")
+        elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            _number("ema_update_weight", weight, 0.0)
+        else:
+            raise TypeError(f"ema_update_weight must be a number, a tensor or a callable, got {type(weight).__name__}")
 
     def _samples_orthogonal_codes(self) -> bool:
         max_codes = self.orthogonal_reg_max_codes
