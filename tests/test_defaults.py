@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import vqdeploy
 from vqdeploy import LFQ, GroupedResidualVQ, ResidualVQ, VectorQuantize, use_defaults
@@ -41,6 +42,35 @@ def test_each_release_gives_its_defaults_per_module_block_and_program():
         assert not VectorQuantize(dim=4, codebook_size=8).rotation_trick
     finally:
         use_defaults("1.32.0")
+
+
+@pytest.mark.parametrize("release, shapes", [("1.32.0", [(), (3,), (2, 3)]), ("1.14.17", [(1,), (1, 3), (2, 1, 3)])])
+def test_loss_shapes_follow_the_release(release, shapes):
+    x = torch.randn(2, 6, 8)
+    modules = [VectorQuantize(dim=8, codebook_size=8, defaults=release),
+               ResidualVQ(dim=8, codebook_size=8, num_quantizers=3, defaults=release),
+               GroupedResidualVQ(dim=8, groups=2, codebook_size=8, num_quantizers=3, defaults=release)]
+    for module, shape in zip(modules, shapes):
+        assert module(x)[2].shape == shape and module.eval()(x)[2].shape == shape
+
+
+def test_codes_after_kmeans_follow_the_release():
+    """1.32.0 recomputes the codes from the k-means state (empty clusters become zero vectors); 1.14.17 keeps
+    the cluster means."""
+    x = torch.randn(1, 8, 4)  # 8 rows for 16 codes: at least 8 clusters stay empty
+    for release in ("1.32.0", "1.14.17"):
+        torch.manual_seed(0)
+        vq = VectorQuantize(dim=4, codebook_size=16, kmeans_init=True, kmeans_iters=3, defaults=release)
+        vq(x, freeze_codebook=True)  # k-means runs, the EMA step does not
+        codebook = vq._codebook
+        empty = codebook.cluster_size == 0
+        assert int(empty.sum()) >= 8
+        zero_codes = codebook.embed.abs().sum(dim=-1) == 0
+        if release == "1.32.0":
+            assert torch.equal(zero_codes, empty)
+            torch.testing.assert_close(codebook.embed, codebook.codes_from(codebook.cluster_size, codebook.embed_avg))
+        else:
+            assert not zero_codes.any()
 
 
 def test_explicit_arguments_win_and_the_rotation_trick_needs_two_dimensions():

@@ -6,8 +6,8 @@ saves its state, and runs one training step on the same inputs.  vqdeploy loads 
 same step; indices must be identical, outputs, the input's gradient (through the rotation trick) and the
 codebook state after the step within the rounding bound of one step (tolerances.py).
 
-Masks are compared on a single head without projections: 1.32.0's masked training step fails there otherwise
-(its commitment loss compares the codes with the unprojected input), where vqdeploy's runs.
+Masks are compared on a single Euclidean head without projections: 1.32.0's masked commitment loss compares the
+codes with the raw input, so it fails with heads or projections and is off with cosine similarity.
 """
 
 import operator
@@ -50,6 +50,9 @@ CASES = {
     "vq_manual_ema_update": (VectorQuantize, dict(BASE, manual_ema_update=True), SHAPE, {}),
     "residual": (ResidualVQ, dict(BASE, num_quantizers=3), SHAPE, {}),
     "residual_masked": (ResidualVQ, dict(BASE, num_quantizers=2), SHAPE, {}),
+    "residual_shared_codebook": (ResidualVQ, dict(BASE, num_quantizers=3, shared_codebook=True), SHAPE, {}),
+    "residual_shared_codebook_cosine": (ResidualVQ, dict(BASE, num_quantizers=2, shared_codebook=True,
+                                                                 use_cosine_sim=True), SHAPE, {}),
     "grouped": (GroupedResidualVQ, dict(BASE, groups=2, num_quantizers=2), SHAPE, {}),
 }
 

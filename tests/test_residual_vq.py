@@ -34,7 +34,7 @@ def test_shapes(options, shape, index_shape, training):
     quantized, indices, losses, all_codes = rvq(x, return_all_codes=True)
     assert quantized.shape == x.shape
     assert indices.shape == index_shape and indices.dtype == torch.long
-    assert losses.shape == (1, Q)
+    assert losses.shape == (Q,)
     layer_dim = options.get("codebook_dim", DIM)
     assert all_codes.shape == (Q, *index_shape[:-1], layer_dim)
     assert rvq.codebooks.shape == (Q, CODEBOOK_SIZE, layer_dim)
@@ -65,6 +65,20 @@ def test_straight_through_gradient_counts_every_layer():
     # each layer's output is its input plus a constant, and each input is x minus constants
     torch.testing.assert_close(x.grad, torch.full_like(x, float(Q)))
     assert losses.requires_grad
+
+
+def test_a_shared_codebook_moves_once_per_step_after_every_layer():
+    """1.32.0's defaults: the layers match against the step's starting codes and only track counts and sums;
+    the codes are recomputed once, after the last layer (1.14.17's: every layer moves them in turn)."""
+    rvq = _rvq(shared_codebook=True)
+    start = twin(rvq).eval()
+    x = torch.randn(2, 12, DIM)
+    _, indices, _ = rvq(x)
+    assert torch.equal(indices, start.encode(x))
+    codebook = rvq.layers[0]._codebook
+    assert codebook is rvq.layers[-1]._codebook and codebook.config.manual_ema_update
+    torch.testing.assert_close(codebook.embed, codebook.codes_from(codebook.cluster_size, codebook.embed_avg))
+    assert not _rvq(shared_codebook=True, defaults="1.14.17").layers[0]._codebook.config.manual_ema_update
 
 
 @pytest.mark.parametrize("zeros", [True, False], ids=["zeros", "input"])
@@ -147,7 +161,7 @@ def test_bandwidth_equals_a_model_with_k_quantizers(options, training):
     quantized, indices, losses = rvq(x, num_quantizers=2)
     torch.manual_seed(1)
     expected = small(x)
-    assert indices.shape[-1] == 2 and losses.shape == (1, 2)
+    assert indices.shape[-1] == 2 and losses.shape == (2,)
     assert torch.equal(indices, expected.indices)
     torch.testing.assert_close(quantized, expected.quantized, atol=1e-6, rtol=0)
     torch.testing.assert_close(losses, expected.losses, atol=1e-6, rtol=0)
@@ -197,7 +211,7 @@ def test_dropout_drops_trailing_layers_without_training_them():
         active = int((indices[0, 0] >= 0).sum())
         seen.add(active)
         assert torch.all((indices[..., :active] >= 0)) and torch.all(indices[..., active:] == -1)
-        assert torch.all(losses[0, active:] == 0) and torch.all(losses[0, :active] > 0)
+        assert torch.all(losses[active:] == 0) and torch.all(losses[:active] > 0)
         quantized.sum().backward()
         torch.testing.assert_close(x.grad, torch.full_like(x, float(active)))
         for i, (layer, old) in enumerate(zip(rvq.layers, before.layers)):
@@ -282,7 +296,7 @@ def test_grouped_splits_features_over_residual_quantizers(options, shape):
     quantized, indices, losses, all_codes = grouped(x, return_all_codes=True)
     tokens = shape[2:] if options.get("accept_image_fmap") or options.get("channel_last") is False else shape[1:2]
     assert quantized.shape == x.shape
-    assert indices.shape == (2, shape[0], *tokens, Q) and losses.shape == (2, 1, Q)
+    assert indices.shape == (2, shape[0], *tokens, Q) and losses.shape == (2, Q)
     assert isinstance(all_codes, tuple) and all_codes[0].shape == (Q, shape[0], *tokens, options.get("codebook_dim", 8))
     split = 1 if len(shape) != 3 or options.get("channel_last") is False else -1
     for rvq, chunk, group_quantized, group_indices in zip(grouped.rvqs, x.chunk(2, dim=split),

@@ -35,14 +35,14 @@ def test_shapes_and_eval_forward_equals_decode_of_encode(name):
     vq = make(**options)
     x = torch.randn(shape)
     quantized, indices, loss = vq(x)
-    assert quantized.shape == shape and indices.shape == index_shape and loss.shape == (1,)
+    assert quantized.shape == shape and indices.shape == index_shape and loss.shape == ()
     assert indices.dtype == torch.long
     vq.eval()
     out = vq(x)
     assert isinstance(out, QuantizeOutput)
     assert torch.equal(vq.encode(x), out.indices)
     torch.testing.assert_close(vq.decode(out.indices), out.quantized, atol=0, rtol=0)
-    assert torch.equal(out.loss, torch.zeros(1))
+    assert torch.equal(out.loss, torch.zeros(()))
 
 
 def test_straight_through_passes_gradients_unchanged():
@@ -88,7 +88,7 @@ def test_commitment_loss_is_weighted_mse_to_the_codes():
     vq = make(commitment_weight=0.25, ema_update=False)
     x = torch.randn(2, 12, DIM)
     quantized, _, loss = vq(x)
-    torch.testing.assert_close(loss, 0.25 * (quantized - x).pow(2).mean().reshape(1))
+    torch.testing.assert_close(loss, 0.25 * (quantized - x).pow(2).mean())
 
 
 def test_ema_moves_codes_towards_assigned_data():
@@ -255,7 +255,7 @@ def test_loss_breakdown_holds_the_unweighted_terms_of_the_loss():
     terms = out.breakdown
     assert all(t.ndim == 0 for t in terms) and float(terms.codebook_diversity) < 0 < float(terms.commitment)
     expected = 0.25 * terms.commitment + 0.5 * terms.codebook_diversity + 2.0 * terms.orthogonal_reg
-    torch.testing.assert_close(out.loss, expected.reshape(1))
+    torch.testing.assert_close(out.loss, expected)
     _, _, loss, terms = vq.eval()(torch.randn(2, 12, DIM), return_loss_breakdown=True)
     assert float(loss.abs().sum()) == 0 and all(float(t) == 0 for t in terms)
 
@@ -370,7 +370,7 @@ def test_orthogonal_regularisation_adds_the_reference_loss():
     codes = torch.nn.functional.normalize(vq._codebook.embed.detach(), dim=-1)
     k = codes.shape[1]
     expected = 10.0 * ((codes @ codes.transpose(1, 2)).pow(2).sum() / k ** 2 - 1 / k)
-    torch.testing.assert_close(loss, expected.reshape(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     loss.backward()
     assert vq._codebook.embed.grad.abs().sum() > 0
 

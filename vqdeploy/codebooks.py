@@ -64,6 +64,7 @@ class CodebookConfig:
     reinmax: bool = False
     initial_cluster_size: float = 0.0  # the EMA count of every code of a new codebook (1 since 1.15.3)
     manual_ema_update: bool = False  # track counts and sums, but recompute the codes only in update_ema()
+    codes_from_kmeans_state: bool = False  # after k-means, codes = sums / smoothed counts (1.32.0), not the means
 
     def __post_init__(self):
         if self.affine_param and self.use_cosine_sim:
@@ -275,7 +276,9 @@ class Codebook(OptionalStateMixin):
         sample_fn = D.sample_rows_synced if self.config.syncs_kmeans else sample_rows
         means, counts = kmeans(x, self.config.codebook_size, self.config.kmeans_iters, self.config.use_cosine_sim,
                                weights, sample_fn=sample_fn, all_reduce=reduce, uniform=uniform)
-        return means, means * counts.unsqueeze(-1), counts, torch.ones_like(initted)
+        sums = means * counts.unsqueeze(-1)
+        codes = self.codes_from(counts, sums) if self.config.codes_from_kmeans_state else means
+        return codes, sums, counts, torch.ones_like(initted)
 
     @staticmethod
     def _keep_branch(x, weights, uniform, embed, embed_avg, cluster_size, initted):
@@ -379,6 +382,22 @@ class Codebook(OptionalStateMixin):
         smoothed = laplace_smoothing(cluster_size, self.config.codebook_size, self.config.eps)
         embed = embed_avg / smoothed.unsqueeze(-1)
         return l2norm(embed) if self.config.use_cosine_sim else embed
+
+    def end_of_shared_step_(self, x: torch.Tensor, weights: torch.Tensor | None,
+                            uniform: torch.Tensor | None) -> None:
+        """A shared codebook with ``manual_ema_update`` after every layer has tracked its statistics (1.32.0's
+        ResidualVQ): recompute the codes, then replace codes still dead by rows of any layer.  x: (h, n, d),
+        every layer's rows; weights: (h, n), 0 for padding and dropped layers."""
+        all_ranks = D.all_ranks if self.config.use_ddp else (lambda t: t)
+        any_rank = D.any_rank if self.config.use_ddp else (lambda t: t)
+        data_ok = all_ranks(rows_all_finite(x, weights))  # (already counted in skipped_updates by the layers)
+        update_ok = data_ok if weights is None else data_ok & any_rank((weights > 0).any())
+        clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
+        new = dict(embed=self.codes_from(self.cluster_size, self.embed_avg))
+        if self.config.threshold_ema_dead_code > 0:
+            new = self.replace_dead_codes(dict(new, embed_avg=self.embed_avg, cluster_size=self.cluster_size), clean,
+                                          weights, uniform)
+        self._write_(update_ok, **new)
 
     def update_ema(self) -> None:
         """Recompute the codes from the EMA counts and sums: with ``manual_ema_update``, when the program chooses

@@ -32,6 +32,17 @@ DIFFERING_DEFAULTS: dict[tuple[str, str], dict[str, object]] = {
                                                  "note": "the EMA code counts of a new codebook (not an argument)"},
     ("VectorQuantize", "index of masked tokens"): {"1.14.17": "nearest code", "1.32.0": -1, "changed in": None,
                                                    "note": "what forward returns for tokens a mask leaves out"},
+    ("VectorQuantize", "shape of the loss"): {"1.14.17": "(1,)", "1.32.0": "()", "changed in": None,
+                                              "note": "ResidualVQ's losses (1, q) -> (q,), GroupedResidualVQ's "
+                                                      "(g, 1, q) -> (g, q)"},
+    ("VectorQuantize", "codes after k-means init"): {"1.14.17": "the cluster means",
+                                                     "1.32.0": "recomputed from the EMA state", "changed in": None,
+                                                     "note": "smoothed counts; a cluster that got no rows becomes "
+                                                             "a zero vector"},
+    ("ResidualVQ", "updates of a shared codebook"): {"1.14.17": "each layer moves the codes",
+                                                     "1.32.0": "once, after the last layer", "changed in": "1.17.5",
+                                                     "note": "layers track counts and sums (manual_ema_update); "
+                                                             "dead codes are then replaced from every layer's rows"},
     ("LFQ", "commitment_loss_weight"): {"1.14.17": 0.25, "1.32.0": 0.0, "changed in": "1.18.2",
                                         "note": "0.25 collapses code usage of small LFQ models"},
 }

@@ -20,7 +20,7 @@ from .vector_quantize import QuantizeLossOutput, _positive_int
 class GroupedOutput(NamedTuple):
     quantized: torch.Tensor  # the input's shape
     indices: torch.Tensor  # (groups, b, *tokens, q)
-    losses: torch.Tensor  # (groups, 1, q)
+    losses: torch.Tensor  # (groups, q), or (groups, 1, q) with layers that return (1,) losses
 
 
 class GroupedOutputWithCodes(NamedTuple):
@@ -76,7 +76,7 @@ class GroupedResidualQuantizer(nn.Module):
                 num_quantizers: int | None = None):
         """x as for ``ResidualVQ`` with ``dim`` features; indices: (groups, b, *tokens, q) or one tensor per group.
 
-        Returns ``(quantized, indices (groups, b, *tokens, q), losses (groups, 1, q))`` (plus a tuple
+        Returns ``(quantized, indices (groups, b, *tokens, q), losses (groups, q))`` (plus a tuple
         of per-group ``all_codes`` when asked), or ``(quantized, ce_loss)`` when ``indices`` are given."""
         first = self.rvqs[0]
         k = first.bandwidth(num_quantizers)

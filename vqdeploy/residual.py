@@ -34,7 +34,7 @@ class ResidualOutput(NamedTuple):
 
     quantized: torch.Tensor  # the input's shape
     indices: torch.Tensor  # (b, *tokens, q); -1 where a layer was dropped out
-    losses: torch.Tensor  # (1, q)
+    losses: torch.Tensor  # (q,), or (1, q) with layers that return (1,) losses (1.14.17)
 
 
 class ResidualOutputWithCodes(NamedTuple):
@@ -163,7 +163,7 @@ class ResidualQuantizer(nn.Module):
         """x: (b, dim), (b, n, dim), (b, dim, n) with ``channel_last=False`` or (b, dim, *spatial) with
         ``accept_image_fmap=True``; mask: bool (b, n); indices: (b, *tokens, q) for the cross-entropy loss.
 
-        Returns ``(quantized, indices (b, *tokens, q), losses (1, q))`` (plus ``all_codes`` when asked),
+        Returns ``(quantized, indices (b, *tokens, q), losses (q,))`` (plus ``all_codes`` when asked),
         or ``(quantized, ce_loss)`` when ``indices`` are given."""
         k = self.bandwidth(num_quantizers)
         tokens, layout, token_weights = prepare_call(self, x, mask, sample_codebook_temp,
@@ -192,12 +192,13 @@ class ResidualQuantizer(nn.Module):
         with the summed cross-entropy when ``target`` (b, n, q) is given."""
         k = self.bandwidth(num_quantizers)
         residual = self.start_residual(self.project_in(tokens))
-        quantized_out, all_indices, all_losses, ce_loss = None, [], [], None
+        quantized_out, all_indices, all_losses, ce_loss, layer_inputs = None, [], [], None, []
         for i, layer in enumerate(self.layers[:k]):
             active = None if active_count is None else active_count > i
             layer_target = None if target is None else target[..., i:i + 1]
             scale = self.layer_scale(i)
-            out = layer.quantize_tokens(residual if scale is None else residual / scale, token_weights, layer_target,
+            layer_inputs.append(residual if scale is None else residual / scale)
+            out = layer.quantize_tokens(layer_inputs[-1], token_weights, layer_target,
                                         sample_codebook_temp, freeze_codebook, active)
             quantized = out[0] if scale is None else out[0] * scale
             if active is not None:
@@ -214,10 +215,16 @@ class ResidualQuantizer(nn.Module):
                 loss = torch.where(active, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
             all_indices.append(layer_indices)
             all_losses.append(loss)
+        if self.training and target is None and not freeze_codebook:
+            self.end_of_step_(layer_inputs, token_weights, active_count)
         quantized_out = self.project_out(quantized_out)
         if target is not None:
             return QuantizeLossOutput(quantized_out, ce_loss)
         return ResidualOutput(quantized_out, torch.stack(all_indices, dim=-1), torch.stack(all_losses, dim=-1))
+
+    def end_of_step_(self, layer_inputs: list[torch.Tensor], token_weights: torch.Tensor | None,
+                     active_count: torch.Tensor | None) -> None:
+        """Hook for state updates that need every layer's input (b, n, d) of a training step; none here."""
 
     # ------------------------------------------------------------------ pure eval API
 

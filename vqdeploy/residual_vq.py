@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from .config import records_config
+from .defaults import default_for, release_for
 from .grouped import GroupedResidualQuantizer
+from .primitives import draw_uniform, row_sample_noise_shape
 from .residual import ResidualQuantizer
 from .vector_quantize import VectorQuantize, _positive_int
 
@@ -27,6 +29,10 @@ class ResidualVQ(ResidualQuantizer):
         _positive_int("codebook_dim", codebook_dim)
         channel_last = vector_quantize_kwargs.pop("channel_last", True)
         vector_quantize_kwargs.pop("accept_image_fmap", None)
+        release = release_for(vector_quantize_kwargs.get("defaults"))
+        if shared_codebook and default_for(release, "ResidualVQ", "updates of a shared codebook") != \
+                "each layer moves the codes":
+            vector_quantize_kwargs.setdefault("manual_ema_update", True)
         layers = [VectorQuantize(dim=codebook_dim, codebook_dim=codebook_dim, **vector_quantize_kwargs)
                   for _ in range(num_quantizers)]
         super().__init__(dim, codebook_dim, layers, quantize_dropout, quantize_dropout_cutoff_index,
@@ -42,6 +48,25 @@ class ResidualVQ(ResidualQuantizer):
             layer._codebook = shared
             if optimizer_factory is not None:  # the layer's optimizer must step the codebook it now uses
                 layer.in_place_codebook_optimizer = optimizer_factory(shared.parameters())
+
+    def end_of_step_(self, layer_inputs, token_weights, active_count) -> None:
+        """A shared codebook whose layers only track statistics (1.32.0's): the codes move once, after every
+        layer, and codes still dead are replaced by rows of any kept layer."""
+        codebook = self.layers[0]._codebook
+        if not (self.shared_codebook and codebook.config.manual_ema_update and codebook.config.ema_update):
+            return
+        rows, weights = [], []
+        for i, layer_input in enumerate(layer_inputs):
+            rows.append(codebook.transform_input(layer_input.reshape(1, -1, layer_input.shape[-1])).float())
+            weight = torch.ones(rows[-1].shape[:2], device=rows[-1].device) if token_weights is None \
+                else token_weights.reshape(1, -1).float()
+            weights.append(weight if active_count is None else weight * (active_count > i).float())
+        rows, weights = torch.cat(rows, dim=1), torch.cat(weights, dim=1)
+        uniform = None
+        if codebook.config.threshold_ema_dead_code > 0:
+            shape = row_sample_noise_shape(1, rows.shape[1], codebook.config.codebook_size)
+            uniform = draw_uniform({"expire": shape}, rows.device)["expire"]
+        codebook.end_of_shared_step_(rows, weights, uniform)
 
     @property
     def codebooks(self) -> torch.Tensor:

@@ -29,7 +29,7 @@ class QuantizeOutput(NamedTuple):
 
     quantized: torch.Tensor  # the input's shape
     indices: torch.Tensor  # (b, *tokens) or (b, *tokens, heads)
-    loss: torch.Tensor  # (1,)
+    loss: torch.Tensor  # () under 1.32.0's defaults, (1,) under 1.14.17's
 
 
 class VQLossBreakdown(NamedTuple):
@@ -186,6 +186,7 @@ class VectorQuantize(nn.Module):
                 and not straight_through
         self.rotation_trick = bool(rotation_trick)
         self.masked_indices_are_minus_one = default_for(release, "VectorQuantize", "index of masked tokens") == -1
+        self.scalar_loss = default_for(release, "VectorQuantize", "shape of the loss") == "()"
         self.return_zeros_for_masked_padding = bool(
             default_for(release, "VectorQuantize", "return_zeros_for_masked_padding", return_zeros_for_masked_padding))
 
@@ -217,6 +218,7 @@ class VectorQuantize(nn.Module):
             reinmax=reinmax,
             initial_cluster_size=default_for(release, "VectorQuantize", "initial cluster_size"),
             manual_ema_update=manual_ema_update,
+            codes_from_kmeans_state=default_for(release, "VectorQuantize", "codes after k-means init") != "the cluster means",
         ))
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
@@ -442,6 +444,8 @@ class VectorQuantize(nn.Module):
             loss = loss + (breakdown.commitment * self.commitment_weight
                            + breakdown.codebook_diversity * self.codebook_diversity_loss_weight
                            + breakdown.orthogonal_reg * self.orthogonal_reg_weight)
+        if self.scalar_loss:
+            loss = loss.reshape(())
         indices = self._merge_indices(code_indices, batch)
         if token_weights is not None and self.masked_indices_are_minus_one:
             kept = (token_weights > 0).reshape(*token_weights.shape, *(1,) * (indices.ndim - 2))
