@@ -1,10 +1,12 @@
-"""Runs cases on a vector-quantize-pytorch release other than the test environment's (see reference_1_32.py).
+"""Runs cases on a vector-quantize-pytorch release other than the test environment's (see reference_release.py).
 
 Started as ``python reference_worker.py SPEC OUT`` with the release first on PYTHONPATH.  SPEC is a JSON list of
 cases; each case's inputs are in ``OUT/<name>.in.safetensors`` (``kw.*``: tensor arguments of the forward call;
 ``pre<i>``: inputs of the calls ``pre_steps`` makes first) and its results go to ``OUT/<name>.safetensors``:
 the module's state before (``state.*``) and after (``after.*``) one forward (with the case's ``forward``
-arguments) and backward and the calls of ``post_methods``, the outputs (``breakdown.i`` for a loss breakdown), the input's gradient.  Only tensors cross the process boundary (safetensors, no pickle).
+arguments), its backward and the calls of ``post_methods``; the outputs (``breakdown.i`` for a loss
+breakdown) and the input's gradient; with ``x_eval``, the eval outputs (``eval_quantized``, ``eval_indices``)
+after it all.  Only tensors cross the process boundary (safetensors, no pickle).
 """
 
 import copy
@@ -49,6 +51,11 @@ def run(case: dict, out: Path) -> None:
     for name in case.get("post_methods", []):
         operator.attrgetter(name)(module)()
     results.update({f"after.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    if "x_eval" in inputs:  # the trained module encodes held-out data
+        module.eval()
+        with torch.no_grad():
+            quantized, indices = module(inputs["x_eval"])[:2]
+        results.update(eval_quantized=quantized, eval_indices=indices)
     save_file({k: v.detach().clone().contiguous() for k, v in {**state, **results}.items()},  # no shared storage
               out / f"{case['name']}.safetensors")
 

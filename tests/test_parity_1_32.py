@@ -1,7 +1,7 @@
 """Parity with vector-quantize-pytorch 1.32.0 (the newest release), with its defaults: the rotation trick, zeros
 for masked padding, code counts starting at one, its 0-d bool flags in checkpoints.
 
-1.32.0 runs in one subprocess for the whole module (reference_1_32.py): each case builds a fresh 1.32.0 module,
+1.32.0 runs in one subprocess for the whole module (reference_release.py): each case builds a fresh 1.32.0 module,
 saves its state, and runs one training step on the same inputs.  vqdeploy loads that state strictly and runs the
 same step; indices must be identical, outputs, the input's gradient (through the rotation trick) and the
 codebook state after the step within the rounding bound of one step (tolerances.py).
@@ -17,7 +17,7 @@ import torch
 
 from vqdeploy import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
-from reference_1_32 import run_cases, split_state
+from reference_release import run_cases, split_state
 from tolerances import assert_no_drift, assert_rounding_close
 
 SHAPE = (2, 24, 16)
