@@ -12,6 +12,7 @@ Defaults: 4 x 1024 tokens on CPU, 64 x 1024 on CUDA.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -23,8 +24,10 @@ from harness import compare, hardware, write_json  # noqa: E402
 def build(impl: str, dim: int, num_quantizers: int, codebook_size: int, quantize_dropout: bool):
     if impl == "reference":
         from vector_quantize_pytorch import ResidualVQ
-    else:
+    else:  # the reference's (1.14.17's) defaults: the same computation (straight-through, not the rotation trick)
         from vqdeploy import ResidualVQ
+
+        ResidualVQ = functools.partial(ResidualVQ, defaults="1.14.17")
     return ResidualVQ(dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size, decay=0.8,
                       commitment_weight=1.0, quantize_dropout=quantize_dropout)
 

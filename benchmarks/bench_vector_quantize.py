@@ -11,6 +11,7 @@ reference/vqdeploy ratios (see harness.py for how cases run).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -24,8 +25,10 @@ DEFAULT_DIM = 256
 def build(impl: str, dim: int, codebook_size: int):
     if impl == "reference":
         from vector_quantize_pytorch import VectorQuantize
-    else:
+    else:  # the reference's (1.14.17's) defaults: the same computation (straight-through, not the rotation trick)
         from vqdeploy import VectorQuantize
+
+        VectorQuantize = functools.partial(VectorQuantize, defaults="1.14.17")
     return VectorQuantize(dim=dim, codebook_size=codebook_size, decay=0.8, commitment_weight=1.0)
 
 

@@ -66,6 +66,16 @@ def test_options_compile_to_one_graph(name, mode):
     compare_eager_compiled(eager, compiled, lambda: input_for(eager, tokens=TOKENS), _kwargs_for(eager, call))
 
 
+def test_blockwise_nearest_code_search_compiles(monkeypatch):
+    """The large-codebook search (row blocks of the score matrix) in a compiled training step."""
+    import vqdeploy.primitives as primitives
+
+    monkeypatch.setattr(primitives, "SCORE_BLOCK_ELEMENTS", 5 * CODEBOOK_SIZE)
+    eager = _build(dict(threshold_ema_dead_code=1))
+    compare_eager_compiled(eager, torch.compile(twin(eager), fullgraph=True), lambda: input_for(eager, tokens=TOKENS),
+                           lambda x: {}, steps=2)
+
+
 @pytest.mark.parametrize("manual", [False, True], ids=["accumulated_weighted", "manual"])
 def test_ema_control_compiles(manual):
     """Micro-batches accumulated, a per-code EMA weight, and a manual update, compiled: the state after the

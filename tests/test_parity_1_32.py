@@ -34,6 +34,8 @@ CASES = {
     "vq_masked": (VectorQuantize, BASE, SHAPE, {}),
     "vq_lens": (VectorQuantize, BASE, SHAPE, {}),
     "vq_straight_through_off": (VectorQuantize, dict(BASE, rotation_trick=False), SHAPE, {}),
+    "vq_gradients_not_routed_to_input": (VectorQuantize, dict(BASE, route_gradients_to_input=False,
+                                                              commitment_weight=0.5), SHAPE, {}),
     "vq_diversity_breakdown": (VectorQuantize, dict(BASE, codebook_diversity_loss_weight=0.5,
                                                     codebook_diversity_temperature=10.0, heads=2, codebook_dim=8),
                                SHAPE, dict(return_loss_breakdown=True)),

@@ -14,6 +14,17 @@ def test_nearest_codes_match_exact_distances():
     assert torch.equal(P.nearest_codes(F.normalize(x, dim=-1), F.normalize(codes, dim=-1), use_cosine_sim=True), cos)
 
 
+def test_large_codebooks_are_matched_block_by_block(monkeypatch):
+    """Rows go through the score matrix in blocks (static slices) without changing any index."""
+    x, codes = torch.randn(2, 50, 6, dtype=torch.float64), torch.randn(2, 9, 6, dtype=torch.float64)
+    exact = torch.cdist(x, codes).argmin(dim=-1)
+    cosine = (F.normalize(x, dim=-1) @ F.normalize(codes, dim=-1).transpose(1, 2)).argmax(dim=-1)
+    monkeypatch.setattr(P, "SCORE_BLOCK_ELEMENTS", 2 * 9 * 7)  # 7 rows per block: 8 blocks, the last one short
+    assert torch.equal(P.nearest_codes(x, codes), exact)
+    assert torch.equal(P.nearest_codes(F.normalize(x, dim=-1), F.normalize(codes, dim=-1), use_cosine_sim=True),
+                       cosine)
+
+
 def test_euclidean_logits_are_negative_distances():
     x, codes = torch.randn(1, 30, 5), torch.randn(1, 7, 5)
     torch.testing.assert_close(P.euclidean_logits(x, codes), -torch.cdist(x, codes), atol=1e-5, rtol=1e-5)

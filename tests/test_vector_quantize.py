@@ -53,6 +53,17 @@ def test_straight_through_passes_gradients_unchanged():
     torch.testing.assert_close(x.grad, torch.ones_like(x))
 
 
+def test_gradients_can_stay_out_of_the_input():
+    """route_gradients_to_input=False: the output is the codes, and only the commitment loss reaches the input."""
+    vq = make(route_gradients_to_input=False, commitment_weight=0.0)
+    before = twin(vq).eval()
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    quantized, indices, loss = vq(x)
+    assert torch.equal(quantized, before.decode(indices)) and not quantized.requires_grad
+    (quantized.sum() + loss.sum()).backward()
+    assert x.grad is None
+
+
 @pytest.mark.parametrize("options", [dict(), dict(heads=2, codebook_dim=DIM // 2, separate_codebook_per_head=True),
                                      dict(use_cosine_sim=True)],
                          ids=["euclidean", "heads", "cosine"])
@@ -253,7 +264,7 @@ def test_loss_breakdown_holds_the_unweighted_terms_of_the_loss():
     vq = make(commitment_weight=0.25, codebook_diversity_loss_weight=0.5, orthogonal_reg_weight=2.0, codebook_dim=8)
     out = vq(torch.randn(2, 12, DIM), return_loss_breakdown=True)
     terms = out.breakdown
-    assert all(t.ndim == 0 for t in terms) and float(terms.codebook_diversity) < 0 < float(terms.commitment)
+    assert all(t.ndim == 0 for t in terms) and float(terms.codebook_diversity.detach()) < 0 < float(terms.commitment.detach())
     expected = 0.25 * terms.commitment + 0.5 * terms.codebook_diversity + 2.0 * terms.orthogonal_reg
     torch.testing.assert_close(out.loss, expected)
     _, _, loss, terms = vq.eval()(torch.randn(2, 12, DIM), return_loss_breakdown=True)

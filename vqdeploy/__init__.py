@@ -30,8 +30,8 @@ def load(bundle, max_derived_bytes: int | None = None):
 
 
 __all__ = [
-    "load", "use_defaults", "active_defaults", "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput", "QuantizeOutputWithBreakdown",
-    "VQLossBreakdown", "Codebook", "CodebookConfig",
+    "load", "use_defaults", "active_defaults", "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput",
+    "QuantizeOutputWithBreakdown", "VQLossBreakdown", "Codebook", "CodebookConfig",
     "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
     "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
     "LFQ", "LFQOutput", "LossBreakdown", "LatentQuantize", "LatentQuantizeOutput", "ResidualLFQ", "GroupedResidualLFQ",

@@ -220,14 +220,15 @@ class Codebook(OptionalStateMixin):
             samples = self.config.stochastic_sample_codes or self.config.straight_through
             sampling = self.training and samples and temperature > 0
             logits = None
-            if self.config.use_cosine_sim:
+            if not (return_logits or sampling):  # indices alone: matched block by block (large codebooks)
+                indices = nearest_codes(x, codes, self.config.use_cosine_sim)
+            elif self.config.use_cosine_sim:
                 logits = cosine_logits(x, codes)
                 indices = logits.argmax(dim=-1)
             else:
                 scores = sq_dist_scores(x, codes)
                 indices = scores.argmin(dim=-1)
-                if return_logits or sampling:
-                    logits = euclidean_logits(x, codes, scores)
+                logits = euclidean_logits(x, codes, scores)
             if self.training and self.config.stochastic_sample_codes and temperature > 0:
                 indices = sample_codes(logits, temperature, noise["gumbel"])
 

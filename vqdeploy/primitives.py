@@ -199,8 +199,25 @@ def cosine_logits(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x, codes.transpose(1, 2))
 
 
+SCORE_BLOCK_ELEMENTS = 1 << 25  # rows x codes scores computed at once (128 MiB of float32)
+
+
 def nearest_codes(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = False) -> torch.Tensor:
-    """Index of the nearest code for every row: (h, n, d), (h, k, d) -> (h, n)."""
+    """Index of the nearest code for every row: (h, n, d), (h, k, d) -> (h, n).
+
+    Rows are matched in blocks of at most ``SCORE_BLOCK_ELEMENTS`` scores, a static loop over row slices, so a
+    large codebook (2^16 codes and more) never needs the whole rows x codes matrix.  An export (whose row count
+    is symbolic) matches all rows at once."""
+    h, n, _ = x.shape
+    block = max(1, SCORE_BLOCK_ELEMENTS // (h * codes.shape[1]))
+    exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    if exporting or n <= block:
+        return _nearest_block(x, codes, use_cosine_sim)
+    return torch.cat([_nearest_block(x[:, start:start + block], codes, use_cosine_sim)
+                      for start in range(0, n, block)], dim=1)
+
+
+def _nearest_block(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool) -> torch.Tensor:
     if use_cosine_sim:
         return cosine_logits(x, codes).argmax(dim=-1)
     return sq_dist_scores(x, codes).argmin(dim=-1)

@@ -1,6 +1,6 @@
-"""VectorQuantize: the API of vector-quantize-pytorch 1.14.17, as one static graph.
+"""VectorQuantize: the API of vector-quantize-pytorch 1.14.17 and its additions up to 1.32.0, as one static graph.
 
-Shapes, argument names and checkpoint keys follow the reference library;
+Shapes, argument names and checkpoint keys follow the reference library (defaults: defaults.py);
 the training update is graph-friendly (see codebooks.py), so the whole module,
 training included, compiles with ``torch.compile(fullgraph=True)``.
 """
@@ -119,6 +119,7 @@ class VectorQuantize(nn.Module):
         codebook_diversity_loss_weight: float = 0.0,
         codebook_diversity_temperature: float = 100.0,
         manual_ema_update: bool = False,
+        route_gradients_to_input: bool = True,
         defaults: str | None = None,
     ):
         super().__init__()
@@ -176,6 +177,7 @@ class VectorQuantize(nn.Module):
         self.accept_image_fmap = accept_image_fmap or accept_3d_fmap  # channels first, any number of axes
         self.accept_3d_fmap = accept_3d_fmap
         self.channel_last = channel_last
+        self.route_gradients_to_input = route_gradients_to_input
         self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
         self.codebook_diversity_temperature = codebook_diversity_temperature
         if rotation_trick and straight_through:
@@ -218,7 +220,8 @@ class VectorQuantize(nn.Module):
             reinmax=reinmax,
             initial_cluster_size=default_for(release, "VectorQuantize", "initial cluster_size"),
             manual_ema_update=manual_ema_update,
-            codes_from_kmeans_state=default_for(release, "VectorQuantize", "codes after k-means init") != "the cluster means",
+            codes_from_kmeans_state=(default_for(release, "VectorQuantize", "codes after k-means init")
+                                     != "the cluster means"),
         ))
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
@@ -417,7 +420,9 @@ class VectorQuantize(nn.Module):
         if self.training:
             if not self.learnable_codebook or freeze_codebook:
                 commit_quantized = quantized.detach()
-            if self.rotation_trick and rows.requires_grad:
+            if not self.route_gradients_to_input:
+                pass  # the codes themselves: no gradient reaches the input (a learnable codebook still gets one)
+            elif self.rotation_trick and rows.requires_grad:
                 quantized = rotate_to(rows, quantized.detach())
             else:
                 quantized = rows + (quantized - rows).detach()  # straight-through estimator
