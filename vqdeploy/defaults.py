@@ -4,8 +4,8 @@ A checkpoint does not record which release's defaults trained it, and some defau
 (1.18.0 turned the rotation trick on; 1.18.2 dropped LFQ's commitment weight, whose 0.25 collapses code usage),
 so the choice is explicit.  1.32.0's defaults apply unless a program asks otherwise:
 
-- for one module: ``VectorQuantize(..., defaults="1.14.17")`` (every quantizer class takes ``defaults``; the
-  residual and grouped classes pass it to their layers);
+- for one module: ``VectorQuantize(..., defaults="1.14.17")`` (VectorQuantize and LFQ take ``defaults``, and the
+  residual, grouped and random-projection classes built on them pass it to their layers);
 - for a whole program: ``vqdeploy.use_defaults("1.14.17")`` before building modules, or the environment
   variable ``VQDEPLOY_DEFAULTS=1.14.17``;
 - for a block: ``with vqdeploy.use_defaults("1.14.17"): ...`` (the previous choice returns on exit).
