@@ -249,18 +249,20 @@ class Codebook(OptionalStateMixin):
 
     # ------------------------------------------------------------------ training-only state changes
 
-    def _update_guards(self, x: torch.Tensor, weights: torch.Tensor | None):
+    def _update_guards(self, x: torch.Tensor, weights: torch.Tensor | None, count_skipped: bool = True):
         """(data_ok, update_ok), 0-d bools agreed by every synchronised rank.
 
         A batch with NaN/Inf in a kept row must not reach the codebook: its
-        update is skipped and counted in ``skipped_updates``.  A batch with no
-        kept row at all (every token masked) carries nothing to learn from,
-        and its update is skipped too."""
+        update is skipped and counted in ``skipped_updates`` (once per step:
+        ``count_skipped=False`` for a second look at the same step's rows).  A
+        batch with no kept row at all (every token masked) carries nothing to
+        learn from, and its update is skipped too."""
         all_ranks = D.all_ranks if self.config.use_ddp else (lambda t: t)
         any_rank = D.any_rank if self.config.use_ddp else (lambda t: t)
         data_ok = all_ranks(rows_all_finite(x, weights))
-        with torch.no_grad():
-            self.skipped_updates.add_((~data_ok).long())
+        if count_skipped:
+            with torch.no_grad():
+                self.skipped_updates.add_((~data_ok).long())
         if weights is None:
             return data_ok, data_ok
         return data_ok, data_ok & any_rank((weights > 0).any())
@@ -389,10 +391,7 @@ class Codebook(OptionalStateMixin):
         """A shared codebook with ``manual_ema_update`` after every layer has tracked its statistics (1.32.0's
         ResidualVQ): recompute the codes, then replace codes still dead by rows of any layer.  x: (h, n, d),
         every layer's rows; weights: (h, n), 0 for padding and dropped layers."""
-        all_ranks = D.all_ranks if self.config.use_ddp else (lambda t: t)
-        any_rank = D.any_rank if self.config.use_ddp else (lambda t: t)
-        data_ok = all_ranks(rows_all_finite(x, weights))  # (already counted in skipped_updates by the layers)
-        update_ok = data_ok if weights is None else data_ok & any_rank((weights > 0).any())
+        data_ok, update_ok = self._update_guards(x, weights, count_skipped=False)  # the layers counted the step
         clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
         new = dict(embed=self.codes_from(self.cluster_size, self.embed_avg))
         if self.config.threshold_ema_dead_code > 0:

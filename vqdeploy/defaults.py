@@ -88,6 +88,12 @@ def default_for(release: str, cls: str, argument: str, value=None):
     return DIFFERING_DEFAULTS[(cls, argument)][release] if value is None else value
 
 
+def behaves_as_latest(release: str, cls: str, behaviour: str) -> bool:
+    """Whether ``release`` has 1.32.0's ``behaviour`` (a row of the table that is no argument)."""
+    row = DIFFERING_DEFAULTS[(cls, behaviour)]
+    return row[release] == row[LATEST]
+
+
 def markdown_table() -> str:
     """``DIFFERING_DEFAULTS`` as the README shows it (a test keeps the two equal)."""
     lines = ["| class | argument or behaviour | 1.14.17 | 1.32.0 (vqdeploy's default) | changed in | note |",

@@ -95,10 +95,10 @@ def laplace_smoothing(counts: torch.Tensor, num_categories: int, eps: float) -> 
 def ema(old: torch.Tensor, new: torch.Tensor, decay: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Out-of-place exponential moving average ``decay * old + (1 - decay) * new``; ``weight`` scales the step
     (1 - decay) per element (broadcast from the left: per code for (h, k) weights of (h, k, d) sums)."""
-    if weight is None:
-        return torch.lerp(old.to(new.dtype), new, 1.0 - decay)
-    weight = weight.reshape(*weight.shape, *(1,) * (new.ndim - weight.ndim))
-    return torch.lerp(old.to(new.dtype), new, (1.0 - decay) * weight)
+    rate = 1.0 - decay
+    if weight is not None:
+        rate = rate * weight.reshape(*weight.shape, *(1,) * (new.ndim - weight.ndim))
+    return torch.lerp(old.to(new.dtype), new, rate)
 
 
 # ---------------------------------------------------------------------------

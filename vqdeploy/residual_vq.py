@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import records_config
-from .defaults import default_for, release_for
+from .defaults import behaves_as_latest, release_for
 from .grouped import GroupedResidualQuantizer
 from .primitives import draw_uniform, row_sample_noise_shape
 from .residual import ResidualQuantizer
@@ -30,8 +30,7 @@ class ResidualVQ(ResidualQuantizer):
         channel_last = vector_quantize_kwargs.pop("channel_last", True)
         vector_quantize_kwargs.pop("accept_image_fmap", None)
         release = release_for(vector_quantize_kwargs.get("defaults"))
-        if shared_codebook and default_for(release, "ResidualVQ", "updates of a shared codebook") != \
-                "each layer moves the codes":
+        if shared_codebook and behaves_as_latest(release, "ResidualVQ", "updates of a shared codebook"):
             vector_quantize_kwargs.setdefault("manual_ema_update", True)
         layers = [VectorQuantize(dim=codebook_dim, codebook_dim=codebook_dim, **vector_quantize_kwargs)
                   for _ in range(num_quantizers)]

@@ -18,7 +18,7 @@ from torch import nn
 from .config import records_config
 from . import distributed as D
 from .codebooks import Codebook, CodebookConfig
-from .defaults import default_for, release_for
+from .defaults import behaves_as_latest, default_for, release_for
 from .layout import check_index_range, check_indices_dtype, lens_to_mask, to_tokens
 from .primitives import (codebook_diversity_loss, counts_per_code, draw_uniform, gather_codes,
                          masked_cross_entropy, masked_mse, orthogonal_loss, rotate_to)
@@ -187,8 +187,8 @@ class VectorQuantize(nn.Module):
             rotation_trick = default_for(release, "VectorQuantize", "rotation_trick") and dim > 1 \
                 and not straight_through
         self.rotation_trick = bool(rotation_trick)
-        self.masked_indices_are_minus_one = default_for(release, "VectorQuantize", "index of masked tokens") == -1
-        self.scalar_loss = default_for(release, "VectorQuantize", "shape of the loss") == "()"
+        self.masked_indices_are_minus_one = behaves_as_latest(release, "VectorQuantize", "index of masked tokens")
+        self.scalar_loss = behaves_as_latest(release, "VectorQuantize", "shape of the loss")
         self.return_zeros_for_masked_padding = bool(
             default_for(release, "VectorQuantize", "return_zeros_for_masked_padding", return_zeros_for_masked_padding))
 
@@ -220,8 +220,7 @@ class VectorQuantize(nn.Module):
             reinmax=reinmax,
             initial_cluster_size=default_for(release, "VectorQuantize", "initial cluster_size"),
             manual_ema_update=manual_ema_update,
-            codes_from_kmeans_state=(default_for(release, "VectorQuantize", "codes after k-means init")
-                                     != "the cluster means"),
+            codes_from_kmeans_state=behaves_as_latest(release, "VectorQuantize", "codes after k-means init"),
         ))
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
