@@ -23,7 +23,8 @@ import vector_quantize_pytorch as reference
 
 def run(case: dict, out: Path) -> None:
     torch.manual_seed(case["seed"])
-    module = getattr(reference, case["class"])(**case["config"])
+    config = {key: tuple(value) if isinstance(value, list) else value for key, value in case["config"].items()}
+    module = getattr(reference, case["class"])(**config)  # JSON gives lists where the reference wants tuples
     module.train(case["train"])
     state = {f"state.{k}": v.detach().clone() for k, v in module.state_dict().items()}
     frozen = copy.deepcopy(module) if case.get("frozen_gradient") else None

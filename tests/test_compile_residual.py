@@ -26,9 +26,9 @@ RESIDUAL_CASES = {
     "kmeans_shared_dead_codes_dropout": (
         dict(kmeans_init=True, kmeans_iters=2, shared_codebook=True, threshold_ema_dead_code=2, quantize_dropout=True),
         "mask"),
-    "stochastic_cosine_temperature_frozen": (
+    "stochastic_cosine_temperature_frozen_layer_sizes_grad_frac": (
         dict(stochastic_sample_codes=True, sample_codebook_temp=0.5, use_cosine_sim=True, quantize_dropout=True,
-             num_quantizers=3),
+             codebook_size=(32, 16, 8), quant_grad_frac=0.5),
         lambda x: dict(sample_codebook_temp=0.2, freeze_codebook=True,
                        rand_quantize_dropout_fixed_seed=torch.tensor(2**40 + 7))),
     "image_affine_cross_entropy_orthogonal": (
@@ -40,8 +40,9 @@ RESIDUAL_CASES = {
 
 def _rvq(options):
     options = dict(options)
-    return ResidualVQ(dim=DIM, num_quantizers=options.pop("num_quantizers", 2), codebook_size=CODEBOOK_SIZE,
-                      **options)
+    codebook_size = options.pop("codebook_size", CODEBOOK_SIZE)
+    num_quantizers = options.pop("num_quantizers", None if isinstance(codebook_size, tuple) else 2)
+    return ResidualVQ(dim=DIM, num_quantizers=num_quantizers, codebook_size=codebook_size, **options)
 
 
 def _kwargs_for(quantizer, call):

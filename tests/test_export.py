@@ -26,7 +26,7 @@ CLASSES = {
                                                                  accept_3d_fmap=True), {}),
     "rvq_shared_bandwidth": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=3, shared_codebook=True,
                                                   codebook_dim=8), dict(num_quantizers=2)),
-    "grouped_rvq": (lambda: V.GroupedResidualVQ(dim=16, groups=2, codebook_size=64, num_quantizers=2), {}),
+    "grouped_rvq_layer_sizes": (lambda: V.GroupedResidualVQ(dim=16, groups=2, codebook_size=(64, 16)), {}),
     "random_projection": (lambda: V.RandomProjectionQuantizer(dim=16, codebook_size=64, codebook_dim=8,
                                                               num_codebooks=2), {}),
     "fsq_channel_first_projection": (lambda: V.FSQ(levels=[8, 5, 5], dim=8, channel_first=True), {}),
@@ -63,6 +63,8 @@ def test_every_class_exports_and_matches_onnxruntime(name, tmp_path):
     assert manifest["encoder"]["output"]["dtype"] == index_dtype
     assert isinstance(manifest["encoder"]["input"]["shape"][0], str)  # a dynamic batch axis
     assert ("decoder" in manifest) == (name != "random_projection")
+    assert manifest["codebook_sizes"] == (list(quantizer.codebook_sizes) if hasattr(quantizer, "codebook_sizes")
+                                          else None)
 
     rebuilt = V.load(tmp_path / "bundle")
     assert type(rebuilt) is type(quantizer) and not rebuilt.training

@@ -56,6 +56,9 @@ CASES = {
     "residual_shared_codebook_cosine": (ResidualVQ, dict(BASE, num_quantizers=2, shared_codebook=True,
                                                                  use_cosine_sim=True), SHAPE, {}),
     "grouped": (GroupedResidualVQ, dict(BASE, groups=2, num_quantizers=2), SHAPE, {}),
+    "residual_layer_sizes": (ResidualVQ, dict(dim=16, codebook_size=(32, 16, 8)), SHAPE, {}),
+    "grouped_layer_sizes": (GroupedResidualVQ, dict(dim=16, groups=2, codebook_size=(16, 8)), SHAPE, {}),
+    "residual_quant_grad_frac": (ResidualVQ, dict(BASE, num_quantizers=3, quant_grad_frac=0.5), SHAPE, {}),
 }
 
 

@@ -67,6 +67,38 @@ def test_straight_through_gradient_counts_every_layer():
     assert losses.requires_grad
 
 
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_quant_grad_frac_passes_that_fraction_back_through_the_residual(fraction):
+    """Layer i's input is x minus the earlier outputs with ``fraction`` of their straight-through gradient, so
+    its output's gradient with respect to x is (1 - fraction)^i."""
+    rvq = _rvq(rotation_trick=False, quant_grad_frac=fraction)
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    rvq(x).quantized.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, sum((1 - fraction) ** i for i in range(Q))))
+
+
+def test_per_layer_codebook_sizes():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=DIM, codebook_size=(CODEBOOK_SIZE, 4))
+    assert rvq.num_quantizers == 2 and rvq.codebook_sizes == (CODEBOOK_SIZE, 4)
+    assert [tuple(c.shape) for c in rvq.codebooks] == [(CODEBOOK_SIZE, DIM), (4, DIM)]
+    x = torch.randn(2, 40, DIM)
+    quantized, indices, losses = rvq(x)
+    assert indices[..., 1].max() < 4 and indices[..., 0].max() >= 4 and losses.shape == (2,)
+    rvq.eval()
+    torch.testing.assert_close(rvq.get_output_from_indices(rvq(x).indices), rvq(x).quantized)
+    with pytest.raises(ValueError, match=r"\[-1, 3\]"):
+        rvq.get_output_from_indices(torch.tensor([[[0, 4]]]))
+    grouped = GroupedResidualVQ(dim=DIM, groups=2, codebook_size=(8, 4))
+    assert grouped.codebook_sizes == (8, 4) and grouped(x).indices.shape == (2, 2, 40, 2)
+    with pytest.raises(ValueError, match="one size per quantizer"):
+        ResidualVQ(dim=DIM, codebook_size=(8, 4), num_quantizers=3)
+    with pytest.raises(ValueError, match="shared_codebook"):
+        ResidualVQ(dim=DIM, codebook_size=(8, 4), shared_codebook=True)
+    with pytest.raises(TypeError, match="num_quantizers"):
+        ResidualVQ(dim=DIM, codebook_size=8)
+
+
 def test_a_shared_codebook_moves_once_per_step_after_every_layer():
     """1.32.0's defaults: the layers match against the step's starting codes and only track counts and sums;
     the codes are recomputed once, after the last layer (1.14.17's: every layer moves them in turn)."""

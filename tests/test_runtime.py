@@ -16,7 +16,7 @@ from vqdeploy.runtime import Session, symbolic_size
 @pytest.fixture(scope="module")
 def rvq_bundle(tmp_path_factory):
     torch.manual_seed(0)
-    rvq = V.ResidualVQ(dim=16, codebook_size=32, num_quantizers=3).eval()
+    rvq = V.ResidualVQ(dim=16, codebook_size=(32, 32, 8)).eval()  # a smaller last layer: checked per layer
     path = tmp_path_factory.mktemp("bundles") / "rvq"
     export(rvq, path, verify=False)
     return rvq, path
@@ -45,6 +45,8 @@ def test_bad_indices_and_shapes_raise(rvq_bundle):
         session.decode(np.full((1, 4, 3), 32))
     with pytest.raises(ValueError, match=r"lie in \[-1, 31\]"):
         session.decode(torch.full((1, 4, 3), -2))
+    with pytest.raises(ValueError, match=r"indices of layer 2 must lie in \[-1, 7\]"):
+        session.decode(np.full((1, 4, 3), 8))
     with pytest.raises(TypeError, match="integer"):
         session.decode(np.zeros((1, 4, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"shape \(\*, \*, 3\)"):

@@ -55,6 +55,11 @@ class GroupedResidualQuantizer(nn.Module):
         return self.rvqs[0].codebook_size
 
     @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """Codes of each layer (every group has the same)."""
+        return self.rvqs[0].codebook_sizes
+
+    @property
     def split_dim(self) -> int:
         return 1 if self.accept_image_fmap or not self.channel_last else -1
 

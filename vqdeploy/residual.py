@@ -120,8 +120,13 @@ class ResidualQuantizer(nn.Module):
 
     @property
     def codebook_size(self) -> int:
-        """Codes per layer (every layer has the same number)."""
+        """Codes of the first layer (of every layer, unless ``ResidualVQ`` was given one size per layer)."""
         return self.layers[0].codebook_size
+
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """Codes of each layer."""
+        return tuple(layer.codebook_size for layer in self.layers)
 
     # ------------------------------------------------------------------ arguments
 
@@ -204,7 +209,7 @@ class ResidualQuantizer(nn.Module):
             if active is not None:
                 quantized = torch.where(active, quantized, torch.zeros((), dtype=quantized.dtype,
                                                                         device=quantized.device))
-            residual = residual - quantized.detach()
+            residual = residual - self._residual_gradient(quantized)
             quantized_out = quantized if quantized_out is None else quantized_out + quantized
             if target is not None:
                 ce_loss = out.ce_loss if ce_loss is None else ce_loss + out.ce_loss
@@ -221,6 +226,14 @@ class ResidualQuantizer(nn.Module):
         if target is not None:
             return QuantizeLossOutput(quantized_out, ce_loss)
         return ResidualOutput(quantized_out, torch.stack(all_indices, dim=-1), torch.stack(all_losses, dim=-1))
+
+    def _residual_gradient(self, quantized: torch.Tensor) -> torch.Tensor:
+        """What a layer's output takes off the residual: detached (each layer's loss trains its own input only),
+        or with ``quant_grad_frac`` of its gradient passing to the layers before it (``ResidualVQ``)."""
+        fraction = getattr(self, "quant_grad_frac", 0.0)
+        if fraction <= 0:
+            return quantized.detach()
+        return fraction * quantized + (1.0 - fraction) * quantized.detach()
 
     def end_of_step_(self, layer_inputs: list[torch.Tensor], token_weights: torch.Tensor | None,
                      active_count: torch.Tensor | None) -> None:

@@ -9,7 +9,7 @@ from .defaults import behaves_as_latest, release_for
 from .grouped import GroupedResidualQuantizer
 from .primitives import draw_uniform, row_sample_noise_shape
 from .residual import ResidualQuantizer
-from .vector_quantize import VectorQuantize, _positive_int
+from .vector_quantize import VectorQuantize, _number, _positive_int
 
 
 @records_config
@@ -17,12 +17,20 @@ class ResidualVQ(ResidualQuantizer):
     """Residual vector quantization (Algorithm 1 of SoundStream, https://arxiv.org/abs/2107.03312).
 
     Every ``VectorQuantize`` argument passes through to the layers; ``codebook_dim``
-    sets the layers' width (with a projection in and out of it when it differs from ``dim``)."""
+    sets the layers' width (with a projection in and out of it when it differs from ``dim``).
+    ``codebook_size``: one size for every layer, or a tuple of one per layer (then ``num_quantizers`` may be
+    left out), as 1.32.0 takes.  ``quant_grad_frac``: the fraction of each layer's gradient that also flows
+    back through the residual into the layers before it (0: none, as 1.14.17)."""
 
-    def __init__(self, dim: int, num_quantizers: int, codebook_dim: int | None = None, shared_codebook: bool = False,
+    def __init__(self, dim: int, num_quantizers: int | None = None, codebook_size: int | tuple[int, ...] | None = None,
+                 codebook_dim: int | None = None, shared_codebook: bool = False,
                  heads: int = 1, quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
-                 quantize_dropout_multiple_of: int = 1, accept_image_fmap: bool = False, **vector_quantize_kwargs):
-        _positive_int("num_quantizers", num_quantizers)
+                 quantize_dropout_multiple_of: int = 1, accept_image_fmap: bool = False, quant_grad_frac: float = 0.0,
+                 **vector_quantize_kwargs):
+        _number("quant_grad_frac", quant_grad_frac)
+        codebook_sizes = _layer_codebook_sizes(codebook_size, num_quantizers)
+        if shared_codebook and len(set(codebook_sizes)) > 1:
+            raise ValueError(f"shared_codebook needs one codebook_size for every layer, got {codebook_size!r}")
         if heads != 1:
             raise ValueError(f"ResidualVQ quantizes with one head (heads=1), got heads={heads!r}")
         codebook_dim = dim if codebook_dim is None else codebook_dim
@@ -32,11 +40,12 @@ class ResidualVQ(ResidualQuantizer):
         release = release_for(vector_quantize_kwargs.get("defaults"))
         if shared_codebook and behaves_as_latest(release, "ResidualVQ", "updates of a shared codebook"):
             vector_quantize_kwargs.setdefault("manual_ema_update", True)
-        layers = [VectorQuantize(dim=codebook_dim, codebook_dim=codebook_dim, **vector_quantize_kwargs)
-                  for _ in range(num_quantizers)]
+        layers = [VectorQuantize(dim=codebook_dim, codebook_size=size, codebook_dim=codebook_dim,
+                                 **vector_quantize_kwargs) for size in codebook_sizes]
         super().__init__(dim, codebook_dim, layers, quantize_dropout, quantize_dropout_cutoff_index,
                          quantize_dropout_multiple_of, accept_image_fmap, channel_last)
         self.shared_codebook = shared_codebook
+        self.quant_grad_frac = float(quant_grad_frac)
         if shared_codebook:
             self._share_first_codebook(vector_quantize_kwargs.get("in_place_codebook_optimizer"))
 
@@ -68,9 +77,28 @@ class ResidualVQ(ResidualQuantizer):
         codebook.end_of_shared_step_(rows, weights, uniform)
 
     @property
-    def codebooks(self) -> torch.Tensor:
-        """(q, codebook_size, codebook_dim), or (q, heads, ...) with separate codebooks per head."""
-        return torch.stack([layer.codebook for layer in self.layers])
+    def codebooks(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """(q, codebook_size, codebook_dim); a tuple of each layer's (codebook_size, codebook_dim) when the
+        layers' sizes differ (as the reference)."""
+        codebooks = tuple(layer.codebook for layer in self.layers)
+        return torch.stack(codebooks) if len(set(self.codebook_sizes)) == 1 else codebooks
+
+
+def _layer_codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
+    """``codebook_size`` (an int, or a tuple/list of one per layer) -> one size per layer, checked."""
+    if num_quantizers is not None:
+        _positive_int("num_quantizers", num_quantizers)
+    if isinstance(codebook_size, (tuple, list)):
+        sizes = tuple(codebook_size)
+        if not sizes or num_quantizers not in (None, len(sizes)):
+            raise ValueError(f"codebook_size must give one size per quantizer ({num_quantizers}), got {codebook_size!r}")
+        for size in sizes:
+            _positive_int("each codebook_size", size)
+        return sizes
+    if num_quantizers is None:
+        raise TypeError("ResidualVQ needs num_quantizers, or codebook_size as a tuple of one size per layer")
+    _positive_int("codebook_size", codebook_size)
+    return (codebook_size,) * num_quantizers
 
 
 @records_config

@@ -127,15 +127,23 @@ class Session:
             raise TypeError(f"indices must be an integer array, got {np.asarray(indices).dtype}")
 
     def _check_index_range(self, indices) -> None:
-        if isinstance(indices, torch.Tensor):
-            low, high = (int(v) for v in torch.aminmax(indices.long())) if indices.numel() else (0, 0)
-        else:
-            indices = np.asarray(indices)
-            low, high = (int(indices.min()), int(indices.max())) if indices.size else (0, 0)
+        """Every index below its layer's codebook size (the last axis of a residual quantizer's indices holds
+        its layers); -1 (a dropped layer) only where the quantizer drops layers."""
+        indices = indices.long().cpu() if isinstance(indices, torch.Tensor) else torch.from_numpy(
+            np.asarray(indices).astype(np.int64))
         allowed_low = -1 if self.manifest["dropped_index"] is not None else 0
-        if low < allowed_low or high >= self.manifest["codebook_size"]:
-            raise ValueError(f"indices must lie in [{allowed_low}, {self.manifest['codebook_size'] - 1}], "
-                             f"found values in [{low}, {high}]")
+        sizes = self.manifest.get("codebook_sizes")
+        if sizes is None or indices.ndim == 0 or not 1 <= indices.shape[-1] <= len(sizes):
+            sizes, columns = [max(sizes or [self.manifest["codebook_size"]])], indices.reshape(-1, 1)
+        else:
+            columns = indices.reshape(-1, indices.shape[-1])
+        for layer, size in enumerate(sizes[:columns.shape[1]]):
+            column = columns[:, layer]
+            low, high = (int(v) for v in torch.aminmax(column)) if column.numel() else (0, 0)
+            if low < allowed_low or high >= size:
+                where = f" of layer {layer}" if len(sizes) > 1 else ""
+                raise ValueError(f"indices{where} must lie in [{allowed_low}, {size - 1}], "
+                                 f"found values in [{low}, {high}]")
 
     def _checked_shape(self, graph: str, shape: tuple) -> dict[str, int]:
         """Match an input shape against the graph's input; returns the symbolic sizes it binds."""

@@ -72,6 +72,10 @@ def check_bundle(directory: Path, manifest: dict, max_derived_bytes: int | None 
     if manifest["codebook_size"] != module.codebook_size:
         raise BundleError(f"{directory}: field 'codebook_size' is {manifest['codebook_size']}, the config gives "
                           f"{module.codebook_size}")
+    sizes = manifest.get("codebook_sizes")
+    if sizes is not None and sizes != list(getattr(module, "codebook_sizes", ())):
+        raise BundleError(f"{directory}: field 'codebook_sizes' is {sizes}, the config gives "
+                          f"{list(getattr(module, 'codebook_sizes', ()))}")
     return module
 
 
@@ -91,6 +95,8 @@ def _checked_config(directory: Path, manifest: dict) -> dict:
     layers = 1
     for field in ("num_quantizers", "groups"):
         value = config.get(field, 1)
+        if field == "num_quantizers" and value is None and isinstance(config.get("codebook_size"), list):
+            value = len(config["codebook_size"])  # one codebook size per layer
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise BundleError(f"{directory}: config field {field!r} must be a positive int, got {value!r}")
         layers *= value

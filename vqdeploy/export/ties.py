@@ -87,7 +87,7 @@ def compare_indices(quantizer: nn.Module, features: torch.Tensor, expected: torc
         return Agreement(tokens, tokens - num_differ, 0 if classify else None, 0 if classify else None, 0.0)
     rows = differs.nonzero().squeeze(1)
     expected, got = expected[rows], got[rows]
-    invalid = ((got < 0) | (got >= quantizer.codebook_size)).flatten(1).any(dim=1)  # no code at all: real
+    invalid = ((got < 0) | (got >= _code_limits(quantizer, got.shape[2]))).flatten(1).any(dim=1)  # no code: real
     x = _tokens(quantizer, features.detach().cpu()).reshape(tokens, -1)[rows].double()
     magnitude = x.abs()
     if wrapped:
@@ -110,6 +110,13 @@ def _tokens(quantizer: nn.Module, features: torch.Tensor) -> torch.Tensor:
     if isinstance(quantizer, RandomProjectionQuantizer):
         return features
     return to_tokens(features, quantizer.dim, quantizer.channel_last, quantizer.accept_image_fmap)[0]
+
+
+def _code_limits(quantizer: nn.Module, layers: int) -> torch.Tensor | int:
+    """Codes per layer, shaped to compare with ``_per_token``'s (tokens, groups, layers, columns)."""
+    if is_residual(quantizer):
+        return torch.tensor(quantizer.codebook_sizes[:layers]).view(1, 1, layers, 1)
+    return quantizer.codebook_size
 
 
 def _per_token(quantizer: nn.Module, indices: torch.Tensor) -> torch.Tensor:
