@@ -5,7 +5,7 @@ cases; each case's inputs are in ``OUT/<name>.in.safetensors`` (``kw.*``: tensor
 ``pre<i>``: inputs of the calls ``pre_steps`` makes first) and its results go to ``OUT/<name>.safetensors``:
 the module's state before (``state.*``) and after (``after.*``) one forward (with the case's ``forward``
 arguments), its backward and the calls of ``post_methods``; the outputs (``breakdown.i`` for a loss
-breakdown) and the input's gradient; with ``x_eval``, the eval outputs (``eval_quantized``, ``eval_indices``)
+breakdown), the input's gradient and the parameters' (``grad.*``); with ``x_eval``, the eval outputs (``eval_quantized``, ``eval_indices``)
 after it all.  Only tensors cross the process boundary (safetensors, no pickle).
 """
 
@@ -42,6 +42,7 @@ def run(case: dict, out: Path) -> None:
     if case["train"]:
         ((quantized * inputs["grad"]).sum() + loss.sum()).backward()
         results["x_grad"] = x.grad
+        results.update({f"grad.{name}": p.grad for name, p in module.named_parameters() if p.grad is not None})
         if frozen is not None:
             # a gradient through the distances: 1.32.0's backward would read the codebook its EMA step has
             # overwritten in place (through .data), so it is taken from a step that leaves the codebook alone

@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) equals eager for ResidualVQ, GroupedResidualVQ and RandomProjectionQuantizer.
+"""torch.compile(fullgraph=True) equals eager for ResidualVQ, GroupedResidualVQ, RandomProjectionQuantizer, SimVQ
+and ResidualSimVQ.
 
 Every class and option of issue 3 runs a few steps in train (forward, backward, codebook updates, quantize
 dropout drawn inside the graph) and in eval, eagerly and compiled from one state and seed; indices must be
@@ -9,7 +10,9 @@ equal, and outputs, losses, gradients and every buffer within the rounding bound
 import pytest
 import torch
 
-from vqdeploy import GroupedResidualVQ, RandomProjectionQuantizer, ResidualVQ
+from torch import nn
+
+from vqdeploy import GroupedResidualVQ, RandomProjectionQuantizer, ResidualSimVQ, ResidualVQ, SimVQ
 
 from helpers import CODEBOOK_SIZE, DIM, compare_eager_compiled, input_for, mask_for, twin
 from tolerances import assert_rounding_close
@@ -135,3 +138,28 @@ def test_random_projection_compiles(num_codebooks, reference_projection):
     index_shape = (2, 12) if num_codebooks == 1 else (2, 12, num_codebooks)
     _check(eager, lambda: torch.randn(2, 12, DIM),
            lambda x: dict(indices=torch.randint(0, CODEBOOK_SIZE, index_shape)), steps=1)
+
+
+SIM_CASES = {  # (build, input) -- the transform learns through autograd, so both modes compare gradients too
+    "simvq_mlp_transform_image": (
+        lambda: SimVQ(dim=DIM, codebook_size=CODEBOOK_SIZE, frozen_codebook_dim=8,
+                      codebook_transform=nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, DIM))),
+        lambda: torch.randn(2, 3, 4, DIM)),
+    "simvq_channel_first_straight_through": (
+        lambda: SimVQ(dim=DIM, codebook_size=CODEBOOK_SIZE, channel_first=True, rotation_trick=False),
+        lambda: torch.randn(2, DIM, 12)),
+    "residual_simvq_dropout_all_codes": (
+        lambda: ResidualSimVQ(dim=DIM, num_quantizers=3, codebook_size=CODEBOOK_SIZE, quantize_dropout=True,
+                              quantize_dropout_cutoff_index=1),
+        lambda: torch.randn(2, 12, DIM)),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(SIM_CASES))
+def test_simvq_compiles_to_one_graph(name, mode):
+    build, make_input = SIM_CASES[name]
+    torch.manual_seed(0)
+    eager = build().train(mode == "train")
+    call = (lambda x: dict(return_all_codes=True)) if isinstance(eager, ResidualSimVQ) else (lambda x: {})
+    _check(eager, make_input, call)

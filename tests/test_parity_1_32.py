@@ -15,7 +15,7 @@ import operator
 import pytest
 import torch
 
-from vqdeploy import GroupedResidualVQ, ResidualVQ, VectorQuantize
+from vqdeploy import GroupedResidualVQ, ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize
 
 from reference_release import run_cases, split_state
 from tolerances import assert_no_drift, assert_rounding_close
@@ -59,6 +59,11 @@ CASES = {
     "residual_layer_sizes": (ResidualVQ, dict(dim=16, codebook_size=(32, 16, 8)), SHAPE, {}),
     "grouped_layer_sizes": (GroupedResidualVQ, dict(dim=16, groups=2, codebook_size=(16, 8)), SHAPE, {}),
     "residual_quant_grad_frac": (ResidualVQ, dict(BASE, num_quantizers=3, quant_grad_frac=0.5), SHAPE, {}),
+    "simvq": (SimVQ, BASE, SHAPE, {}),
+    "simvq_channel_first_image_frozen_dim": (SimVQ, dict(BASE, channel_first=True, frozen_codebook_dim=8,
+                                                        rotation_trick=False, commitment_weight=0.5),
+                                             (2, 16, 4, 6), {}),
+    "residual_simvq": (ResidualSimVQ, dict(BASE, num_quantizers=3), SHAPE, {}),
 }
 
 
@@ -114,6 +119,9 @@ def test_training_step_matches_1_32(reference, name):
     assert_rounding_close(loss.reshape(-1), results["loss"], **bound, msg="loss")
     ((quantized * inputs["grad"]).sum() + loss.sum()).backward()
     assert_rounding_close(x.grad, results["x_grad"], **bound, msg="input gradient")
+    for key, value in ours.named_parameters():
+        if f"grad.{key}" in results or value.grad is not None:
+            assert_rounding_close(value.grad, results[f"grad.{key}"], **bound, msg=f"{key} gradient")
     for method in POST_METHODS.get(name, []):
         operator.attrgetter(method)(ours)()
     after = split_state(results, "after")

@@ -16,7 +16,7 @@ import torch
 
 
 class TokenLayout(NamedTuple):
-    kind: str  # "vector" | "sequence" | "channel_first" | "feature_map"
+    kind: str  # "vector" | "sequence" | "channel_first" | "feature_map" | "channel_last_map"
     spatial: tuple[int, ...]  # the token dimensions after the batch: (n,) or (h, w) or (t, h, w)
 
     @property
@@ -30,6 +30,8 @@ class TokenLayout(NamedTuple):
             return tokens.reshape(b, d)
         if self.kind == "sequence":
             return tokens
+        if self.kind == "channel_last_map":
+            return tokens.reshape(b, *self.spatial, d)
         channel_first = tokens.transpose(1, 2)
         return channel_first.reshape(b, d, *self.spatial)
 
@@ -101,8 +103,10 @@ def lens_to_mask(lens: torch.Tensor, batch: int, num_tokens: int) -> torch.Tenso
     return torch.arange(num_tokens, device=lens.device) < lens[:, None]
 
 
-def to_tokens(x: torch.Tensor, dim: int, channel_last: bool = True, accept_image_fmap: bool = False):
-    """Validate ``x`` and return ``(tokens (b, n, dim), TokenLayout)``."""
+def to_tokens(x: torch.Tensor, dim: int, channel_last: bool = True, accept_image_fmap: bool = False,
+              channel_last_maps: bool = False):
+    """Validate ``x`` and return ``(tokens (b, n, dim), TokenLayout)``.  ``channel_last_maps``: also take
+    (b, *spatial, dim) of any rank (SimVQ's layout)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
@@ -118,6 +122,9 @@ def to_tokens(x: torch.Tensor, dim: int, channel_last: bool = True, accept_image
     elif x.ndim == 3 and channel_last:
         layout = TokenLayout("sequence", (x.shape[1],))
         feature_size = x.shape[2]
+    elif x.ndim > 3 and channel_last and channel_last_maps:
+        layout = TokenLayout("channel_last_map", tuple(x.shape[1:-1]))
+        feature_size = x.shape[-1]
     elif x.ndim == 3:
         layout = TokenLayout("channel_first", (x.shape[2],))
         feature_size = x.shape[1]
@@ -130,6 +137,6 @@ def to_tokens(x: torch.Tensor, dim: int, channel_last: bool = True, accept_image
     if x.shape[0] == 0 or layout.num_tokens == 0:
         raise ValueError(f"expected at least one batch element and one token, got input of shape {tuple(x.shape)}")
     b = x.shape[0]
-    if layout.kind in ("vector", "sequence"):
+    if layout.kind in ("vector", "sequence", "channel_last_map"):
         return x.reshape(b, layout.num_tokens, dim), layout
     return x.reshape(b, dim, layout.num_tokens).transpose(1, 2), layout

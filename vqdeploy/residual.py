@@ -76,7 +76,8 @@ def prepare_call(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, 
         _number("sample_codebook_temp", sample_codebook_temp, 0.0)
     if seed is not None:
         check_seed(seed)
-    tokens, layout = to_tokens(x, module.dim, module.channel_last, module.accept_image_fmap)
+    tokens, layout = to_tokens(x, module.dim, module.channel_last, module.accept_image_fmap,
+                               getattr(module, "channel_last_maps", False))
     return tokens, layout, layout.token_weights(mask, tokens.shape[0])
 
 
@@ -243,7 +244,8 @@ class ResidualQuantizer(nn.Module):
 
     def encode(self, x: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
         """Indices (b, *tokens, q) for ``x``, without touching any state (the export encoder)."""
-        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
+        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap,
+                                   getattr(self, "channel_last_maps", False))
         return layout.restore_indices(self.encode_tokens(tokens, num_quantizers))
 
     def encode_tokens(self, tokens: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:

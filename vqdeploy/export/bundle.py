@@ -42,7 +42,8 @@ def quantizer_classes() -> dict[str, type]:
     import vqdeploy
 
     names = ("VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "ResidualFSQ",
-             "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "LatentQuantize")
+             "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "LatentQuantize", "SimVQ",
+             "ResidualSimVQ")
     return {name: getattr(vqdeploy, name) for name in names}
 
 

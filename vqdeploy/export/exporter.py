@@ -133,6 +133,8 @@ def _frozen_copies(quantizer, encoder, decoder):
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
         module = None if module is None else copy.deepcopy(module).cpu().float().eval().requires_grad_(False)
+        if module is not None and hasattr(module, "inference_form"):  # e.g. SimVQ's custom transform folded
+            module = module.inference_form().requires_grad_(False)
         copies.append(module)
     return copies
 

@@ -54,6 +54,7 @@ from ..fsq import FSQ
 from ..grid import GridQuantizer
 from ..grouped import GroupedResidualQuantizer
 from ..latent_quantize import LatentQuantize
+from ..sim_vq import SimVQ
 from ..layout import to_tokens
 from ..lfq import LFQ
 from ..random_projection import RandomProjectionQuantizer
@@ -109,7 +110,8 @@ def _tokens(quantizer: nn.Module, features: torch.Tensor) -> torch.Tensor:
         return quantizer._tokens(features)[0]
     if isinstance(quantizer, RandomProjectionQuantizer):
         return features
-    return to_tokens(features, quantizer.dim, quantizer.channel_last, quantizer.accept_image_fmap)[0]
+    return to_tokens(features, quantizer.dim, quantizer.channel_last, quantizer.accept_image_fmap,
+                     getattr(quantizer, "channel_last_maps", False))[0]
 
 
 def _code_limits(quantizer: nn.Module, layers: int) -> torch.Tensor | int:
@@ -203,7 +205,11 @@ def _layer(layer: nn.Module, z, magnitude, expected, got):
     m = z.shape[0]
     if isinstance(layer, VectorQuantize):
         z, magnitude = z.reshape(m, layer.heads, -1), magnitude.reshape(m, layer.heads, -1)
-        ratio, codes = _nearest_code(layer, z, magnitude, expected, got)
+        ratio, codes = _nearest_code(layer._codebook.codes_for_matching(), layer._codebook.config.use_cosine_sim,
+                                     z, magnitude, expected, got)
+    elif isinstance(layer, SimVQ):  # one Euclidean codebook, the transformed frozen codes
+        ratio, codes = _nearest_code(layer.codebook[None], False, z[:, None], magnitude[:, None],
+                                     expected.reshape(m, 1), got.reshape(m, 1))
     else:
         z, magnitude = z.reshape(m, layer.num_codebooks, -1), magnitude.reshape(m, layer.num_codebooks, -1)
         expected, got = expected.reshape(m, -1), got.reshape(m, -1)
@@ -217,13 +223,15 @@ def _ratio(margin, size):
     return margin / (NEAR_TIE_RTOL * size).clamp(min=torch.finfo(size.dtype).tiny)
 
 
-def _nearest_code(vq: VectorQuantize, z, magnitude, expected, got):
-    """Per head: (ratio (M, heads), PyTorch's codes (M, heads, codebook_dim))."""
-    codes = vq._codebook.codes_for_matching().to(z.dtype)  # (it computes in float32: exact for float32 codes)
-    books = torch.arange(vq.heads) if codes.shape[0] > 1 else torch.zeros(vq.heads, dtype=torch.long)
+def _nearest_code(codes: torch.Tensor, use_cosine_sim: bool, z, magnitude, expected, got):
+    """Per head of z (M, heads, codebook_dim), codes (1 or heads, K, codebook_dim): (ratio (M, heads),
+    PyTorch's codes (M, heads, codebook_dim))."""
+    heads = z.shape[1]
+    codes = codes.to(z.dtype)  # (the model computes in float32: exact for float32 codes)
+    books = torch.arange(heads) if codes.shape[0] > 1 else torch.zeros(heads, dtype=torch.long)
     ours, theirs = codes[books, expected], codes[books, got]
     size = magnitude.norm(dim=-1)
-    if vq._codebook.config.use_cosine_sim:
+    if use_cosine_sim:
         zn = F.normalize(z, dim=-1)
         margin = (zn * ours).sum(dim=-1) - (zn * theirs).sum(dim=-1)
         scale = (size / z.norm(dim=-1).clamp(min=torch.finfo(z.dtype).tiny)).clamp(min=1.0)
