@@ -158,7 +158,7 @@ class MeshGPTCase:
 CASES = {"soundstream": SoundStreamCase, "meshgpt": MeshGPTCase}
 
 
-def _quantizer_input(case) -> "torch.Tensor":
+def _quantizer_input(case):
     """The features the quantizer sees on the held-out data (a forward pre-hook)."""
     captured = []
     handle = case.quantizer.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
