@@ -27,6 +27,8 @@ CLASSES = {
     "rvq_shared_bandwidth": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=3, shared_codebook=True,
                                                   codebook_dim=8), dict(num_quantizers=2)),
     "grouped_rvq_layer_sizes": (lambda: V.GroupedResidualVQ(dim=16, groups=2, codebook_size=(64, 16)), {}),
+    "rvq_eval_beam_search": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=3, beam_size=1,
+                                                  eval_beam_size=4, beam_score_quantizer_weights=[1.0, 0.5, 2.0]), {}),
     "random_projection": (lambda: V.RandomProjectionQuantizer(dim=16, codebook_size=64, codebook_dim=8,
                                                               num_codebooks=2), {}),
     "fsq_channel_first_projection": (lambda: V.FSQ(levels=[8, 5, 5], dim=8, channel_first=True), {}),

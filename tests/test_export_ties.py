@@ -171,6 +171,8 @@ CLASSIFIER_CASES = {
     "grouped_rfsq": lambda: V.GroupedResidualFSQ(dim=16, groups=2, levels=[8, 5, 5], num_quantizers=3),
     "residual_lfq": lambda: V.ResidualLFQ(dim=16, codebook_size=2**6, num_quantizers=3),
     "latent": lambda: V.LatentQuantize(levels=[5, 4, 8], dim=16),
+    "rvq_beam_search": lambda: V.ResidualVQ(dim=16, codebook_size=32, num_quantizers=3, beam_size=1, eval_beam_size=4),
+    "simvq": lambda: V.SimVQ(dim=16, codebook_size=32),
 }
 
 
@@ -217,6 +219,22 @@ def test_the_other_side_of_a_boundary_is_a_near_tie():
     digits = lq._levels_from_indices(expected)
     other = lq._mixed_radix(torch.where(digits == 1, 2, 1)).long()
     assert compare_indices(lq, x, expected, other).near_ties == 64
+
+
+def test_beam_paths_of_equal_score_are_near_ties():
+    """A beam search encoder: a path through a duplicated code scores the same, so it is a near-tie."""
+    torch.manual_seed(0)
+    rvq = V.ResidualVQ(dim=16, codebook_size=32, num_quantizers=2, beam_size=1, eval_beam_size=3).eval()
+    with torch.no_grad():
+        rvq.layers[1]._codebook.embed[0, 1] = rvq.layers[1]._codebook.embed[0, 0]
+    x = torch.randn(2, 200, 16)
+    expected = rvq.encode(x)
+    on_duplicate = (expected[..., 1] == 0) | (expected[..., 1] == 1)
+    assert on_duplicate.any()
+    swapped = expected.clone()
+    swapped[..., 1] = torch.where(on_duplicate, 1 - expected[..., 1], expected[..., 1])
+    agreement = compare_indices(rvq, x, expected, swapped)
+    assert agreement.near_ties == int(on_duplicate.sum()) and agreement.real == 0
 
 
 def test_wrapped_encoders_pass_on_near_ties_only(tmp_path):

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from vqdeploy import GroupedResidualVQ, ResidualVQ
+from vqdeploy import ResidualFSQ as V_ResidualFSQ
 from vqdeploy.residual import dropout_active_count
 from vqdeploy.primitives import uniform_from_seed
 
@@ -97,6 +98,66 @@ def test_per_layer_codebook_sizes():
         ResidualVQ(dim=DIM, codebook_size=(8, 4), shared_codebook=True)
     with pytest.raises(TypeError, match="num_quantizers"):
         ResidualVQ(dim=DIM, codebook_size=8)
+
+
+def _path_errors(rvq, x, paths):
+    """Minus the beam score of each path (b, n, q): the summed commitment errors of its codes."""
+    residual, total = x, 0
+    for i, layer in enumerate(rvq.layers):
+        code = layer.codebook[paths[..., i]]
+        total = total + layer.commitment_weight * (code - residual).pow(2).mean(dim=-1)
+        residual = residual - code
+    return total
+
+
+def test_a_wide_beam_finds_the_best_of_all_paths():
+    """With 4 codes and 3 layers, a beam of 16 keeps every prefix: the search is exhaustive."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=4, codebook_size=4, num_quantizers=3, beam_size=16).eval()
+    x = torch.randn(2, 6, 4)
+    _, indices, losses = rvq(x)
+    every = torch.cartesian_prod(*[torch.arange(4)] * 3)  # (64, 3)
+    errors = _path_errors(rvq, x.unsqueeze(2), every.expand(2, 6, 64, 3))
+    assert torch.equal(indices, every[errors.argmin(dim=-1)])
+    assert torch.equal(rvq.encode(x), indices) and losses.shape == (3,)
+    greedy = ResidualVQ(dim=4, codebook_size=4, num_quantizers=3).eval()
+    greedy.load_state_dict(rvq.state_dict())
+    assert (_path_errors(rvq, x, indices) <= _path_errors(rvq, x, greedy(x).indices) + 1e-6).all()
+    assert torch.equal(rvq(x, beam_size=1).indices, greedy(x).indices)  # a beam of one is greedy
+
+
+def test_beam_search_trains_every_layer_from_the_chosen_path():
+    torch.manual_seed(0)
+    rvq = _rvq(beam_size=3, threshold_ema_dead_code=0)
+    ema = twin(rvq)
+    x = torch.randn(2, 24, DIM, requires_grad=True)
+    _, indices, losses = rvq(x)
+    assert losses.requires_grad
+    residual = ema.project_in(x.detach())
+    for i, layer in enumerate(ema.layers):  # each layer's EMA step with the chosen path's inputs and codes
+        code = layer.codebook[indices[..., i]]
+        layer.update_from_token_indices_(residual, indices[..., i])
+        residual = residual - code
+    for key, value in rvq.state_dict().items():
+        if key.endswith(("embed", "cluster_size")):
+            torch.testing.assert_close(value, ema.state_dict()[key])
+
+
+def test_beam_search_with_quantize_dropout_and_masks():
+    torch.manual_seed(0)
+    rvq = _rvq(beam_size=2, quantize_dropout=True, beam_score_quantizer_weights=[1.0, 0.5, 2.0])
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 8:] = False
+    quantized, indices, losses = rvq(torch.randn(2, 12, DIM), mask=mask, rand_quantize_dropout_fixed_seed=7)
+    kept = int((indices[0, 0] >= 0).sum())
+    assert (indices[0, :, kept:] == -1).all() and (losses[kept:] == 0).all()
+    assert (indices[1, 8:] == -1).all() and (quantized[1, 8:] == 0).all()
+    with pytest.raises(ValueError, match="eval_beam_size needs beam_size"):
+        _rvq(eval_beam_size=2)
+    with pytest.raises(ValueError, match="one weight per quantizer"):
+        _rvq(beam_size=2, beam_score_quantizer_weights=[1.0])
+    with pytest.raises(TypeError, match="beam_size"):
+        V_ResidualFSQ(dim=DIM, levels=[5, 5], num_quantizers=2)(torch.randn(2, 4, DIM), beam_size=2)
 
 
 def test_a_shared_codebook_moves_once_per_step_after_every_layer():

@@ -95,6 +95,42 @@ def test_rotation_trick_outputs_codes_and_rotates_gradients(options):
     torch.testing.assert_close(x.grad.double(), expected.reshape(x.shape), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_topk_gives_the_k_nearest_codes_best_first(training):
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, commitment_weight=0.5).train(training)
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    x = torch.randn(2, 10, DIM)
+    quantized, indices, loss = vq(x, topk=3)
+    assert quantized.shape == (2, 10, 3, DIM) and indices.shape == loss.shape == (2, 10, 3)
+    distances = torch.cdist(x.double(), vq.codebook.double())
+    assert torch.equal(indices, distances.topk(3, dim=-1, largest=False).indices)
+    codes = vq.codebook[indices]
+    torch.testing.assert_close(quantized, codes)
+    torch.testing.assert_close(loss, 0.5 * (codes - x.unsqueeze(2)).pow(2).mean(dim=-1))
+    for key, value in vq.state_dict().items():  # no EMA step: beam search updates with the codes it keeps
+        if not key.endswith("skipped_updates"):
+            assert torch.equal(value, before[key]), key
+    image = VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, accept_image_fmap=True).eval()
+    quantized, indices, loss = image(torch.randn(2, DIM, 3, 4), topk=2)
+    assert quantized.shape == (2, DIM, 3, 4, 2) and indices.shape == loss.shape == (2, 3, 4, 2)
+    with pytest.raises(ValueError, match="positive int"):
+        vq(x, topk=0)
+    with pytest.raises(ValueError, match="single-head"):
+        VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, heads=2)(x, topk=2)
+
+
+def test_update_indices_is_the_ema_step_of_given_codes():
+    """An EMA step from given codes equals a training forward's step that picked them."""
+    torch.manual_seed(0)
+    stepped = VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, threshold_ema_dead_code=0)
+    given = twin(stepped)
+    x = torch.randn(2, 24, DIM)
+    _, indices, _ = stepped(x)
+    given.update_ema_indices(x, indices)
+    assert_state_close(given, stepped, n=x.numel(), data=x)
+
+
 def test_commitment_loss_is_weighted_mse_to_the_codes():
     vq = make(commitment_weight=0.25, ema_update=False)
     x = torch.randn(2, 12, DIM)

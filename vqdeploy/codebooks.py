@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .primitives import (cosine_logits, counts_per_code, draw_uniform, ema, euclidean_logits, gather_codes, kmeans,
+from .primitives import (cosine_logits, counts_per_code, draw_uniform, ema, euclidean_logits, gather_codes, gumbel_noise,
+                         kmeans,
                          l2norm, laplace_smoothing, lookup_codes, masked_mean_var, nearest_codes, row_sample_noise_shape,
                          rows_all_finite, sample_codes, sample_rows, snapshot, sq_dist_scores, straight_through_weights,
                          sums_per_code, zero_dropped_rows)
@@ -194,12 +195,14 @@ class Codebook(OptionalStateMixin):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
                 freeze_codebook: bool = False, return_logits: bool = False, noise: dict | None = None,
-                ema_update_weight=None, accum_ema_update: bool = False) -> CodebookOutput:
+                ema_update_weight=None, accum_ema_update: bool = False, topk: int | None = None) -> CodebookOutput:
         """x: (h, n, d); weights: (h, n) with 0 for rows to ignore (padding);
         noise: the uniform tensors named by :meth:`noise_shapes` (drawn here when None);
         ema_update_weight: scales the EMA step per code (a number, an (h, k) tensor, or a callable of the
         batch's sums and counts); accum_ema_update: only add this batch's statistics to those waiting for the
-        next EMA step (gradient accumulation: k such calls and one plain call make one step on all k + 1)."""
+        next EMA step (gradient accumulation: k such calls and one plain call make one step on all k + 1);
+        topk: the ``topk`` best codes of every row, best first (indices (h, n, topk), codes (h, n, topk, d)),
+        and no EMA step (beam search updates the codebook with the codes it keeps, ``update_from_indices_``)."""
         temperature = self.config.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
@@ -220,6 +223,8 @@ class Codebook(OptionalStateMixin):
             samples = self.config.stochastic_sample_codes or self.config.straight_through
             sampling = self.training and samples and temperature > 0
             logits = None
+            if topk is not None:
+                return self._top_codes(x, codes, topk, temperature if sampling else 0.0, noise, return_logits)
             if not (return_logits or sampling):  # indices alone: matched block by block (large codebooks)
                 indices = nearest_codes(x, codes, self.config.use_cosine_sim)
             elif self.config.use_cosine_sim:
@@ -246,6 +251,45 @@ class Codebook(OptionalStateMixin):
                                  ema_update_weight, accum_ema_update)
 
         return CodebookOutput(quantized, indices, logits if return_logits else None)
+
+    def top_codes(self, x: torch.Tensor, topk: int) -> CodebookOutput:
+        """The ``topk`` nearest codes of rows (h, n, d), best first, no state change (eval)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._top_codes(x.float(), self.codes_for_matching().detach(), topk, 0.0, None, False)
+
+    def _logits(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(x, codes) if self.config.use_cosine_sim else euclidean_logits(x, codes)
+
+    def _top_codes(self, x, codes, topk: int, temperature: float, noise: dict | None,
+                   return_logits: bool) -> CodebookOutput:
+        """The ``topk`` largest logits per row (Gumbel-perturbed when sampling), as 1.32.0's ``topk``."""
+        logits = self._logits(x, codes)
+        ranked = logits if temperature <= 0 else logits / temperature + gumbel_noise(noise["gumbel"])
+        indices = ranked.topk(topk, dim=-1).indices
+        h, n, _ = indices.shape
+        quantized = gather_codes(codes, indices.reshape(h, n * topk)).reshape(h, n, topk, codes.shape[-1])
+        return CodebookOutput(quantized, indices, logits if return_logits else None)
+
+    def update_from_indices_(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None = None,
+                             noise: dict | None = None, count_skipped: bool = True) -> None:
+        """The EMA step (and dead-code replacement) for rows x (h, n, d) assigned to ``indices`` (h, n), as a
+        training forward would make it (1.32.0's ``update_indices``); -1 marks rows to leave out."""
+        if not self.config.ema_update:
+            return
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            kept = (indices >= 0).float()
+            weights = kept if weights is None else weights * kept
+            indices = indices.clamp(min=0)
+            if noise is None:
+                noise = draw_uniform(self.noise_shapes(x.shape[1]), x.device)
+            data_ok, update_ok = self._update_guards(x, weights, count_skipped)
+            clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
+            in_codebook_space = clean
+            if self.config.affine_param:
+                codebook_std, batch_std = self._stds()
+                in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
+            self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, noise.get("expire"))
 
     # ------------------------------------------------------------------ training-only state changes
 

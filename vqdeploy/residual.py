@@ -165,12 +165,17 @@ class ResidualQuantizer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, indices: torch.Tensor | None = None,
                 return_all_codes: bool = False, sample_codebook_temp: float | None = None,
                 freeze_codebook: bool = False, rand_quantize_dropout_fixed_seed: int | torch.Tensor | None = None,
-                num_quantizers: int | None = None):
+                num_quantizers: int | None = None, beam_size: int | None = None):
         """x: (b, dim), (b, n, dim), (b, dim, n) with ``channel_last=False`` or (b, dim, *spatial) with
-        ``accept_image_fmap=True``; mask: bool (b, n); indices: (b, *tokens, q) for the cross-entropy loss.
+        ``accept_image_fmap=True``; mask: bool (b, n); indices: (b, *tokens, q) for the cross-entropy loss;
+        beam_size: beam search over the layers' codes (``ResidualVQ``; default: its ``beam_size`` in training,
+        ``eval_beam_size`` in eval).
 
         Returns ``(quantized, indices (b, *tokens, q), losses (q,))`` (plus ``all_codes`` when asked),
         or ``(quantized, ce_loss)`` when ``indices`` are given."""
+        beam_size = self.beam_for_call(beam_size)
+        if beam_size is not None and indices is not None:
+            raise ValueError("beam search does not combine with indices (the cross-entropy loss)")
         k = self.bandwidth(num_quantizers)
         tokens, layout, token_weights = prepare_call(self, x, mask, sample_codebook_temp,
                                                      rand_quantize_dropout_fixed_seed)
@@ -179,7 +184,7 @@ class ResidualQuantizer(nn.Module):
         if self.training and target is None:
             active_count = self.draw_active_count(k, tokens.device, rand_quantize_dropout_fixed_seed)
         out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook, k,
-                                   active_count)
+                                   active_count, beam_size)
         quantized = layout.restore_features(out.quantized)
         if target is not None:
             return QuantizeLossOutput(quantized, out.ce_loss)
@@ -191,12 +196,15 @@ class ResidualQuantizer(nn.Module):
     def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
                         target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
                         freeze_codebook: bool = False, num_quantizers: int | None = None,
-                        active_count: torch.Tensor | None = None):
+                        active_count: torch.Tensor | None = None, beam_size: int | None = None):
         """The loop on tokens (b, n, dim); ``active_count`` (0-d) keeps only that many leading layers.
 
         Returns ``ResidualOutput`` on tokens (indices (b, n, q)), or ``QuantizeLossOutput``
         with the summed cross-entropy when ``target`` (b, n, q) is given."""
         k = self.bandwidth(num_quantizers)
+        if beam_size is not None:
+            return self.beam_search_tokens(tokens, token_weights, beam_size, sample_codebook_temp, freeze_codebook,
+                                           k, active_count)
         residual = self.start_residual(self.project_in(tokens))
         quantized_out, all_indices, all_losses, ce_loss, layer_inputs = None, [], [], None, []
         for i, layer in enumerate(self.layers[:k]):
@@ -227,6 +235,16 @@ class ResidualQuantizer(nn.Module):
         if target is not None:
             return QuantizeLossOutput(quantized_out, ce_loss)
         return ResidualOutput(quantized_out, torch.stack(all_indices, dim=-1), torch.stack(all_losses, dim=-1))
+
+    def beam_for_call(self, beam_size: int | None) -> int | None:
+        """The beam of this call (None: greedy); only ``ResidualVQ`` searches."""
+        if beam_size is not None and beam_size != 1:
+            raise TypeError(f"{type(self).__name__} has no beam search (ResidualVQ has)")
+        return None
+
+    def beam_search_tokens(self, tokens, token_weights, beam_size, sample_codebook_temp, freeze_codebook,
+                           num_quantizers, active_count):
+        raise TypeError(f"{type(self).__name__} has no beam search (ResidualVQ has)")
 
     def _residual_gradient(self, quantized: torch.Tensor) -> torch.Tensor:
         """What a layer's output takes off the residual: detached (each layer's loss trains its own input only),

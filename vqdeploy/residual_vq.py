@@ -7,8 +7,9 @@ import torch
 from .config import records_config
 from .defaults import behaves_as_latest, release_for
 from .grouped import GroupedResidualQuantizer
+from .beam_search import beam_search, masked_token_mean
 from .primitives import draw_uniform, row_sample_noise_shape
-from .residual import ResidualQuantizer
+from .residual import ResidualOutput, ResidualQuantizer
 from .vector_quantize import VectorQuantize, _number, _positive_int
 
 
@@ -20,15 +21,30 @@ class ResidualVQ(ResidualQuantizer):
     sets the layers' width (with a projection in and out of it when it differs from ``dim``).
     ``codebook_size``: one size for every layer, or a tuple of one per layer (then ``num_quantizers`` may be
     left out), as 1.32.0 takes.  ``quant_grad_frac``: the fraction of each layer's gradient that also flows
-    back through the residual into the layers before it (0: none, as 1.14.17)."""
+    back through the residual into the layers before it (0: none, as 1.14.17).  ``beam_size`` (training) and
+    ``eval_beam_size`` (eval, default ``beam_size``): beam search over the layers' codes (beam_search.py), with
+    ``beam_score_quantizer_weights`` weighting each layer's error in a path's score."""
 
     def __init__(self, dim: int, num_quantizers: int | None = None, codebook_size: int | tuple[int, ...] | None = None,
                  codebook_dim: int | None = None, shared_codebook: bool = False,
                  heads: int = 1, quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
                  quantize_dropout_multiple_of: int = 1, accept_image_fmap: bool = False, quant_grad_frac: float = 0.0,
-                 **vector_quantize_kwargs):
+                 beam_size: int | None = None, eval_beam_size: int | None = None,
+                 beam_score_quantizer_weights: list[float] | None = None, **vector_quantize_kwargs):
         _number("quant_grad_frac", quant_grad_frac)
         codebook_sizes = _layer_codebook_sizes(codebook_size, num_quantizers)
+        for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
+            if value is not None:
+                _positive_int(name, value)
+        if eval_beam_size is not None and beam_size is None:
+            raise ValueError("eval_beam_size needs beam_size (1.32.0's rule); pass beam_size=1 to search only in eval")
+        weights = [1.0] * len(codebook_sizes) if beam_score_quantizer_weights is None \
+            else list(beam_score_quantizer_weights)
+        if len(weights) != len(codebook_sizes):
+            raise ValueError(f"beam_score_quantizer_weights needs one weight per quantizer ({len(codebook_sizes)}), "
+                             f"got {beam_score_quantizer_weights!r}")
+        for weight in weights:
+            _number("each beam_score_quantizer_weights entry", weight)
         if shared_codebook and len(set(codebook_sizes)) > 1:
             raise ValueError(f"shared_codebook needs one codebook_size for every layer, got {codebook_size!r}")
         if heads != 1:
@@ -46,6 +62,9 @@ class ResidualVQ(ResidualQuantizer):
                          quantize_dropout_multiple_of, accept_image_fmap, channel_last)
         self.shared_codebook = shared_codebook
         self.quant_grad_frac = float(quant_grad_frac)
+        self.beam_size = beam_size
+        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
+        self.register_buffer("beam_score_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         if shared_codebook:
             self._share_first_codebook(vector_quantize_kwargs.get("in_place_codebook_optimizer"))
 
@@ -56,6 +75,43 @@ class ResidualVQ(ResidualQuantizer):
             layer._codebook = shared
             if optimizer_factory is not None:  # the layer's optimizer must step the codebook it now uses
                 layer.in_place_codebook_optimizer = optimizer_factory(shared.parameters())
+
+    # ------------------------------------------------------------------ beam search
+
+    def beam_for_call(self, beam_size: int | None) -> int | None:
+        if beam_size is not None:
+            _positive_int("beam_size", beam_size)
+        beam = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
+        return beam if beam is not None and beam > 1 else None
+
+    def beam_search_tokens(self, tokens, token_weights, beam_size, sample_codebook_temp, freeze_codebook,
+                           num_quantizers, active_count) -> ResidualOutput:
+        """``forward`` with a beam: the chosen path's codes, outputs and losses (a mean over kept tokens); in
+        training the codebooks then learn from the chosen path's inputs and codes."""
+        quantized, indices, losses, inputs = beam_search(self, tokens, token_weights, beam_size, sample_codebook_temp,
+                                                         freeze_codebook, num_quantizers, active_count)
+        if self.training and not freeze_codebook:
+            for i, (layer, layer_input) in enumerate(zip(self.layers, inputs)):
+                weights = token_weights
+                if active_count is not None:
+                    gate = (active_count > i).to(tokens.dtype)
+                    weights = gate.expand(tokens.shape[:2]) if weights is None else weights * gate
+                layer.update_from_token_indices_(layer_input, indices[..., i], weights, count_skipped=False)
+            self.end_of_step_(inputs, token_weights, active_count)
+        out = self.project_out(quantized)
+        if token_weights is not None:
+            kept = token_weights.unsqueeze(-1) > 0
+            padding = torch.zeros((), dtype=out.dtype, device=out.device) \
+                if self.layers[0].return_zeros_for_masked_padding else tokens
+            out = torch.where(kept, out, padding)
+        return ResidualOutput(out, indices, masked_token_mean(losses, token_weights))
+
+    def encode_tokens(self, tokens: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
+        """Indices (b, n, q), greedy or with ``eval_beam_size`` (the export encoder searches the same beam)."""
+        if self.eval_beam_size is None or self.eval_beam_size < 2:
+            return super().encode_tokens(tokens, num_quantizers)
+        return beam_search(self, tokens, None, self.eval_beam_size, num_quantizers=num_quantizers,
+                           training=False)[1]
 
     def end_of_step_(self, layer_inputs, token_weights, active_count) -> None:
         """A shared codebook whose layers only track statistics (1.32.0's): the codes move once, after every

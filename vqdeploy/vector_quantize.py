@@ -73,6 +73,17 @@ def _number(name: str, value, low: float | None = None, high: float | None = Non
         raise ValueError(f"{name} must be a finite number in {bounds}, got {value}")
 
 
+def _restore_candidates(layout, candidates: torch.Tensor) -> torch.Tensor:
+    """(b, n, k, d) -> the user's layout with the k candidates before the features (channel-last) or last
+    (channel-first: (b, d, *spatial, k)), as 1.32.0 returns ``topk`` codes."""
+    b, _, k, d = candidates.shape
+    if layout.kind == "vector":
+        return candidates.reshape(b, k, d)
+    if layout.kind in ("sequence", "channel_last_map"):
+        return candidates.reshape(b, *layout.spatial, k, d)
+    return candidates.permute(0, 3, 1, 2).reshape(b, d, *layout.spatial, k)
+
+
 @records_config
 class VectorQuantize(nn.Module):
     """Vector quantization with EMA codebooks (VQ-VAE, SoundStream, Improved VQGAN tricks)."""
@@ -339,7 +350,7 @@ class VectorQuantize(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 sample_codebook_temp: float | None = None, freeze_codebook: bool = False,
                 lens: torch.Tensor | None = None, return_loss_breakdown: bool = False, ema_update_weight=None,
-                accum_ema_update: bool = False):
+                accum_ema_update: bool = False, topk: int | None = None):
         """x: (b, dim), (b, n, dim), (b, dim, n) with ``channel_last=False``, or
         (b, dim, *spatial) with ``accept_image_fmap=True`` ((b, dim, d, h, w) with ``accept_3d_fmap``);
         mask: bool (b, n), or lens: int (b,), the number of leading tokens of each sequence that are real.
@@ -348,7 +359,9 @@ class VectorQuantize(nn.Module):
         only accumulates the batch's statistics for the next plain call's single EMA step.
 
         Returns ``(quantized, indices, loss)`` (with ``return_loss_breakdown``, a fourth element: the
-        unweighted loss terms), or ``(quantized, ce_loss)`` when ``indices`` are given."""
+        unweighted loss terms), or ``(quantized, ce_loss)`` when ``indices`` are given.  ``topk=k``: the k nearest
+        codes of every token, best first, on a trailing axis of the indices and the loss and before the features
+        of the output (1.32.0's layout), with a loss per candidate and no EMA step."""
         if sample_codebook_temp is not None:
             _number("sample_codebook_temp", sample_codebook_temp, 0.0)
         tokens, layout = self._to_tokens(x)
@@ -359,6 +372,13 @@ class VectorQuantize(nn.Module):
         token_weights = layout.token_weights(mask, tokens.shape[0])
         target = None if indices is None else layout.token_indices(indices, self.heads)
         self._check_ema_arguments(ema_update_weight, accum_ema_update)
+        if topk is not None:
+            if indices is not None or return_loss_breakdown or ema_update_weight is not None or accum_ema_update:
+                raise ValueError("topk does not combine with indices, return_loss_breakdown or EMA arguments")
+            out = self._quantize_topk(tokens, token_weights, topk, sample_codebook_temp,
+                                      freeze_codebook or self.freeze_codebook, None)
+            return QuantizeOutput(_restore_candidates(layout, out.quantized), layout.restore_indices(out.indices),
+                                  layout.restore_indices(out.loss))
         out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook,
                                    return_loss_breakdown=return_loss_breakdown, ema_update_weight=ema_update_weight,
                                    accum_ema_update=accum_ema_update)
@@ -372,7 +392,8 @@ class VectorQuantize(nn.Module):
     def quantize_tokens(self, tokens: torch.Tensor, token_weights: torch.Tensor | None = None,
                         target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
                         freeze_codebook: bool = False, active: torch.Tensor | None = None,
-                        return_loss_breakdown: bool = False, ema_update_weight=None, accum_ema_update: bool = False):
+                        return_loss_breakdown: bool = False, ema_update_weight=None, accum_ema_update: bool = False,
+                        topk: int | None = None):
         """``forward`` on validated tokens (b, n, dim), the form residual wrappers call.
 
         token_weights: (b, n), 0 for tokens that must neither train the codebook
@@ -380,8 +401,11 @@ class VectorQuantize(nn.Module):
         cross-entropy loss; active: a 0-d bool, False for a dropped-out residual
         layer, which then trains nothing (its outputs are the caller's to discard).
         Returns a ``QuantizeOutput`` with indices (b, n) or (b, n, heads) (a
-        ``QuantizeOutputWithBreakdown`` with ``return_loss_breakdown``), or a ``QuantizeLossOutput``."""
+        ``QuantizeOutputWithBreakdown`` with ``return_loss_breakdown``), or a ``QuantizeLossOutput``.
+        topk: the ``topk`` nearest codes of every token instead of one (see ``_quantize_topk``)."""
         freeze_codebook = freeze_codebook or self.freeze_codebook
+        if topk is not None:
+            return self._quantize_topk(tokens, token_weights, topk, sample_codebook_temp, freeze_codebook, active)
         batch = tokens.shape[0]
         row_weights = None if token_weights is None else self._split_token_values(token_weights)
         target_rows = None
@@ -457,6 +481,101 @@ class VectorQuantize(nn.Module):
         if return_loss_breakdown:
             return QuantizeOutputWithBreakdown(out, indices, loss, breakdown)
         return QuantizeOutput(out, indices, loss)
+
+    def _check_topk(self, topk) -> int:
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        if self.heads > 1:
+            raise ValueError("topk needs a single-head VectorQuantize (heads=1)")
+        if self.training and (self.commitment_use_cross_entropy_loss or self.in_place_codebook_optimizer is not None
+                              or self._codebook.config.straight_through):
+            raise ValueError("topk in training does not combine with commitment_use_cross_entropy_loss, "
+                             "in_place_codebook_optimizer or straight_through")
+        return min(topk, self.codebook_size)
+
+    def _quantize_topk(self, tokens, token_weights, topk: int, sample_codebook_temp, freeze_codebook, active,
+                       training: bool | None = None):
+        """The ``topk`` nearest codes of every token, best first (1.32.0's ``forward(topk=)``, which beam search
+        builds on): quantized (b, n, topk, dim), indices (b, n, topk) and a loss per candidate (b, n, topk), the
+        commitment error of each code (weighted when ``commitment_weight`` > 0; in training plus the diversity
+        and orthogonal terms).  The codebook only gets k-means and affine statistics, no EMA step.
+        ``training=False`` computes the eval result whatever the module's mode (a pure encode)."""
+        training = self.training if training is None else training
+        topk = self._check_topk(topk)
+        b, n, _ = tokens.shape
+        weights = token_weights
+        if active is not None:
+            gate = active.to(tokens.dtype)
+            weights = gate.expand(b, n) if weights is None else weights * gate
+        rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens)))
+        row_weights = None if weights is None else weights.reshape(1, -1)
+        noise = logits = None
+        if training:
+            want_logits = self.codebook_diversity_loss_weight > 0
+            noise = self._draw_noise(rows.shape[1], sample_codebook_temp)
+            codes, indices, logits = self._codebook(rows, weights=row_weights, freeze_codebook=True, noise=noise,
+                                                    sample_codebook_temp=sample_codebook_temp,
+                                                    return_logits=want_logits, topk=topk)
+        else:
+            codes, indices, _ = self._codebook.top_codes(rows, topk)
+        codes = codes.to(rows.dtype)
+        rows_k = rows.unsqueeze(-2).expand_as(codes)
+        commit_codes, quantized = codes, codes
+        if training:
+            if not self.learnable_codebook or freeze_codebook:
+                commit_codes = codes.detach()
+            if not self.route_gradients_to_input:
+                pass
+            elif self.rotation_trick and rows.requires_grad:
+                quantized = rotate_to(rows_k, codes.detach())
+            else:
+                quantized = rows_k + (codes - rows_k).detach()
+            if self.sync_update_v > 0:
+                quantized = quantized + self.sync_update_v * (quantized - quantized.detach())
+        out = self.project_out(quantized.reshape(b, n, topk, -1))
+        kept = None if weights is None else weights.reshape(b, n, 1) > 0
+        if kept is not None:
+            padding = torch.zeros((), dtype=out.dtype, device=out.device) if self.return_zeros_for_masked_padding \
+                else tokens.unsqueeze(-2)
+            out = torch.where(kept.unsqueeze(-1), out, padding)
+        commit = (commit_codes - rows_k).pow(2).mean(dim=-1).reshape(b, n, topk)
+        if kept is not None:
+            commit = torch.where(kept, commit, torch.zeros((), dtype=commit.dtype, device=commit.device))
+        loss = commit * self.commitment_weight if self.commitment_weight > 0 else commit
+        if training:
+            loss = loss if self.commitment_weight > 0 else torch.zeros_like(commit)
+            if self.codebook_diversity_loss_weight > 0:
+                diversity = codebook_diversity_loss(logits, self.codebook_diversity_temperature, n, row_weights)
+                loss = loss + diversity * self.codebook_diversity_loss_weight
+            if self.has_codebook_orthogonal_loss:
+                loss = loss + self._orthogonal_loss(indices.reshape(1, -1), noise.get("orthogonal")) \
+                    * self.orthogonal_reg_weight
+        indices = indices.reshape(b, n, topk)
+        if kept is not None and self.masked_indices_are_minus_one:
+            indices = torch.where(kept, indices, -1)
+        return QuantizeOutput(out, indices, loss)
+
+    def update_indices(self, x: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """An EMA step (and dead-code replacement) with ``x`` assigned to the given codes, as a training forward
+        would make it: what beam search does with the codes it keeps (1.32.0's ``update_indices``; also
+        ``update_ema_indices``).  x and mask as ``forward`` takes them; indices (b, *tokens), -1 left out."""
+        tokens, layout = self._to_tokens(x)
+        token_weights = layout.token_weights(mask, tokens.shape[0])
+        if self.heads > 1:
+            raise ValueError("update_indices needs a single-head VectorQuantize (heads=1)")
+        target = layout.token_indices(indices, 1)
+        check_index_range(target, self.codebook_size, allow_minus_one=True)
+        self.update_from_token_indices_(tokens, target[..., 0], token_weights)
+
+    update_ema_indices = update_indices
+
+    def update_from_token_indices_(self, tokens: torch.Tensor, indices: torch.Tensor,
+                                   token_weights: torch.Tensor | None = None, count_skipped: bool = True) -> None:
+        """``update_indices`` on tokens (b, n, dim) and indices (b, n); ``count_skipped=False`` when this step's
+        forward already counted a skipped (non-finite) batch."""
+        rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens.detach())))
+        weights = None if token_weights is None else token_weights.reshape(1, -1)
+        self._codebook.update_from_indices_(rows, indices.reshape(1, -1), weights, count_skipped=count_skipped)
 
     def update_ema(self) -> None:
         """Recompute the codes from the EMA statistics (``manual_ema_update=True`` leaves it to the program)."""

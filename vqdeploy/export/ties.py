@@ -150,6 +150,8 @@ def _ratios(quantizer: nn.Module, x, magnitude, expected, got) -> torch.Tensor:
 
 def _residual_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> torch.Tensor:
     """Walk the layers with PyTorch's codes (the same as onnxruntime's up to the first difference)."""
+    if (getattr(rvq, "eval_beam_size", None) or 1) > 1:
+        return _beam_ratios(rvq, x, magnitude, expected, got)
     residual, magnitude = _projected(rvq.project_in, x, magnitude)
     if isinstance(rvq, ResidualFSQ):  # the input is bounded once: |bound(z)| <= h, with z's error times h
         magnitude = rvq.layers[0].bound_scale() * (1 + magnitude)
@@ -166,6 +168,29 @@ def _residual_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> tor
         residual = residual - codes * scale
         magnitude = magnitude + (codes * scale).abs()
     return ratios
+
+
+def _beam_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> torch.Tensor:
+    """A beam search encoder: onnxruntime's path is a near-tie when its score (minus the weighted commitment
+    errors summed over the layers, in float64) is at least PyTorch's within the rounding of that sum; a worse
+    path is real.  (A rounding flip of a pruning decision that leads to a clearly worse path is reported as
+    real: conservative.)"""
+    z, magnitude = _projected(rvq.project_in, x, magnitude)
+    scores, sizes = [], []
+    for path in (expected[..., 0], got[..., 0]):  # (M, layers)
+        residual, score, size = z, 0.0, 0.0
+        for i in range(path.shape[1]):
+            layer = rvq.layers[i]
+            codes = layer._codebook.codes_for_matching()[0].to(z.dtype)
+            code = codes[path[:, i].clamp(0, codes.shape[0] - 1)]
+            weight = float(rvq.beam_score_weights[i]) * (layer.commitment_weight or 1.0)
+            matched = layer._codebook.transform_input(residual)  # unit rows for cosine codebooks
+            score = score - weight * (code - matched).pow(2).mean(dim=-1)
+            size = size + weight * (code.abs() + matched.abs() + magnitude).pow(2).mean(dim=-1)
+            residual = residual - code
+        scores.append(score)
+        sizes.append(size)
+    return _ratio(scores[0] - scores[1], torch.maximum(*sizes))
 
 
 def _random_projection(rpq: RandomProjectionQuantizer, x, magnitude):
