@@ -12,7 +12,7 @@ table), masks in several, and a new option joins the case whose state it touches
 import pytest
 import torch
 
-from vqdeploy import VectorQuantize
+from vqdeploy import Sequential, VectorQuantize
 
 from helpers import CODEBOOK_SIZE, DIM, compare_eager_compiled, input_for, mask_for, twin
 from tolerances import assert_rounding_close, assert_state_close
@@ -102,6 +102,18 @@ def test_cross_entropy_against_given_indices_compiles():
     compare_eager_compiled(eager, compiled, lambda: input_for(eager),
                            lambda x: dict(indices=torch.randint(0, CODEBOOK_SIZE, (x.shape[0], x.shape[1]))),
                            steps=2)
+
+
+def test_topk_and_sequential_compile():
+    """forward(topk=) (no EMA step; k-means and affine statistics still train) and a Sequential around a
+    quantizer, whose keyword arguments reach the quantizer."""
+    eager = _build(dict(affine_param=True, commitment_weight=0.5))
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    compare_eager_compiled(eager, compiled, lambda: input_for(eager), lambda x: dict(topk=3), steps=2)
+    eager = Sequential(torch.nn.Linear(8, DIM), _build({}), torch.nn.Linear(DIM, 8))
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    compare_eager_compiled(eager, compiled, lambda: torch.randn(2, 12, 8),
+                           lambda x: dict(mask=torch.arange(12) < torch.tensor([[12], [7]])), steps=2)
 
 
 def test_single_vector_input_compiles():

@@ -43,7 +43,10 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
     or "int32"; num_quantizers: residual bandwidth (encode and decode with the first k quantizers); float16:
     half-precision graphs (weights, inputs and outputs), whose agreement with the float32 PyTorch model is
     reported rather than required.
+    A ``vqdeploy.Sequential`` may stand for the quantizer: its modules before and after the quantizer become the
+    encoder and decoder networks.
     Raises ``ExportParityError`` when onnxruntime disagrees with PyTorch (the bundle is left for inspection)."""
+    quantizer, encoder, decoder = _unwrap_sequential(quantizer, encoder, decoder)
     quantizer, encoder, decoder = _frozen_copies(quantizer, encoder, decoder)
     if index_dtype not in INDEX_DTYPES:
         raise ValueError(f"index_dtype must be one of {list(INDEX_DTYPES)}, got {index_dtype!r}")
@@ -119,6 +122,19 @@ def verify(path: str | Path, *, encoder: torch.nn.Module | None = None, decoder:
     report = verify_graphs(directory, manifest, encoder_graph, decoder_graph, provider, seed, inputs)
     report.raise_if_failed()
     return report
+
+
+def _unwrap_sequential(quantizer, encoder, decoder):
+    """A ``vqdeploy.Sequential`` -> (its quantizer, the modules before it, the modules after it)."""
+    from ..sequential import Sequential
+
+    quantizer = getattr(quantizer, "_orig_mod", quantizer)
+    if not isinstance(quantizer, Sequential):
+        return quantizer, encoder, decoder
+    if encoder is not None or decoder is not None:
+        raise ValueError("a Sequential brings its own networks: pass encoder/decoder only with a bare quantizer")
+    before, after = quantizer.before, quantizer.after
+    return quantizer.quantizer, (before if len(before) else None), (after if len(after) else None)
 
 
 def _frozen_copies(quantizer, encoder, decoder):
