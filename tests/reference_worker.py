@@ -36,7 +36,11 @@ def run(case: dict, out: Path) -> None:
         module(inputs[f"pre{i}"], **forward)
     outputs = module(x, **kwargs, **case.get("forward", {}))
     quantized, indices, loss = outputs[:3]
-    results = {"quantized": quantized.detach(), "indices": indices, "loss": loss.detach().reshape(-1)}
+    results = {"quantized": quantized.detach(), "loss": loss.detach().reshape(-1)}
+    if isinstance(indices, tuple):  # HierarchicalVQ: one index map per level
+        results.update({f"indices.{i}": level for i, level in enumerate(indices)})
+    else:
+        results["indices"] = indices
     if len(outputs) == 4:  # return_loss_breakdown
         results.update({f"breakdown.{i}": term.detach().reshape(-1) for i, term in enumerate(outputs[3])})
     if case["train"]:

@@ -14,6 +14,7 @@ from torch import nn
 
 import vqdeploy as V
 from vqdeploy.export import BundleError, ExportParityError, export, read_manifest, verify
+from vqdeploy.export.graphs import is_residual
 
 CLASSES = {
     "vq_heads_cosine_image": (lambda: V.VectorQuantize(dim=16, codebook_size=64, heads=2, codebook_dim=8,
@@ -40,6 +41,8 @@ CLASSES = {
     "latent_trained": (lambda: _trained_latent(), {}),
     "simvq_mlp_transform": (lambda: V.SimVQ(dim=16, codebook_size=64, frozen_codebook_dim=8, codebook_transform=(
         torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)))), {}),
+    "hierarchical_image_levels": (lambda: V.HierarchicalVQ(dim=16, codebook_size=[64, 32, 32], scales=[1, 2, (2, 4)],
+                                                           shared_codebook=False, accept_image_fmap=True), {}),
     "residual_simvq_channel_first_bandwidth": (lambda: V.ResidualSimVQ(dim=16, num_quantizers=3, codebook_size=64,
                                                                       channel_first=True), dict(num_quantizers=2)),
 }
@@ -69,8 +72,7 @@ def test_every_class_exports_and_matches_onnxruntime(name, tmp_path):
     assert manifest["encoder"]["output"]["dtype"] == index_dtype
     assert isinstance(manifest["encoder"]["input"]["shape"][0], str)  # a dynamic batch axis
     assert ("decoder" in manifest) == (name != "random_projection")
-    assert manifest["codebook_sizes"] == (list(quantizer.codebook_sizes) if hasattr(quantizer, "codebook_sizes")
-                                          else None)
+    assert manifest["codebook_sizes"] == (list(quantizer.codebook_sizes) if is_residual(quantizer) else None)
 
     rebuilt = V.load(tmp_path / "bundle")
     assert type(rebuilt) is type(quantizer) and not rebuilt.training

@@ -173,6 +173,8 @@ CLASSIFIER_CASES = {
     "latent": lambda: V.LatentQuantize(levels=[5, 4, 8], dim=16),
     "rvq_beam_search": lambda: V.ResidualVQ(dim=16, codebook_size=32, num_quantizers=3, beam_size=1, eval_beam_size=4),
     "simvq": lambda: V.SimVQ(dim=16, codebook_size=32),
+    "hierarchical": lambda: V.HierarchicalVQ(dim=16, codebook_size=32, scales=[1, 1, 2, 4, 8, 16, 32],  # 64 tokens
+                                             kmeans_init=False),  # (k-means would start all codes at zero)
 }
 
 
@@ -181,8 +183,9 @@ def test_other_indices_are_real_disagreements(name):
     """Indices changed at random (a wrong graph) are real; unchanged ones identical, whatever the family."""
     torch.manual_seed(0)
     quantizer = CLASSIFIER_CASES[name]().eval()
-    x = torch.randn(2, 8, 8, 8) if name == "vq_cosine_image" else torch.randn(2, 64, 16)
-    expected = quantizer.encode(x).long()
+    x = torch.randn(2, 8, 8, 8) if name == "vq_cosine_image" else torch.randn(2, 16, 64) if name == "hierarchical" \
+        else torch.randn(2, 64, 16)
+    expected = getattr(quantizer, "export_encode", quantizer.encode)(x).long()  # one tensor of indices
     same = compare_indices(quantizer, x, expected, expected.clone())
     assert same.identical == same.tokens == 128 and same.real == 0
     wrong = (expected + torch.randint(1, 4, expected.shape)) % quantizer.codebook_size
@@ -235,6 +238,18 @@ def test_beam_paths_of_equal_score_are_near_ties():
     swapped[..., 1] = torch.where(on_duplicate, 1 - expected[..., 1], expected[..., 1])
     agreement = compare_indices(rvq, x, expected, swapped)
     assert agreement.near_ties == int(on_duplicate.sum()) and agreement.real == 0
+
+
+def test_hierarchical_codes_of_equal_distance_are_near_ties():
+    """HierarchicalVQ with two identical codes: choosing the other one at any level is a near-tie."""
+    torch.manual_seed(0)
+    hvq = V.HierarchicalVQ(dim=8, codebook_size=2, scales=[1, 2, 4], kmeans_init=False).eval()
+    with torch.no_grad():
+        hvq.vq._codebook.embed[0, 1] = hvq.vq._codebook.embed[0, 0]
+    x = torch.randn(3, 8, 4)
+    expected = hvq.export_encode(x)
+    agreement = compare_indices(hvq, x, expected, 1 - expected)
+    assert agreement.near_ties == expected.numel() and agreement.real == 0
 
 
 def test_wrapped_encoders_pass_on_near_ties_only(tmp_path):

@@ -15,6 +15,7 @@ from .residual_fsq import GroupedResidualFSQ, ResidualFSQ, ResidualFSQOutput, Re
 from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .residual import ResidualOutput, ResidualOutputWithCodes, ResidualQuantizer
 from .residual_vq import GroupedResidualVQ, ResidualVQ
+from .hierarchical_vq import HierarchicalVQ
 from .sequential import Sequential
 from .sim_vq import ResidualSimVQ, SimVQ
 from .vector_quantize import (QuantizeLossOutput, QuantizeOutput, QuantizeOutputWithBreakdown, VectorQuantize,
@@ -37,6 +38,6 @@ __all__ = [
     "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
     "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
     "LFQ", "LFQOutput", "LossBreakdown", "LatentQuantize", "LatentQuantizeOutput", "ResidualLFQ", "GroupedResidualLFQ",
-    "ResidualQuantizer", "GroupedResidualQuantizer", "SimVQ", "ResidualSimVQ", "Sequential",
+    "ResidualQuantizer", "GroupedResidualQuantizer", "SimVQ", "ResidualSimVQ", "Sequential", "HierarchicalVQ",
     "ResidualOutput", "ResidualOutputWithCodes", "GroupedOutput", "GroupedOutputWithCodes",
 ]

@@ -23,6 +23,8 @@ def records_config(cls):
     With nested decorated classes the outermost constructor's arguments win (it finishes last)."""
     init = cls.__init__
     signature = inspect.signature(init)
+    takes_defaults = "defaults" in signature.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
@@ -36,7 +38,7 @@ def records_config(cls):
             else:
                 arguments[name] = value
         release = next((m.defaults_release for m in self.modules() if hasattr(m, "defaults_release")), None)
-        if release is not None:  # rebuilt later, it must follow the same release's defaults whatever the program's
+        if release is not None and takes_defaults:  # rebuilt later, it must follow the same release's defaults
             arguments["defaults"] = release
         self.__dict__["init_config"] = arguments
 

@@ -54,7 +54,8 @@ class EncoderGraph(nn.Module):
         return inputs if self.encoder is None else self.encoder(inputs)
 
     def indices(self, features: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.encode(features, **self.kwargs).to(self.index_dtype)
+        encode = getattr(self.quantizer, "export_encode", self.quantizer.encode)  # one tensor of indices
+        return encode(features, **self.kwargs).to(self.index_dtype)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.indices(self.features(inputs))
@@ -74,7 +75,8 @@ class DecoderGraph(nn.Module):
         self.eval()
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        features = self.quantizer.decode(indices.long(), **self.kwargs)
+        decode = getattr(self.quantizer, "export_decode", self.quantizer.decode)
+        features = decode(indices.long(), **self.kwargs)
         return features if self.decoder is None else self.decoder(features)
 
 
@@ -87,6 +89,8 @@ def index_dims(quantizer: nn.Module, num_quantizers: int | None = None) -> tuple
         return (), (num_quantizers or quantizer.num_quantizers,)
     if isinstance(quantizer, GridQuantizer):
         return (), (quantizer.num_codebooks,) if quantizer.keep_num_codebooks_dim else ()
+    if not hasattr(quantizer, "heads"):  # HierarchicalVQ: one token sequence, every level's map in order
+        return (), ()
     columns = quantizer.num_codebooks if isinstance(quantizer, RandomProjectionQuantizer) else quantizer.heads
     return (), (columns,) if columns > 1 else ()
 
@@ -102,6 +106,9 @@ def feature_axis(quantizer: nn.Module, ndim: int) -> int:
 def default_example(quantizer: nn.Module) -> torch.Tensor:
     """A small input in the layout the quantizer expects (batch 2: torch.export specialises sizes 0 and 1)."""
     dim = quantizer.dim
+    if hasattr(quantizer, "level_shapes"):  # HierarchicalVQ: its finest level's size
+        spatial = quantizer.level_shapes[-1]
+        return torch.randn((2, dim, *spatial) if quantizer.channel_first else (2, *spatial, dim))
     if getattr(quantizer, "accept_3d_fmap", False):
         shape = (2, dim, 2, 3, 4)
     elif getattr(quantizer, "accept_image_fmap", False):
@@ -121,6 +128,8 @@ def dynamic_input_axes(quantizer: nn.Module, example: torch.Tensor, wrapped: boo
         if any(not isinstance(a, int) or not -example.ndim <= a < example.ndim for a in dynamic_axes):
             raise ValueError(f"dynamic_axes must be axes of the {example.ndim}-D example, got {dynamic_axes}")
         axes = sorted({a % example.ndim for a in dynamic_axes})
+    elif getattr(quantizer, "static_spatial", False):  # fixed-size pooling: only the batch can vary
+        axes = [0]
     elif wrapped:
         axes = [a for a in range(example.ndim) if a != 1]
     else:

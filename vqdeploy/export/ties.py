@@ -53,6 +53,7 @@ from torch import nn
 from ..fsq import FSQ
 from ..grid import GridQuantizer
 from ..grouped import GroupedResidualQuantizer
+from ..hierarchical_vq import HierarchicalVQ
 from ..latent_quantize import LatentQuantize
 from ..sim_vq import SimVQ
 from ..layout import to_tokens
@@ -87,6 +88,13 @@ def compare_indices(quantizer: nn.Module, features: torch.Tensor, expected: torc
     if num_differ == 0 or not classify:
         return Agreement(tokens, tokens - num_differ, 0 if classify else None, 0 if classify else None, 0.0)
     rows = differs.nonzero().squeeze(1)
+    if isinstance(quantizer, HierarchicalVQ):
+        with torch.no_grad():
+            ratios = _hierarchical_ratios(copy.deepcopy(quantizer).cpu().double(), features.detach().cpu(),
+                                          expected.reshape(features.shape[0], -1), got.reshape(features.shape[0], -1),
+                                          wrapped).reshape(-1)[rows]
+        near = int((ratios <= 1).sum())
+        return Agreement(tokens, tokens - num_differ, near, num_differ - near, float(ratios.max()))
     expected, got = expected[rows], got[rows]
     invalid = ((got < 0) | (got >= _code_limits(quantizer, got.shape[2]))).flatten(1).any(dim=1)  # no code: real
     x = _tokens(quantizer, features.detach().cpu()).reshape(tokens, -1)[rows].double()
@@ -191,6 +199,41 @@ def _beam_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> torch.T
         scores.append(score)
         sizes.append(size)
     return _ratio(scores[0] - scores[1], torch.maximum(*sizes))
+
+
+def _hierarchical_ratios(hvq: HierarchicalVQ, features, expected, got, wrapped: bool) -> torch.Tensor:
+    """Per token (b, T): each sample's levels are walked with PyTorch's codes (every level depends on all
+    coarser ones); the first level where onnxruntime's codes differ decides, with the nearest-code rule on the
+    pooled residual (its magnitude: the pooled magnitudes of the input and of every coarser level's output), and
+    that ratio stands for every differing token of the sample.  An index of no code is real."""
+    x = hvq._checked_input(features.double())
+    b, full_shape = x.shape[0], tuple(x.shape[2:])
+    residual = x
+    magnitude = x.abs()
+    if wrapped:
+        magnitude = magnitude.clamp(min=x.pow(2).mean(dim=1, keepdim=True).sqrt())
+    sample_ratio = torch.full((b,), -torch.inf, dtype=x.dtype)
+    decided = torch.zeros(b, dtype=torch.bool)
+    levels = zip(hvq.level_shapes, expected.split(list(hvq.level_tokens), dim=1), got.split(list(hvq.level_tokens), 1))
+    for level, (shape, ours, theirs) in enumerate(levels):
+        z, _ = hvq.pool_residual(residual, shape, None)
+        size, _ = hvq.pool_residual(magnitude, shape, None)
+        z, size = z.flatten(2).transpose(1, 2), size.flatten(2).transpose(1, 2)  # (b, N, d)
+        codes = hvq.get_vq(level)._codebook.codes_for_matching().to(x.dtype)
+        invalid = (theirs < 0) | (theirs >= codes.shape[1])
+        differs = ours != theirs
+        ratio, _ = _nearest_code(codes, False, z.reshape(-1, 1, hvq.dim), size.reshape(-1, 1, hvq.dim),
+                                 ours.reshape(-1, 1), theirs.clamp(0, codes.shape[1] - 1).reshape(-1, 1))
+        ratio = torch.where(invalid, torch.inf, ratio.reshape(b, -1))
+        worst = torch.where(differs, ratio, -torch.inf).amax(dim=1)
+        first = differs.any(dim=1) & ~decided
+        sample_ratio = torch.where(first, worst, sample_ratio)
+        decided |= first
+        chosen = codes[0][ours].transpose(1, 2).reshape(b, hvq.dim, *shape)
+        upsampled = hvq.upsample(chosen, full_shape, level)
+        residual = residual - upsampled
+        magnitude = magnitude + upsampled.abs()
+    return torch.where(expected != got, sample_ratio[:, None], -torch.inf)
 
 
 def _random_projection(rpq: RandomProjectionQuantizer, x, magnitude):
