@@ -44,6 +44,8 @@ CASES = {
                                          lambda x: dict(return_loss_breakdown=True)),
     "kmeans_frozen_by_call_lens": (dict(kmeans_init=True, kmeans_iters=2, commitment_weight=0.0),
                                    lambda x: dict(freeze_codebook=True, lens=torch.tensor([x.shape[1], 7]))),
+    # DiVeQ: Gaussian noise from the step's uniform draw, a learnable codebook whose dead codes are still replaced
+    "directional_reparam_dead_codes": (dict(directional_reparam=True, threshold_ema_dead_code=1.5), None),
 }
 
 

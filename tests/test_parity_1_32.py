@@ -17,6 +17,7 @@ import torch
 
 from vqdeploy import GroupedResidualVQ, HierarchicalVQ, ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize
 
+import vqdeploy.residual_vq as residual_vq
 from reference_release import run_cases, split_state
 from tolerances import assert_no_drift, assert_rounding_close
 
@@ -70,6 +71,10 @@ CASES = {
                                                         rotation_trick=False, commitment_weight=0.5),
                                              (2, 16, 4, 6), {}),
     "residual_simvq": (ResidualSimVQ, dict(BASE, num_quantizers=3), SHAPE, {}),
+    # DiVeQ's noise is drawn differently (one uniform draw per step): compared without it
+    "vq_diveq": (VectorQuantize, dict(BASE, directional_reparam=True, directional_reparam_variance=0.0,
+                                      threshold_ema_dead_code=0.5), SHAPE, {}),
+    "residual_diveq_masked": (ResidualVQ, dict(BASE, num_quantizers=2, diveq=True), SHAPE, {}),
     # k-means and dead codes draw random rows (other random numbers than 1.32.0's): off in parity
     "hierarchical": (HierarchicalVQ, dict(BASE, scales=[1, 2, 4, 8], kmeans_init=False, threshold_ema_dead_code=0),
                      (2, 16, 8), {}),
@@ -107,14 +112,16 @@ POST_METHODS = {"vq_manual_ema_update": ["_codebook.update_ema"]}
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     cases = [dict(name=name, **{"class": cls.__name__}, config=config, seed=0, train=True, forward=forward,
+                  **({"diveq_variance": 0.0} if config.get("diveq") else {}),
                   frozen_gradient="diversity" in name, pre_steps=PRE_STEPS.get(name, []),
                   post_methods=POST_METHODS.get(name, [])) for name, (cls, config, _, forward) in CASES.items()]
     return run_cases(cases, {name: _inputs(name) for name in CASES}, tmp_path_factory.mktemp("reference_1_32"))
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_training_step_matches_1_32(reference, name):
+def test_training_step_matches_1_32(reference, name, monkeypatch):
     cls, config, _, forward = CASES[name]
+    monkeypatch.setattr(residual_vq, "DIVEQ_VARIANCE", 0.0)  # as the reference's run (see reference_worker.py)
     results, inputs = reference[name], _inputs(name)
     ours = cls(**config)
     ours.load_state_dict(split_state(results, "state"), strict=True)

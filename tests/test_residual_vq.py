@@ -110,6 +110,22 @@ def _path_errors(rvq, x, paths):
     return total
 
 
+def test_diveq_learns_every_codebook_through_the_reparameterised_sum():
+    torch.manual_seed(0)
+    rvq = _rvq(diveq=True)
+    assert rvq.quant_grad_frac == 1.0 and all(layer.learnable_codebook and not layer._codebook.config.ema_update
+                                              and not layer.route_gradients_to_input for layer in rvq.layers)
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    quantized, indices, losses = rvq(x)
+    codes = sum(layer.codebook[indices[..., i]] for i, layer in enumerate(rvq.layers))
+    torch.testing.assert_close((quantized - x).norm(dim=-1), (codes - x).norm(dim=-1))
+    quantized.sum().backward()
+    assert all(layer._codebook.embed.grad.abs().sum() > 0 for layer in rvq.layers) and x.grad is not None
+    rvq.eval()  # eval gives the codes (1.32.0 would add the noisy reparameterisation there too)
+    out, indices, _ = rvq(x)
+    torch.testing.assert_close(out, rvq.get_output_from_indices(indices))
+
+
 def test_a_wide_beam_finds_the_best_of_all_paths():
     """With 4 codes and 3 layers, a beam of 16 keeps every prefix: the search is exhaustive."""
     torch.manual_seed(0)

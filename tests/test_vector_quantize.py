@@ -120,6 +120,44 @@ def test_topk_gives_the_k_nearest_codes_best_first(training):
         VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, heads=2)(x, topk=2)
 
 
+def test_directional_reparam_learns_the_codebook_through_the_output():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, directional_reparam=True, threshold_ema_dead_code=0.5)
+    assert not vq._codebook.config.ema_update and vq.learnable_codebook and not vq.rotation_trick
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    quantized, indices, loss = vq(x)
+    codes = vq.codebook[indices]
+    error = (codes - x).norm(dim=-1)
+    # the noise turns the error's direction, not its length: |output - x| is the distance to the code
+    torch.testing.assert_close((quantized - x).norm(dim=-1), error)
+    assert not torch.allclose(quantized, codes, atol=1e-4) and float(loss.detach()) == 0.0  # no commitment loss
+    quantized.sum().backward()
+    assert vq._codebook.embed.grad.abs().sum() > 0  # the codes learn through the error's length
+    noiseless = VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, directional_reparam=True,
+                               directional_reparam_variance=0.0, threshold_ema_dead_code=0.5)
+    noiseless.load_state_dict(vq.state_dict())
+    out, indices, _ = noiseless(x)
+    torch.testing.assert_close(out, noiseless.codebook[indices])
+    with pytest.raises(ValueError, match="threshold_ema_dead_code"):
+        VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, directional_reparam=True)
+    with pytest.raises(ValueError, match="excludes"):
+        VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, directional_reparam=True, threshold_ema_dead_code=1,
+                       rotation_trick=True)
+
+
+@pytest.mark.parametrize("release, replaced", [("1.32.0", True), ("1.14.17", False)])
+def test_dead_codes_of_a_learnable_codebook_follow_the_release(release, replaced):
+    """Without EMA, 1.32.0 still counts codes and replaces dead ones; 1.14.17 does neither."""
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, ema_update=False, learnable_codebook=True,
+                        threshold_ema_dead_code=2.0, defaults=release)
+    before = vq.codebook.detach().clone()
+    x = torch.randn(2, 12, DIM) + 10.0  # far from every code: most codes go unused
+    vq(x)
+    moved = ~torch.isclose(vq.codebook.detach(), before).all(dim=-1)
+    assert bool(moved.any()) == replaced
+
+
 def test_update_indices_is_the_ema_step_of_given_codes():
     """An EMA step from given codes equals a training forward's step that picked them."""
     torch.manual_seed(0)

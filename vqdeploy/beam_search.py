@@ -77,7 +77,9 @@ def beam_search(rvq, tokens: torch.Tensor, token_weights: torch.Tensor | None, b
             scores, chosen = candidates.topk(keep, dim=-1)
             residual, quantized_out = _select(residual, chosen), _select(quantized_out, chosen)
             paths, losses, inputs = _select(paths, chosen), _select(losses, chosen), _select(inputs, chosen)
-    return quantized_out[:, :, 0], paths[:, :, 0], losses[:, :, 0], list(inputs[:, :, 0].unbind(dim=2))
+    quantized_out = rvq.reparameterize(x, quantized_out[:, :, 0], token_weights) if training \
+        else quantized_out[:, :, 0]
+    return quantized_out, paths[:, :, 0], losses[:, :, 0], list(inputs[:, :, 0].unbind(dim=2))
 
 
 def masked_token_mean(losses: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:

@@ -66,6 +66,7 @@ class CodebookConfig:
     initial_cluster_size: float = 0.0  # the EMA count of every code of a new codebook (1 since 1.15.3)
     manual_ema_update: bool = False  # track counts and sums, but recompute the codes only in update_ema()
     codes_from_kmeans_state: bool = False  # after k-means, codes = sums / smoothed counts (1.32.0), not the means
+    dead_codes_without_ema: bool = False  # ema_update=False still tracks counts and replaces dead codes (1.32.0)
 
     def __post_init__(self):
         if self.affine_param and self.use_cosine_sim:
@@ -115,7 +116,7 @@ class Codebook(OptionalStateMixin):
             self.register_buffer("embed", embed)
         # vqdeploy's own: how many training steps skipped their update because of NaN/Inf data
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
-        if config.ema_update:  # statistics of micro-batches waiting for one EMA step (accum_ema_update)
+        if self.tracks_counts:  # statistics of micro-batches waiting for one EMA step (accum_ema_update)
             self.register_buffer("accumulated_counts", torch.zeros(num_codebooks, codebook_size), persistent=False)
             self.register_buffer("accumulated_sums", torch.zeros(num_codebooks, codebook_size, dim), persistent=False)
 
@@ -162,7 +163,7 @@ class Codebook(OptionalStateMixin):
         shapes = {}
         if self.config.kmeans_init:
             shapes["kmeans"] = row_sample_noise_shape(h, num_rows, k)
-        if self.config.ema_update and self.config.threshold_ema_dead_code > 0:
+        if self.tracks_counts and self.config.threshold_ema_dead_code > 0:
             shapes["expire"] = row_sample_noise_shape(h, num_rows, k)
         if self.config.stochastic_sample_codes and temperature > 0:
             shapes["gumbel"] = (h, num_rows, k)
@@ -242,7 +243,7 @@ class Codebook(OptionalStateMixin):
                 soft = straight_through_weights(logits, indices, temperature, self.config.reinmax)
                 quantized = quantized + torch.bmm(soft, codes)
 
-            if self.training and self.config.ema_update and not freeze_codebook:
+            if self.training and self.tracks_counts and not freeze_codebook:
                 in_codebook_space = clean
                 if self.config.affine_param:
                     codebook_std, batch_std = self._stds()
@@ -256,6 +257,11 @@ class Codebook(OptionalStateMixin):
         """The ``topk`` nearest codes of rows (h, n, d), best first, no state change (eval)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self._top_codes(x.float(), self.codes_for_matching().detach(), topk, 0.0, None, False)
+
+    @property
+    def tracks_counts(self) -> bool:
+        """Whether a training step updates the code counts: with the EMA, or for dead-code replacement alone."""
+        return self.config.ema_update or (self.config.dead_codes_without_ema and self.config.threshold_ema_dead_code > 0)
 
     def _logits(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         return cosine_logits(x, codes) if self.config.use_cosine_sim else euclidean_logits(x, codes)
@@ -274,7 +280,7 @@ class Codebook(OptionalStateMixin):
                              noise: dict | None = None, count_skipped: bool = True) -> None:
         """The EMA step (and dead-code replacement) for rows x (h, n, d) assigned to ``indices`` (h, n), as a
         training forward would make it (1.32.0's ``update_indices``); -1 marks rows to leave out."""
-        if not self.config.ema_update:
+        if not self.tracks_counts:
             return
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
@@ -420,7 +426,7 @@ class Codebook(OptionalStateMixin):
             weight = torch.as_tensor(weight, dtype=counts.dtype, device=counts.device).expand_as(counts)
         cluster_size = ema(self.cluster_size, counts, self.config.decay, weight)
         embed_avg = ema(self.embed_avg, sums, self.config.decay, weight)
-        if self.config.manual_ema_update:
+        if self.config.manual_ema_update or not self.config.ema_update:  # codes learned otherwise, or later
             return dict(cluster_size=cluster_size, embed_avg=embed_avg)
         return dict(cluster_size=cluster_size, embed_avg=embed_avg, embed=self.codes_from(cluster_size, embed_avg))
 

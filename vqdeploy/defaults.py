@@ -39,6 +39,10 @@ DIFFERING_DEFAULTS: dict[tuple[str, str], dict[str, object]] = {
                                                      "1.32.0": "recomputed from the EMA state", "changed in": None,
                                                      "note": "smoothed counts; a cluster that got no rows becomes "
                                                              "a zero vector"},
+    ("VectorQuantize", "dead codes without EMA"): {"1.14.17": "never replaced", "1.32.0": "replaced",
+                                                  "changed in": None,
+                                                  "note": "ema_update=False with threshold_ema_dead_code > 0: code "
+                                                          "counts are tracked and dead codes replaced (DiVeQ needs it)"},
     ("ResidualVQ", "updates of a shared codebook"): {"1.14.17": "each layer moves the codes",
                                                      "1.32.0": "once, after the last layer", "changed in": "1.17.5",
                                                      "note": "layers track counts and sums (manual_ema_update); "

@@ -37,6 +37,23 @@ def rotate_to(x: torch.Tensor, codes: torch.Tensor, eps: float = 1e-6) -> torch.
     return rotated * (code_norm / x_norm.clamp(min=eps)).detach()
 
 
+def normal_from_uniform(uniform: torch.Tensor) -> torch.Tensor:
+    """Standard normal samples (Box-Muller) from uniform ones (2, *shape) -> shape: Gaussian noise from a step's
+    single uniform draw (``draw_uniform``)."""
+    radius = (-2 * torch.log(uniform[0].clamp(min=torch.finfo(uniform.dtype).tiny))).sqrt()
+    return radius * torch.cos(2 * math.pi * uniform[1])
+
+
+def directional_reparam(x: torch.Tensor, codes: torch.Tensor, noise: torch.Tensor, variance: float) -> torch.Tensor:
+    """DiVeQ (Vali et al., https://openreview.net/forum?id=KRVnpTbx7R): ``x`` plus the quantization error's length
+    along its direction perturbed by Gaussian ``noise`` of ``variance`` (the direction held constant), so the
+    gradient reaches the codes through that length and the input unchanged.  Its value is the code up to the
+    noise's turn of the direction."""
+    error = codes - x
+    direction = F.normalize(error + variance ** 0.5 * noise, dim=-1).detach()
+    return x + direction * error.norm(dim=-1, keepdim=True)
+
+
 def safe_log(t: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
     return torch.log(t.clamp(min=eps))
 

@@ -205,7 +205,8 @@ class ResidualQuantizer(nn.Module):
         if beam_size is not None:
             return self.beam_search_tokens(tokens, token_weights, beam_size, sample_codebook_temp, freeze_codebook,
                                            k, active_count)
-        residual = self.start_residual(self.project_in(tokens))
+        projected = self.project_in(tokens)
+        residual = self.start_residual(projected)
         quantized_out, all_indices, all_losses, ce_loss, layer_inputs = None, [], [], None, []
         for i, layer in enumerate(self.layers[:k]):
             active = None if active_count is None else active_count > i
@@ -231,10 +232,15 @@ class ResidualQuantizer(nn.Module):
             all_losses.append(loss)
         if self.training and target is None and not freeze_codebook:
             self.end_of_step_(layer_inputs, token_weights, active_count)
-        quantized_out = self.project_out(quantized_out)
+        quantized_out = self.project_out(self.reparameterize(projected, quantized_out, token_weights))
         if target is not None:
             return QuantizeLossOutput(quantized_out, ce_loss)
         return ResidualOutput(quantized_out, torch.stack(all_indices, dim=-1), torch.stack(all_losses, dim=-1))
+
+    def reparameterize(self, projected: torch.Tensor, quantized: torch.Tensor,
+                       token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed output before ``project_out`` (``ResidualVQ(diveq=True)`` reparameterises it in training)."""
+        return quantized
 
     def beam_for_call(self, beam_size: int | None) -> int | None:
         """The beam of this call (None: greedy); only ``ResidualVQ`` searches."""

@@ -8,9 +8,12 @@ from .config import records_config
 from .defaults import behaves_as_latest, release_for
 from .grouped import GroupedResidualQuantizer
 from .beam_search import beam_search, masked_token_mean
-from .primitives import draw_uniform, row_sample_noise_shape
+from .primitives import directional_reparam, draw_uniform, normal_from_uniform, row_sample_noise_shape
 from .residual import ResidualOutput, ResidualQuantizer
 from .vector_quantize import VectorQuantize, _number, _positive_int
+
+
+DIVEQ_VARIANCE = 5e-3  # the noise on the error's direction, 1.32.0's default (ResidualVQ does not expose it)
 
 
 @records_config
@@ -30,8 +33,13 @@ class ResidualVQ(ResidualQuantizer):
                  heads: int = 1, quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
                  quantize_dropout_multiple_of: int = 1, accept_image_fmap: bool = False, quant_grad_frac: float = 0.0,
                  beam_size: int | None = None, eval_beam_size: int | None = None,
-                 beam_score_quantizer_weights: list[float] | None = None, **vector_quantize_kwargs):
+                 beam_score_quantizer_weights: list[float] | None = None, diveq: bool = False,
+                 **vector_quantize_kwargs):
         _number("quant_grad_frac", quant_grad_frac)
+        if diveq:  # the codebooks learn through the reparameterised sum (DiVeQ), as 1.32.0 sets them up
+            vector_quantize_kwargs.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
+                                          commitment_weight=0.0)
+            quant_grad_frac = 1.0
         codebook_sizes = _layer_codebook_sizes(codebook_size, num_quantizers)
         for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
             if value is not None:
@@ -62,6 +70,7 @@ class ResidualVQ(ResidualQuantizer):
                          quantize_dropout_multiple_of, accept_image_fmap, channel_last)
         self.shared_codebook = shared_codebook
         self.quant_grad_frac = float(quant_grad_frac)
+        self.diveq = bool(diveq)
         self.beam_size = beam_size
         self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
         self.register_buffer("beam_score_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
@@ -75,6 +84,17 @@ class ResidualVQ(ResidualQuantizer):
             layer._codebook = shared
             if optimizer_factory is not None:  # the layer's optimizer must step the codebook it now uses
                 layer.in_place_codebook_optimizer = optimizer_factory(shared.parameters())
+
+    def reparameterize(self, projected: torch.Tensor, quantized: torch.Tensor,
+                       token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``diveq``, in training: the input plus the summed codes' error along its noisy direction (DiVeQ;
+        1.32.0 applies it in eval too, where its output then is neither the codes nor deterministic).  Masked
+        tokens stay as the layers left them (zeros), with no gradient to the input."""
+        if not (self.diveq and self.training):
+            return quantized
+        uniform = draw_uniform({"diveq": (2, *quantized.shape)}, quantized.device)["diveq"]
+        out = directional_reparam(projected, quantized, normal_from_uniform(uniform), DIVEQ_VARIANCE)
+        return out if token_weights is None else torch.where(token_weights.unsqueeze(-1) > 0, out, quantized)
 
     # ------------------------------------------------------------------ beam search
 

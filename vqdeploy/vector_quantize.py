@@ -20,8 +20,8 @@ from . import distributed as D
 from .codebooks import Codebook, CodebookConfig
 from .defaults import behaves_as_latest, default_for, release_for
 from .layout import check_index_range, check_indices_dtype, lens_to_mask, to_tokens
-from .primitives import (codebook_diversity_loss, counts_per_code, draw_uniform, gather_codes,
-                         masked_cross_entropy, masked_mse, orthogonal_loss, rotate_to)
+from .primitives import (codebook_diversity_loss, counts_per_code, directional_reparam, draw_uniform, gather_codes,
+                         masked_cross_entropy, masked_mse, normal_from_uniform, orthogonal_loss, rotate_to)
 
 
 class QuantizeOutput(NamedTuple):
@@ -116,8 +116,8 @@ class VectorQuantize(nn.Module):
         reinmax: bool = False,
         sync_codebook: bool | None = None,
         sync_affine_param: bool = False,
-        ema_update: bool = True,
-        learnable_codebook: bool = False,
+        ema_update: bool | None = None,
+        learnable_codebook: bool | None = None,
         in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         affine_param: bool = False,
         affine_param_batch_decay: float = 0.99,
@@ -131,6 +131,8 @@ class VectorQuantize(nn.Module):
         codebook_diversity_temperature: float = 100.0,
         manual_ema_update: bool = False,
         route_gradients_to_input: bool = True,
+        directional_reparam: bool = False,
+        directional_reparam_variance: float = 5e-3,
         defaults: str | None = None,
     ):
         super().__init__()
@@ -151,6 +153,15 @@ class VectorQuantize(nn.Module):
         _number("orthogonal_reg_weight", orthogonal_reg_weight, 0.0)
         _number("sample_codebook_temp", sample_codebook_temp, 0.0)
         _number("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
+        _number("directional_reparam_variance", directional_reparam_variance, 0.0)
+        # DiVeQ learns the codebook through the reparameterised output: no EMA, a learnable codebook (1.32.0)
+        ema_update = not directional_reparam if ema_update is None else ema_update
+        learnable_codebook = bool(directional_reparam) if learnable_codebook is None else learnable_codebook
+        if directional_reparam and (straight_through or rotation_trick):
+            raise ValueError("directional_reparam excludes rotation_trick and straight_through (one gradient path)")
+        if directional_reparam and threshold_ema_dead_code <= 0:
+            raise ValueError("directional_reparam needs dead-code replacement (threshold_ema_dead_code > 0), as "
+                             "1.32.0 requires")
         if ema_update and learnable_codebook:
             raise ValueError("learnable_codebook=True needs ema_update=False (the EMA would overwrite learned codes)")
         _number("codebook_diversity_loss_weight", codebook_diversity_loss_weight, 0.0)
@@ -177,7 +188,9 @@ class VectorQuantize(nn.Module):
 
         self.eps = eps
         self.freeze_codebook = freeze_codebook
-        self.commitment_weight = commitment_weight
+        self.directional_reparam = bool(directional_reparam)
+        self.directional_reparam_variance = float(directional_reparam_variance)
+        self.commitment_weight = 0.0 if directional_reparam else commitment_weight  # DiVeQ has no commitment loss
         self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
         self.learnable_codebook = learnable_codebook
         self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0
@@ -196,7 +209,7 @@ class VectorQuantize(nn.Module):
                              "gradient through the nearest code, straight_through one through sampled codes)")
         if rotation_trick is None:
             rotation_trick = default_for(release, "VectorQuantize", "rotation_trick") and dim > 1 \
-                and not straight_through
+                and not straight_through and not directional_reparam
         self.rotation_trick = bool(rotation_trick)
         self.masked_indices_are_minus_one = behaves_as_latest(release, "VectorQuantize", "index of masked tokens")
         self.scalar_loss = behaves_as_latest(release, "VectorQuantize", "shape of the loss")
@@ -232,6 +245,7 @@ class VectorQuantize(nn.Module):
             initial_cluster_size=default_for(release, "VectorQuantize", "initial cluster_size"),
             manual_ema_update=manual_ema_update,
             codes_from_kmeans_state=behaves_as_latest(release, "VectorQuantize", "codes after k-means init"),
+            dead_codes_without_ema=behaves_as_latest(release, "VectorQuantize", "dead codes without EMA"),
         ))
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
@@ -429,7 +443,7 @@ class VectorQuantize(nn.Module):
         codebook_kwargs = dict(weights=codebook_weights, sample_codebook_temp=sample_codebook_temp,
                                freeze_codebook=freeze_codebook, return_logits=want_logits,
                                ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
-        noise = self._draw_noise(rows.shape[1], sample_codebook_temp) if self.training else None
+        noise = self._draw_noise(rows.shape[1], sample_codebook_temp, tuple(rows.shape)) if self.training else None
         quantized, code_indices, logits = self._codebook(rows, noise=noise, **codebook_kwargs)
 
         zero = torch.zeros((), device=tokens.device)
@@ -447,6 +461,9 @@ class VectorQuantize(nn.Module):
                 pass  # the codes themselves: no gradient reaches the input (a learnable codebook still gets one)
             elif self.rotation_trick and rows.requires_grad:
                 quantized = rotate_to(rows, quantized.detach())
+            elif self.directional_reparam and rows.requires_grad:
+                quantized = directional_reparam(rows, quantized, normal_from_uniform(noise["directional"]),
+                                                self.directional_reparam_variance)
             else:
                 quantized = rows + (quantized - rows).detach()  # straight-through estimator
             if self.sync_update_v > 0:
@@ -512,7 +529,7 @@ class VectorQuantize(nn.Module):
         noise = logits = None
         if training:
             want_logits = self.codebook_diversity_loss_weight > 0
-            noise = self._draw_noise(rows.shape[1], sample_codebook_temp)
+            noise = self._draw_noise(rows.shape[1], sample_codebook_temp, (*rows.shape[:2], topk, rows.shape[2]))
             codes, indices, logits = self._codebook(rows, weights=row_weights, freeze_codebook=True, noise=noise,
                                                     sample_codebook_temp=sample_codebook_temp,
                                                     return_logits=want_logits, topk=topk)
@@ -528,6 +545,9 @@ class VectorQuantize(nn.Module):
                 pass
             elif self.rotation_trick and rows.requires_grad:
                 quantized = rotate_to(rows_k, codes.detach())
+            elif self.directional_reparam and rows.requires_grad:
+                quantized = directional_reparam(rows_k, codes, normal_from_uniform(noise["directional"]),
+                                                self.directional_reparam_variance)
             else:
                 quantized = rows_k + (codes - rows_k).detach()
             if self.sync_update_v > 0:
@@ -600,11 +620,14 @@ class VectorQuantize(nn.Module):
         max_codes = self.orthogonal_reg_max_codes
         return self.has_codebook_orthogonal_loss and max_codes is not None and self.codebook_size > max_codes
 
-    def _draw_noise(self, num_rows: int, temperature: float | None) -> dict:
-        """All of a training step's randomness in one draw (see ``draw_uniform``)."""
+    def _draw_noise(self, num_rows: int, temperature: float | None, output_shape: tuple | None = None) -> dict:
+        """All of a training step's randomness in one draw (see ``draw_uniform``); ``output_shape``: the codes'
+        shape, for DiVeQ's Gaussian noise (drawn only with ``directional_reparam``)."""
         shapes = self._codebook.noise_shapes(num_rows, temperature)
         if self._samples_orthogonal_codes():
             shapes["orthogonal"] = tuple(self._codebook.embed.shape[:2])
+        if self.directional_reparam and output_shape is not None:
+            shapes["directional"] = (2, *output_shape)
         return draw_uniform(shapes, self._codebook.embed.device)
 
     # ------------------------------------------------------------------ losses
