@@ -20,15 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vector_quantize_pytorch as reference
-from vector_quantize_pytorch.vector_quantize_pytorch import directional_reparam as DIRECTIONAL_REPARAM
 
 
 def run(case: dict, out: Path) -> None:
     if "diveq_variance" in case:  # ResidualVQ(diveq=True) hard-codes its noise: fix it for a comparison
         import vector_quantize_pytorch.residual_vq as residual_vq
+        from vector_quantize_pytorch.vector_quantize_pytorch import directional_reparam  # 1.24.0 and later
 
-        residual_vq.directional_reparam = functools.partial(DIRECTIONAL_REPARAM,
-                                                            noise_variance=case["diveq_variance"])
+        residual_vq.directional_reparam = functools.partial(directional_reparam, noise_variance=case["diveq_variance"])
     torch.manual_seed(case["seed"])
     config = {key: tuple(value) if isinstance(value, list) else value for key, value in case["config"].items()}
     module = getattr(reference, case["class"])(**config)  # JSON gives lists where the reference wants tuples

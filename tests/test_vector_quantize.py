@@ -158,6 +158,18 @@ def test_dead_codes_of_a_learnable_codebook_follow_the_release(release, replaced
     assert bool(moved.any()) == replaced
 
 
+@pytest.mark.parametrize("release, shape", [("1.32.0", (2, 16, 3, 4)), ("1.14.17", (2, 3, 4, 16))])
+def test_codes_of_feature_maps_follow_the_release(release, shape):
+    vq = VectorQuantize(dim=16, codebook_size=CODEBOOK_SIZE, codebook_dim=8, accept_image_fmap=True,
+                        defaults=release).eval()
+    x = torch.randn(2, 16, 3, 4)
+    _, indices, _ = vq(x)
+    assert vq.get_output_from_indices(indices).shape == shape
+    codes_shape = (2, 8, 3, 4) if release == "1.32.0" else (2, 3, 4, 8)
+    assert vq.get_codes_from_indices(indices).shape == codes_shape
+    torch.testing.assert_close(vq.decode(indices), vq(x).quantized)  # decode: the forward's layout
+
+
 def test_update_indices_is_the_ema_step_of_given_codes():
     """An EMA step from given codes equals a training forward's step that picked them."""
     torch.manual_seed(0)

@@ -43,6 +43,9 @@ DIFFERING_DEFAULTS: dict[tuple[str, str], dict[str, object]] = {
                                                   "changed in": None,
                                                   "note": "ema_update=False with threshold_ema_dead_code > 0: code "
                                                           "counts are tracked and dead codes replaced (DiVeQ needs it)"},
+    ("VectorQuantize", "get_codes_from_indices of feature maps"): {
+        "1.14.17": "channel-last", "1.32.0": "channel-first", "changed in": None,
+        "note": "with accept_image_fmap / accept_3d_fmap, codes and outputs from indices come (b, dim, *spatial)"},
     ("ResidualVQ", "updates of a shared codebook"): {"1.14.17": "each layer moves the codes",
                                                      "1.32.0": "once, after the last layer", "changed in": "1.17.5",
                                                      "note": "layers track counts and sums (manual_ema_update); "

@@ -213,6 +213,8 @@ class VectorQuantize(nn.Module):
         self.rotation_trick = bool(rotation_trick)
         self.masked_indices_are_minus_one = behaves_as_latest(release, "VectorQuantize", "index of masked tokens")
         self.scalar_loss = behaves_as_latest(release, "VectorQuantize", "shape of the loss")
+        self.feature_map_codes_channel_first = behaves_as_latest(release, "VectorQuantize",
+                                                                 "get_codes_from_indices of feature maps")
         self.return_zeros_for_masked_padding = bool(
             default_for(release, "VectorQuantize", "return_zeros_for_masked_padding", return_zeros_for_masked_padding))
 
@@ -271,15 +273,20 @@ class VectorQuantize(nn.Module):
             self._codebook.embed.copy_(codes)
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes for ``indices`` (b, ...) or (b, ..., heads), before ``project_out``:
-        (b, ..., heads * codebook_dim), channel-first when ``channel_last=False``."""
+        """Codes for ``indices`` (b, ...) or (b, ..., heads), before ``project_out``: (b, ..., heads *
+        codebook_dim), channel-first with ``channel_last=False`` and, under 1.32.0's defaults, for feature maps."""
         codes = self.lookup(indices)
-        return codes if self.channel_last else codes.movedim(-1, 1)
+        return codes.movedim(-1, 1) if self._codes_channel_first else codes
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``get_codes_from_indices`` followed by ``project_out`` (channel-first when ``channel_last=False``)."""
+        """``get_codes_from_indices`` followed by ``project_out`` (in the layout ``get_codes_from_indices``
+        gives; the projection is applied before the channels move)."""
         out = self.project_out(self.lookup(indices))
-        return out if self.channel_last else out.movedim(-1, 1)
+        return out.movedim(-1, 1) if self._codes_channel_first else out
+
+    @property
+    def _codes_channel_first(self) -> bool:
+        return not self.channel_last or (self.accept_image_fmap and self.feature_map_codes_channel_first)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes (..., heads * codebook_dim) for indices (...) or (..., heads), before ``project_out``."""
