@@ -92,6 +92,8 @@ def test_ema_control_compiles(manual):
             model(x[:1], accum_ema_update=True)
             model(x[1:2], accum_ema_update=True)
         model(x[2:], ema_update_weight=weight)
+        if manual:
+            model(x[:1], ema_update=False)  # a call that recomputes no codes (counts still tracked)
     if manual:
         eager.update_ema()
         torch.compile(compiled_module.update_ema, fullgraph=True)()

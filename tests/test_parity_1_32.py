@@ -51,6 +51,7 @@ CASES = {
     "vq_ema_update_weight": (VectorQuantize, dict(BASE, heads=2, codebook_dim=8, separate_codebook_per_head=True),
                              SHAPE, {}),
     "vq_manual_ema_update": (VectorQuantize, dict(BASE, manual_ema_update=True), SHAPE, {}),
+    "vq_call_without_ema": (VectorQuantize, dict(BASE, threshold_ema_dead_code=0.5), SHAPE, dict(ema_update=False)),
     "residual": (ResidualVQ, dict(BASE, num_quantizers=3), SHAPE, {}),
     "residual_masked": (ResidualVQ, dict(BASE, num_quantizers=2), SHAPE, {}),
     "residual_shared_codebook": (ResidualVQ, dict(BASE, num_quantizers=3, shared_codebook=True), SHAPE, {}),

@@ -170,6 +170,42 @@ def test_codes_of_feature_maps_follow_the_release(release, shape):
     torch.testing.assert_close(vq.decode(indices), vq(x).quantized)  # decode: the forward's layout
 
 
+def test_a_call_without_ema_keeps_the_codes_and_expire_codes_replaces_dead_ones():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, threshold_ema_dead_code=0.5)
+    codes, counts = vq.codebook.clone(), vq._codebook.cluster_size.clone()
+    x = torch.randn(2, 24, DIM)
+    vq(x, ema_update=False)
+    assert torch.equal(vq.codebook, codes) and not torch.equal(vq._codebook.cluster_size, counts)  # counts tracked
+    plain = VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    plain(x, ema_update=False)  # no EMA, no dead codes: nothing to track
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items() if "skipped" not in k)
+    with torch.no_grad():
+        vq._codebook.cluster_size[0, :4] = 0.0  # four dead codes
+    vq.expire_codes_(x)
+    rows = x.reshape(-1, DIM)
+    for code in vq.codebook[:4]:  # each became one of x's rows
+        assert torch.isclose(rows, code).all(dim=-1).any()
+    assert torch.equal(vq.codebook[4:], codes[4:])
+    with pytest.raises(ValueError, match="ema_update=True needs"):
+        VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, ema_update=False, learnable_codebook=True)(
+            x, ema_update=True)
+
+
+def test_manual_in_place_optimizer_update_steps_when_asked():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=DIM, codebook_size=CODEBOOK_SIZE, ema_update=False, learnable_codebook=True,
+                        in_place_codebook_optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+                        manual_in_place_optimizer_update=True)
+    codes = vq.codebook.detach().clone()
+    vq(torch.randn(2, 12, DIM))
+    vq(torch.randn(2, 12, DIM))
+    assert torch.equal(vq.codebook.detach(), codes) and vq._codebook.embed.grad is not None  # accumulated
+    vq.update_in_place_optimizer()
+    assert not torch.equal(vq.codebook.detach(), codes) and vq._codebook.embed.grad is None
+
+
 def test_update_indices_is_the_ema_step_of_given_codes():
     """An EMA step from given codes equals a training forward's step that picked them."""
     torch.manual_seed(0)

@@ -196,14 +196,16 @@ class Codebook(OptionalStateMixin):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
                 freeze_codebook: bool = False, return_logits: bool = False, noise: dict | None = None,
-                ema_update_weight=None, accum_ema_update: bool = False, topk: int | None = None) -> CodebookOutput:
+                ema_update_weight=None, accum_ema_update: bool = False, topk: int | None = None,
+                ema_update: bool | None = None) -> CodebookOutput:
         """x: (h, n, d); weights: (h, n) with 0 for rows to ignore (padding);
         noise: the uniform tensors named by :meth:`noise_shapes` (drawn here when None);
         ema_update_weight: scales the EMA step per code (a number, an (h, k) tensor, or a callable of the
         batch's sums and counts); accum_ema_update: only add this batch's statistics to those waiting for the
         next EMA step (gradient accumulation: k such calls and one plain call make one step on all k + 1);
         topk: the ``topk`` best codes of every row, best first (indices (h, n, topk), codes (h, n, topk, d)),
-        and no EMA step (beam search updates the codebook with the codes it keeps, ``update_from_indices_``)."""
+        and no EMA step (beam search updates the codebook with the codes it keeps, ``update_from_indices_``);
+        ema_update=False: this call recomputes no codes (counts and sums are still tracked for dead codes)."""
         temperature = self.config.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
@@ -243,13 +245,15 @@ class Codebook(OptionalStateMixin):
                 soft = straight_through_weights(logits, indices, temperature, self.config.reinmax)
                 quantized = quantized + torch.bmm(soft, codes)
 
-            if self.training and self.tracks_counts and not freeze_codebook:
+            recompute = self.config.ema_update if ema_update is None else ema_update
+            tracks = recompute or (self.tracks_counts and self.config.threshold_ema_dead_code > 0)
+            if self.training and tracks and not freeze_codebook:
                 in_codebook_space = clean
                 if self.config.affine_param:
                     codebook_std, batch_std = self._stds()
                     in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
                 self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, noise.get("expire"),
-                                 ema_update_weight, accum_ema_update)
+                                 ema_update_weight, accum_ema_update, recompute)
 
         return CodebookOutput(quantized, indices, logits if return_logits else None)
 
@@ -399,7 +403,7 @@ class Codebook(OptionalStateMixin):
 
     def update_ema_(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None,
                     update_ok: torch.Tensor, batch_rows: torch.Tensor, uniform: torch.Tensor | None,
-                    ema_update_weight=None, accum_ema_update: bool = False) -> None:
+                    ema_update_weight=None, accum_ema_update: bool = False, recompute_codes: bool = True) -> None:
         """The EMA step (with the statistics accumulated since the last one), then dead-code replacement,
         written to the buffers once; or, with ``accum_ema_update``, only the accumulation."""
         counts = counts_per_code(indices, self.config.codebook_size, weights)
@@ -414,6 +418,8 @@ class Codebook(OptionalStateMixin):
         if callable(ema_update_weight):
             ema_update_weight = ema_update_weight(sums, counts)
         new = self.ema_values(counts, sums, ema_update_weight)
+        if not recompute_codes:
+            new.pop("embed", None)
         if self.config.threshold_ema_dead_code > 0:
             new = self.replace_dead_codes(new, batch_rows, weights, uniform)
         self._write_(update_ok, **new, accumulated_counts=torch.zeros_like(counts),
@@ -448,6 +454,20 @@ class Codebook(OptionalStateMixin):
             new = self.replace_dead_codes(dict(new, embed_avg=self.embed_avg, cluster_size=self.cluster_size), clean,
                                           weights, uniform)
         self._write_(update_ok, **new)
+
+    def expire_codes_(self, x: torch.Tensor) -> None:
+        """Replace the codes whose count is under the threshold with rows of x (h, n, d), now (1.32.0's
+        ``expire_codes_``); non-finite rows are never used."""
+        if self.config.threshold_ema_dead_code <= 0:
+            return
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            data_ok, update_ok = self._update_guards(x, None, count_skipped=False)
+            clean = torch.where(data_ok, x, torch.zeros((), device=x.device))
+            shape = row_sample_noise_shape(self.config.num_codebooks, x.shape[1], self.config.codebook_size)
+            uniform = draw_uniform({"expire": shape}, x.device)["expire"]
+            new = dict(embed_avg=self.embed_avg, cluster_size=self.cluster_size)
+            self._write_(update_ok, **self.replace_dead_codes(new, clean, None, uniform))
 
     def update_ema(self) -> None:
         """Recompute the codes from the EMA counts and sums: with ``manual_ema_update``, when the program chooses

@@ -131,6 +131,7 @@ class VectorQuantize(nn.Module):
         codebook_diversity_temperature: float = 100.0,
         manual_ema_update: bool = False,
         route_gradients_to_input: bool = True,
+        manual_in_place_optimizer_update: bool = False,
         directional_reparam: bool = False,
         directional_reparam_variance: float = 5e-3,
         defaults: str | None = None,
@@ -252,6 +253,7 @@ class VectorQuantize(nn.Module):
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
         )
+        self.manual_in_place_optimizer_update = bool(manual_in_place_optimizer_update)
 
     # ------------------------------------------------------------------ codebook access
 
@@ -371,7 +373,7 @@ class VectorQuantize(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 sample_codebook_temp: float | None = None, freeze_codebook: bool = False,
                 lens: torch.Tensor | None = None, return_loss_breakdown: bool = False, ema_update_weight=None,
-                accum_ema_update: bool = False, topk: int | None = None):
+                accum_ema_update: bool = False, topk: int | None = None, ema_update: bool | None = None):
         """x: (b, dim), (b, n, dim), (b, dim, n) with ``channel_last=False``, or
         (b, dim, *spatial) with ``accept_image_fmap=True`` ((b, dim, d, h, w) with ``accept_3d_fmap``);
         mask: bool (b, n), or lens: int (b,), the number of leading tokens of each sequence that are real.
@@ -393,6 +395,8 @@ class VectorQuantize(nn.Module):
         token_weights = layout.token_weights(mask, tokens.shape[0])
         target = None if indices is None else layout.token_indices(indices, self.heads)
         self._check_ema_arguments(ema_update_weight, accum_ema_update)
+        if ema_update and not self._codebook.config.ema_update:
+            raise ValueError("ema_update=True needs a codebook built with EMA (ema_update=True at construction)")
         if topk is not None:
             if indices is not None or return_loss_breakdown or ema_update_weight is not None or accum_ema_update:
                 raise ValueError("topk does not combine with indices, return_loss_breakdown or EMA arguments")
@@ -402,7 +406,7 @@ class VectorQuantize(nn.Module):
                                   layout.restore_indices(out.loss))
         out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook,
                                    return_loss_breakdown=return_loss_breakdown, ema_update_weight=ema_update_weight,
-                                   accum_ema_update=accum_ema_update)
+                                   accum_ema_update=accum_ema_update, ema_update=ema_update)
         quantized = layout.restore_features(out[0])
         if indices is not None:
             return QuantizeLossOutput(quantized, out.ce_loss)
@@ -414,7 +418,7 @@ class VectorQuantize(nn.Module):
                         target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
                         freeze_codebook: bool = False, active: torch.Tensor | None = None,
                         return_loss_breakdown: bool = False, ema_update_weight=None, accum_ema_update: bool = False,
-                        topk: int | None = None):
+                        topk: int | None = None, ema_update: bool | None = None):
         """``forward`` on validated tokens (b, n, dim), the form residual wrappers call.
 
         token_weights: (b, n), 0 for tokens that must neither train the codebook
@@ -449,7 +453,8 @@ class VectorQuantize(nn.Module):
                                                                  or self.codebook_diversity_loss_weight > 0))
         codebook_kwargs = dict(weights=codebook_weights, sample_codebook_temp=sample_codebook_temp,
                                freeze_codebook=freeze_codebook, return_logits=want_logits,
-                               ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
+                               ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update,
+                               ema_update=ema_update)
         noise = self._draw_noise(rows.shape[1], sample_codebook_temp, tuple(rows.shape)) if self.training else None
         quantized, code_indices, logits = self._codebook(rows, noise=noise, **codebook_kwargs)
 
@@ -680,6 +685,29 @@ class VectorQuantize(nn.Module):
         loss = masked_mse(quantized, rows.detach(), row_weights)
         params = [p for p in self._codebook.parameters() if p.requires_grad]
         loss.backward(inputs=params)
+        if not self.manual_in_place_optimizer_update:
+            self.update_in_place_optimizer()
+        return loss.detach()
+
+    @torch.compiler.disable
+    def update_in_place_optimizer(self) -> None:
+        """Step the in-place codebook optimizer on the gradients accumulated so far (averaged over ranks with a
+        synchronised codebook) and clear them: each forward with ``manual_in_place_optimizer_update=False``, or
+        when the program calls it (several forwards, one step)."""
+        if self.in_place_codebook_optimizer is None:
+            return
+        if self.sync_codebook and D.is_distributed():
+            for param in self._codebook.parameters():
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= torch.distributed.get_world_size()
         self.in_place_codebook_optimizer.step()
         self.in_place_codebook_optimizer.zero_grad()
-        return loss.detach()
+
+    def expire_codes_(self, x: torch.Tensor) -> None:
+        """Replace dead codes (count under ``threshold_ema_dead_code``) with rows of ``x`` now, in training
+        (1.32.0's ``expire_codes_``: for programs that track counts over several calls, as a shared codebook)."""
+        if not self.training:
+            return
+        tokens, _ = self._to_tokens(x)
+        self._codebook.expire_codes_(self._codebook.transform_input(self._split_heads(self.project_in(tokens.detach()))))
