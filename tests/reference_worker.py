@@ -22,6 +22,11 @@ from safetensors.torch import load_file, save_file
 import vector_quantize_pytorch as reference
 
 
+def module_from_spec(spec: dict) -> torch.nn.Module:
+    """A module argument (a vq_bridge): {"module": "Linear", "args": [16, 16]}; its weights come with the state."""
+    return getattr(torch.nn, spec["module"])(*spec["args"])
+
+
 def run(case: dict, out: Path) -> None:
     if "diveq_variance" in case:  # ResidualVQ(diveq=True) hard-codes its noise: fix it for a comparison
         import vector_quantize_pytorch.residual_vq as residual_vq
@@ -29,7 +34,8 @@ def run(case: dict, out: Path) -> None:
 
         residual_vq.directional_reparam = functools.partial(directional_reparam, noise_variance=case["diveq_variance"])
     torch.manual_seed(case["seed"])
-    config = {key: tuple(value) if isinstance(value, list) else value for key, value in case["config"].items()}
+    config = {key: module_from_spec(value) if isinstance(value, dict) else tuple(value) if isinstance(value, list)
+              else value for key, value in case["config"].items()}
     module = getattr(reference, case["class"])(**config)  # JSON gives lists where the reference wants tuples
     module.train(case["train"])
     state = {f"state.{k}": v.detach().clone() for k, v in module.state_dict().items()}

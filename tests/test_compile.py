@@ -110,11 +110,12 @@ def test_cross_entropy_against_given_indices_compiles():
 
 def test_topk_and_sequential_compile():
     """forward(topk=) (no EMA step; k-means and affine statistics still train) and a Sequential around a
-    quantizer, whose keyword arguments reach the quantizer."""
+    quantizer with a vq_bridge, whose keyword arguments reach the quantizer."""
     eager = _build(dict(affine_param=True, commitment_weight=0.5))
     compiled = torch.compile(twin(eager), fullgraph=True)
     compare_eager_compiled(eager, compiled, lambda: input_for(eager), lambda x: dict(topk=3), steps=2)
-    eager = Sequential(torch.nn.Linear(8, DIM), _build({}), torch.nn.Linear(DIM, 8))
+    eager = Sequential(torch.nn.Linear(8, DIM), _build(dict(vq_bridge=torch.nn.Linear(DIM, DIM))),
+                       torch.nn.Linear(DIM, 8))  # the quantizer's codes through a learned bridge
     compiled = torch.compile(twin(eager), fullgraph=True)
     compare_eager_compiled(eager, compiled, lambda: torch.randn(2, 12, 8),
                            lambda x: dict(mask=torch.arange(12) < torch.tensor([[12], [7]])), steps=2)

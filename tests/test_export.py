@@ -1,6 +1,7 @@
 """Export bundles: every quantizer class, bare and wrapped between user networks, parity under onnxruntime
 (CPU) at shapes other than the export example, rebuilding without pickle, and tampered bundles."""
 
+import copy
 import json
 import pickle
 import subprocess
@@ -15,6 +16,7 @@ from torch import nn
 import vqdeploy as V
 from vqdeploy.export import BundleError, ExportParityError, export, read_manifest, verify
 from vqdeploy.export.graphs import is_residual
+from vqdeploy.vector_quantize import fold_vq_bridges
 
 CLASSES = {
     "vq_heads_cosine_image": (lambda: V.VectorQuantize(dim=16, codebook_size=64, heads=2, codebook_dim=8,
@@ -28,6 +30,8 @@ CLASSES = {
     "rvq_shared_bandwidth": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=3, shared_codebook=True,
                                                   codebook_dim=8), dict(num_quantizers=2)),
     "grouped_rvq_layer_sizes": (lambda: V.GroupedResidualVQ(dim=16, groups=2, codebook_size=(64, 16)), {}),
+    "rvq_vq_bridge": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=2,
+                                           vq_bridge=torch.nn.Linear(16, 16)), {}),
     "rvq_eval_beam_search": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=3, beam_size=1,
                                                   eval_beam_size=4, beam_score_quantizer_weights=[1.0, 0.5, 2.0]), {}),
     "random_projection": (lambda: V.RandomProjectionQuantizer(dim=16, codebook_size=64, codebook_dim=8,
@@ -77,7 +81,8 @@ def test_every_class_exports_and_matches_onnxruntime(name, tmp_path):
     rebuilt = V.load(tmp_path / "bundle")
     assert type(rebuilt) is type(quantizer) and not rebuilt.training
     exported = quantizer.inference_form() if hasattr(quantizer, "inference_form") else quantizer
-    for key, value in exported.state_dict().items():  # SimVQ's custom transform is folded into its codes
+    exported = fold_vq_bridges(copy.deepcopy(exported))
+    for key, value in exported.state_dict().items():  # SimVQ's transform and vq_bridges are folded into codes
         assert torch.equal(rebuilt.state_dict()[key], value), key
     assert verify(tmp_path / "bundle", seed=1).passed
 

@@ -19,6 +19,7 @@ from vqdeploy import GroupedResidualVQ, HierarchicalVQ, ResidualSimVQ, ResidualV
 
 import vqdeploy.residual_vq as residual_vq
 from reference_release import run_cases, split_state
+from reference_worker import module_from_spec
 from tolerances import assert_no_drift, assert_rounding_close
 
 SHAPE = (2, 24, 16)
@@ -52,6 +53,7 @@ CASES = {
                              SHAPE, {}),
     "vq_manual_ema_update": (VectorQuantize, dict(BASE, manual_ema_update=True), SHAPE, {}),
     "vq_call_without_ema": (VectorQuantize, dict(BASE, threshold_ema_dead_code=0.5), SHAPE, dict(ema_update=False)),
+    "vq_bridge": (VectorQuantize, dict(BASE, vq_bridge={"module": "Linear", "args": [16, 16]}), SHAPE, {}),
     "residual": (ResidualVQ, dict(BASE, num_quantizers=3), SHAPE, {}),
     "residual_masked": (ResidualVQ, dict(BASE, num_quantizers=2), SHAPE, {}),
     "residual_shared_codebook": (ResidualVQ, dict(BASE, num_quantizers=3, shared_codebook=True), SHAPE, {}),
@@ -122,6 +124,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_training_step_matches_1_32(reference, name, monkeypatch):
     cls, config, _, forward = CASES[name]
+    config = {key: module_from_spec(value) if isinstance(value, dict) else value for key, value in config.items()}
     monkeypatch.setattr(residual_vq, "DIVEQ_VARIANCE", 0.0)  # as the reference's run (see reference_worker.py)
     results, inputs = reference[name], _inputs(name)
     ours = cls(**config)

@@ -93,9 +93,10 @@ class Codebook(OptionalStateMixin):
 
     _optional_state = ("skipped_updates", "batch_stats_need_init", "batch_mean", "batch_variance")
 
-    def __init__(self, config: CodebookConfig):
+    def __init__(self, config: CodebookConfig, vq_bridge: nn.Module | None = None):
         super().__init__()
         self.config = config
+        self.vq_bridge = vq_bridge  # a learned transform of the codes (FVQ, 1.27.21): codes = vq_bridge(embed)
         dim, codebook_size, num_codebooks = config.dim, config.codebook_size, config.num_codebooks
         kmeans_init = config.kmeans_init
 
@@ -179,10 +180,24 @@ class Codebook(OptionalStateMixin):
         statistics when affine reparameterisation is on (https://arxiv.org/abs/2305.08842)."""
         embed = self.embed if self.config.learnable_codebook else self.embed.detach()
         embed = embed.float()
+        if self.vq_bridge is not None:
+            embed = self.vq_bridge(embed)
         if not self.config.affine_param:
             return embed
         codebook_std, batch_std = self._stds()
         return (embed - self.codebook_mean) * (batch_std / codebook_std) + self.batch_mean
+
+    def output_codes(self) -> torch.Tensor:
+        """The codes indices decode to (h, k, d): ``embed``, through ``vq_bridge`` when there is one."""
+        return self.embed if self.vq_bridge is None else self.vq_bridge(self.embed)
+
+    def fold_vq_bridge_(self) -> None:
+        """Write ``vq_bridge(embed)`` into ``embed`` and drop the bridge: the same codes, no module (export)."""
+        if self.vq_bridge is None:
+            return
+        with torch.no_grad():
+            self.embed.copy_(self.vq_bridge(self.embed))
+        self.vq_bridge = None
 
     # ------------------------------------------------------------------ eval
 

@@ -84,6 +84,23 @@ def _restore_candidates(layout, candidates: torch.Tensor) -> torch.Tensor:
     return candidates.permute(0, 3, 1, 2).reshape(b, d, *layout.spatial, k)
 
 
+def fold_vq_bridges(module: nn.Module) -> nn.Module:
+    """Fold every ``vq_bridge`` inside ``module`` (in place) into its codebook, and drop it from the recorded
+    configs: the codes stay what they are, and a bundle's config stays plain JSON (the exporter does this to
+    its frozen copy)."""
+    folded = False
+    for sub in module.modules():
+        if isinstance(sub, Codebook) and sub.vq_bridge is not None:
+            sub.fold_vq_bridge_()
+            folded = True
+    if folded:
+        for sub in module.modules():
+            config = sub.__dict__.get("init_config")
+            if config is not None and config.get("vq_bridge") is not None:
+                sub.__dict__["init_config"] = dict(config, vq_bridge=None, ema_update=False, learnable_codebook=True)
+    return module
+
+
 @records_config
 class VectorQuantize(nn.Module):
     """Vector quantization with EMA codebooks (VQ-VAE, SoundStream, Improved VQGAN tricks)."""
@@ -132,6 +149,7 @@ class VectorQuantize(nn.Module):
         manual_ema_update: bool = False,
         route_gradients_to_input: bool = True,
         manual_in_place_optimizer_update: bool = False,
+        vq_bridge: nn.Module | None = None,
         directional_reparam: bool = False,
         directional_reparam_variance: float = 5e-3,
         defaults: str | None = None,
@@ -155,9 +173,14 @@ class VectorQuantize(nn.Module):
         _number("sample_codebook_temp", sample_codebook_temp, 0.0)
         _number("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
         _number("directional_reparam_variance", directional_reparam_variance, 0.0)
-        # DiVeQ learns the codebook through the reparameterised output: no EMA, a learnable codebook (1.32.0)
-        ema_update = not directional_reparam if ema_update is None else ema_update
-        learnable_codebook = bool(directional_reparam) if learnable_codebook is None else learnable_codebook
+        # DiVeQ and a vq_bridge learn the codebook by gradient: no EMA, a learnable codebook (1.32.0's defaults)
+        if vq_bridge is not None and not isinstance(vq_bridge, nn.Module):
+            raise TypeError(f"vq_bridge must be an nn.Module transforming the codes, got {type(vq_bridge).__name__}")
+        learned = bool(directional_reparam) or vq_bridge is not None
+        ema_update = not learned if ema_update is None else ema_update
+        learnable_codebook = learned if learnable_codebook is None else learnable_codebook
+        if vq_bridge is not None and (ema_update or not learnable_codebook):
+            raise ValueError("vq_bridge needs learnable_codebook=True and ema_update=False (the codes learn through it)")
         if directional_reparam and (straight_through or rotation_trick):
             raise ValueError("directional_reparam excludes rotation_trick and straight_through (one gradient path)")
         if directional_reparam and threshold_ema_dead_code <= 0:
@@ -249,7 +272,7 @@ class VectorQuantize(nn.Module):
             manual_ema_update=manual_ema_update,
             codes_from_kmeans_state=behaves_as_latest(release, "VectorQuantize", "codes after k-means init"),
             dead_codes_without_ema=behaves_as_latest(release, "VectorQuantize", "dead codes without EMA"),
-        ))
+        ), vq_bridge)
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
         )
@@ -296,7 +319,7 @@ class VectorQuantize(nn.Module):
         if self.heads > 1 and (indices.ndim < 2 or indices.shape[-1] != self.heads):
             raise ValueError(f"indices must end with a heads dimension of size {self.heads}, got {tuple(indices.shape)}")
         check_index_range(indices, self.codebook_size)
-        embed, indices = self._codebook.embed, indices.long()
+        embed, indices = self._codebook.output_codes(), indices.long()
         if self.heads == 1:
             return F.embedding(indices, embed[0])
         if self.separate_codebook_per_head:  # codebook h's codes sit at rows h * codebook_size + i

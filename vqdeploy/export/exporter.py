@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import config_to_json
+from ..vector_quantize import fold_vq_bridges
 from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS_FILE, BundleError, load,
                      quantizer_classes, read_manifest, value_info, write_manifest)
 from .checks import VerifyReport, check_inputs, check_onnx_file, verify_graphs
@@ -151,6 +152,8 @@ def _frozen_copies(quantizer, encoder, decoder):
         module = None if module is None else copy.deepcopy(module).cpu().float().eval().requires_grad_(False)
         if module is not None and hasattr(module, "inference_form"):  # e.g. SimVQ's custom transform folded
             module = module.inference_form().requires_grad_(False)
+        if module is not None:
+            fold_vq_bridges(module)
         copies.append(module)
     return copies
 
