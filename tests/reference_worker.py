@@ -34,8 +34,8 @@ def run(case: dict, out: Path) -> None:
 
         residual_vq.directional_reparam = functools.partial(directional_reparam, noise_variance=case["diveq_variance"])
     torch.manual_seed(case["seed"])
-    config = {key: module_from_spec(value) if isinstance(value, dict) else tuple(value) if isinstance(value, list)
-              else value for key, value in case["config"].items()}
+    config = {key: module_from_spec(value) if isinstance(value, dict) and "module" in value
+              else tuple(value) if isinstance(value, list) else value for key, value in case["config"].items()}
     module = getattr(reference, case["class"])(**config)  # JSON gives lists where the reference wants tuples
     module.train(case["train"])
     state = {f"state.{k}": v.detach().clone() for k, v in module.state_dict().items()}

@@ -38,6 +38,7 @@ RESIDUAL_CASES = {
         dict(accept_image_fmap=True, codebook_dim=8, affine_param=True, commitment_use_cross_entropy_loss=True,
              orthogonal_reg_weight=1.0, quantize_dropout=True), "mask"),
     "channel_first_diveq": (dict(channel_last=False, diveq=True), None),  # learnable codebooks, DiVeQ noise
+    "implicit_neural_codebook_masked": (dict(implicit_neural_codebook=True, mlp_kwargs=dict(depth=1)), "mask"),
     "beam_dropout_weights_masked": (dict(beam_size=2, eval_beam_size=3, quantize_dropout=True, num_quantizers=3,
                                          beam_score_quantizer_weights=[1.0, 0.5, 2.0]), "mask"),
 }

@@ -30,6 +30,8 @@ CLASSES = {
     "rvq_shared_bandwidth": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=3, shared_codebook=True,
                                                   codebook_dim=8), dict(num_quantizers=2)),
     "grouped_rvq_layer_sizes": (lambda: V.GroupedResidualVQ(dim=16, groups=2, codebook_size=(64, 16)), {}),
+    "rvq_implicit_neural_codebook": (lambda: V.ResidualVQ(dim=16, codebook_size=32, num_quantizers=3,
+                                                          implicit_neural_codebook=True), {}),
     "rvq_vq_bridge": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=2,
                                            vq_bridge=torch.nn.Linear(16, 16)), {}),
     "rvq_eval_beam_search": (lambda: V.ResidualVQ(dim=16, codebook_size=64, num_quantizers=3, beam_size=1,

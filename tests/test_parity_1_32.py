@@ -63,6 +63,8 @@ CASES = {
     "residual_layer_sizes": (ResidualVQ, dict(dim=16, codebook_size=(32, 16, 8)), SHAPE, {}),
     "grouped_layer_sizes": (GroupedResidualVQ, dict(dim=16, groups=2, codebook_size=(16, 8)), SHAPE, {}),
     "residual_quant_grad_frac": (ResidualVQ, dict(BASE, num_quantizers=3, quant_grad_frac=0.5), SHAPE, {}),
+    "residual_implicit_codebook_masked": (ResidualVQ, dict(BASE, num_quantizers=3, implicit_neural_codebook=True,
+                                                           mlp_kwargs={"depth": 2, "dim_hidden": 24}), SHAPE, {}),
     "residual_beam": (ResidualVQ, dict(BASE, num_quantizers=3, beam_size=3), SHAPE, {}),
     "residual_beam_weights_frac_masked": (ResidualVQ, dict(BASE, num_quantizers=3, beam_size=2, eval_beam_size=4,
                                                            beam_score_quantizer_weights=[1.0, 0.5, 2.0],
@@ -101,7 +103,7 @@ def _inputs(name: str) -> dict:
         inputs["lens"] = torch.tensor([shape[1], 9])
     if name == "vq_accumulated_ema":
         inputs.update(pre0=torch.randn(shape, generator=generator), pre1=torch.randn(shape, generator=generator))
-    if "beam" in name:  # the trained module then encodes held-out data (eval_beam_size)
+    if "beam" in name or "implicit" in name:  # the trained module then encodes held-out data
         inputs["x_eval"] = torch.randn(shape, generator=generator)
     if name == "vq_ema_update_weight":
         inputs["kw.ema_update_weight"] = torch.rand(2, CASES[name][1]["codebook_size"], generator=generator)
@@ -124,7 +126,8 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_training_step_matches_1_32(reference, name, monkeypatch):
     cls, config, _, forward = CASES[name]
-    config = {key: module_from_spec(value) if isinstance(value, dict) else value for key, value in config.items()}
+    config = {key: module_from_spec(value) if isinstance(value, dict) and "module" in value else value
+              for key, value in config.items()}
     monkeypatch.setattr(residual_vq, "DIVEQ_VARIANCE", 0.0)  # as the reference's run (see reference_worker.py)
     results, inputs = reference[name], _inputs(name)
     ours = cls(**config)
@@ -159,7 +162,7 @@ def test_training_step_matches_1_32(reference, name, monkeypatch):
         if key.endswith(("embed", "embed_avg", "cluster_size")) and _state_comparable(name, config, key):
             assert_rounding_close(value, after[key], **bound, msg=key)
             assert_no_drift(value, after[key], msg=key)
-    if "x_eval" in inputs:  # eval (beam search with eval_beam_size) from the state 1.32.0 trained
+    if "x_eval" in inputs:  # eval (beam search, implicit codebooks) from the state 1.32.0 trained
         trained = cls(**config).eval()
         trained.load_state_dict(after, strict=True)
         with torch.no_grad():
@@ -167,6 +170,7 @@ def test_training_step_matches_1_32(reference, name, monkeypatch):
         assert torch.equal(indices, results["eval_indices"])
         assert torch.equal(trained.encode(inputs["x_eval"]), indices)
         assert_rounding_close(quantized, results["eval_quantized"], **bound, msg="eval quantized")
+        assert_rounding_close(trained.get_output_from_indices(indices), quantized, **bound, msg="decoded")
 
 
 def _state_comparable(name: str, config: dict, key: str) -> bool:

@@ -126,6 +126,23 @@ def test_diveq_learns_every_codebook_through_the_reparameterised_sum():
     torch.testing.assert_close(out, rvq.get_output_from_indices(indices))
 
 
+def test_implicit_neural_codebook_adapts_each_layers_codes_to_the_token():
+    """QINCo: layer i > 0 matches each token against its codes through an MLP of the codes chosen so far."""
+    torch.manual_seed(0)
+    rvq = _rvq(implicit_neural_codebook=True, mlp_kwargs=dict(depth=1)).eval()
+    assert len(rvq.mlps) == Q - 1 and all(layer.learnable_codebook for layer in rvq.layers)
+    x = torch.randn(2, 12, DIM)
+    quantized, indices, _ = rvq(x)
+    first = rvq.layers[0].codebook[indices[..., 0]]
+    own = rvq.mlps[0](rvq.layers[1].codebook, condition=first)  # (b, n, codes, d): every token's own codes
+    distances = (x - first).unsqueeze(-2).sub(own).norm(dim=-1)
+    assert torch.equal(indices[..., 1], distances.argmin(dim=-1))
+    torch.testing.assert_close(rvq.get_output_from_indices(indices), quantized)
+    assert torch.equal(rvq.encode(x), indices)
+    with pytest.raises(ValueError, match="beam search with implicit_neural_codebook"):
+        _rvq(implicit_neural_codebook=True, beam_size=2)
+
+
 def test_a_wide_beam_finds_the_best_of_all_paths():
     """With 4 codes and 3 layers, a beam of 16 keeps every prefix: the search is exhaustive."""
     torch.manual_seed(0)

@@ -212,7 +212,7 @@ class Codebook(OptionalStateMixin):
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
                 freeze_codebook: bool = False, return_logits: bool = False, noise: dict | None = None,
                 ema_update_weight=None, accum_ema_update: bool = False, topk: int | None = None,
-                ema_update: bool | None = None) -> CodebookOutput:
+                ema_update: bool | None = None, codebook_transform_fn=None) -> CodebookOutput:
         """x: (h, n, d); weights: (h, n) with 0 for rows to ignore (padding);
         noise: the uniform tensors named by :meth:`noise_shapes` (drawn here when None);
         ema_update_weight: scales the EMA step per code (a number, an (h, k) tensor, or a callable of the
@@ -220,7 +220,9 @@ class Codebook(OptionalStateMixin):
         next EMA step (gradient accumulation: k such calls and one plain call make one step on all k + 1);
         topk: the ``topk`` best codes of every row, best first (indices (h, n, topk), codes (h, n, topk, d)),
         and no EMA step (beam search updates the codebook with the codes it keeps, ``update_from_indices_``);
-        ema_update=False: this call recomputes no codes (counts and sums are still tracked for dead codes)."""
+        ema_update=False: this call recomputes no codes (counts and sums are still tracked for dead codes);
+        codebook_transform_fn: maps the codes (h, k, d) to each row's own codes (h, b, n, k, d), the implicit
+        neural codebook (QINCo) of 1.32.0's ResidualVQ; rows are then matched against their own codes."""
         temperature = self.config.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
@@ -243,22 +245,26 @@ class Codebook(OptionalStateMixin):
             logits = None
             if topk is not None:
                 return self._top_codes(x, codes, topk, temperature if sampling else 0.0, noise, return_logits)
-            if not (return_logits or sampling):  # indices alone: matched block by block (large codebooks)
-                indices = nearest_codes(x, codes, self.config.use_cosine_sim)
-            elif self.config.use_cosine_sim:
-                logits = cosine_logits(x, codes)
-                indices = logits.argmax(dim=-1)
+            if codebook_transform_fn is not None:
+                quantized, indices, logits = self._match_own_codes(
+                    x, codebook_transform_fn(codes), temperature if sampling else 0.0, noise)
             else:
-                scores = sq_dist_scores(x, codes)
-                indices = scores.argmin(dim=-1)
-                logits = euclidean_logits(x, codes, scores)
-            if self.training and self.config.stochastic_sample_codes and temperature > 0:
-                indices = sample_codes(logits, temperature, noise["gumbel"])
+                if not (return_logits or sampling):  # indices alone: matched block by block (large codebooks)
+                    indices = nearest_codes(x, codes, self.config.use_cosine_sim)
+                elif self.config.use_cosine_sim:
+                    logits = cosine_logits(x, codes)
+                    indices = logits.argmax(dim=-1)
+                else:
+                    scores = sq_dist_scores(x, codes)
+                    indices = scores.argmin(dim=-1)
+                    logits = euclidean_logits(x, codes, scores)
+                if self.training and self.config.stochastic_sample_codes and temperature > 0:
+                    indices = sample_codes(logits, temperature, noise["gumbel"])
 
-            quantized = gather_codes(codes, indices)
-            if self.training and self.config.straight_through and temperature > 0:
-                soft = straight_through_weights(logits, indices, temperature, self.config.reinmax)
-                quantized = quantized + torch.bmm(soft, codes)
+                quantized = gather_codes(codes, indices)
+                if self.training and self.config.straight_through and temperature > 0:
+                    soft = straight_through_weights(logits, indices, temperature, self.config.reinmax)
+                    quantized = quantized + torch.bmm(soft, codes)
 
             recompute = self.config.ema_update if ema_update is None else ema_update
             tracks = recompute or (self.tracks_counts and self.config.threshold_ema_dead_code > 0)
@@ -271,6 +277,27 @@ class Codebook(OptionalStateMixin):
                                  ema_update_weight, accum_ema_update, recompute)
 
         return CodebookOutput(quantized, indices, logits if return_logits else None)
+
+    def _match_own_codes(self, x: torch.Tensor, own_codes: torch.Tensor, temperature: float, noise: dict | None):
+        """Rows x (h, n, d) against their own codes (h, b, n', k, d) with b * n' = n: (codes, indices, logits).
+        Distances as 1.32.0 takes them (``F.pairwise_distance``: the norm of the difference plus 1e-6)."""
+        h, n, d = x.shape
+        own_codes = own_codes.reshape(h, n, -1, d)
+        if self.config.use_cosine_sim:
+            own_codes = l2norm(own_codes)
+            logits = torch.einsum("hnd,hnkd->hnk", x, own_codes)
+        else:
+            logits = -(x.unsqueeze(-2) - own_codes + 1e-6).norm(dim=-1)
+        indices = logits.argmax(dim=-1) if temperature <= 0 else sample_codes(logits, temperature, noise["gumbel"])
+        chosen = own_codes.gather(2, indices[..., None, None].expand(h, n, 1, d)).squeeze(2)
+        return chosen, indices, logits
+
+    def quantize_own_codes(self, x: torch.Tensor, codebook_transform_fn) -> CodebookOutput:
+        """``quantize`` against each row's own codes (an implicit neural codebook), no state change."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            codes = codebook_transform_fn(self.codes_for_matching().detach())
+            quantized, indices, _ = self._match_own_codes(x.float(), codes, 0.0, None)
+        return CodebookOutput(quantized, indices, None)
 
     def top_codes(self, x: torch.Tensor, topk: int) -> CodebookOutput:
         """The ``topk`` nearest codes of rows (h, n, d), best first, no state change (eval)."""

@@ -172,6 +172,8 @@ class HierarchicalVQ(nn.Module):
             q = F.interpolate(q, size=full_shape, mode=mode, align_corners=False)
         return self.choose_phi(level)(q)
 
+    upsample_to_full = upsample  # the reference's name
+
     def _nested_cutoff(self, device) -> torch.Tensor | None:
         """The last level a training step keeps (0-d, drawn on the device), or None when none can be dropped."""
         low = self.nested_dropout_min_levels - 1
@@ -181,6 +183,8 @@ class HierarchicalVQ(nn.Module):
         span = self.num_levels - 1 - low
         cutoff = low + (which * span).floor().long().clamp(max=span - 1)
         return torch.where(apply < self.nested_dropout, cutoff, self.num_levels - 1)
+
+    sample_nested_cutoff = _nested_cutoff  # the reference's name (a 0-d tensor here, not a Python int)
 
     # ------------------------------------------------------------------ forward and decoding
 

@@ -213,8 +213,8 @@ class ResidualQuantizer(nn.Module):
             layer_target = None if target is None else target[..., i:i + 1]
             scale = self.layer_scale(i)
             layer_inputs.append(residual if scale is None else residual / scale)
-            out = layer.quantize_tokens(layer_inputs[-1], token_weights, layer_target,
-                                        sample_codebook_temp, freeze_codebook, active)
+            out = layer.quantize_tokens(layer_inputs[-1], token_weights, layer_target, sample_codebook_temp,
+                                        freeze_codebook, active, **self.layer_arguments(i, quantized_out))
             quantized = out[0] if scale is None else out[0] * scale
             if active is not None:
                 quantized = torch.where(active, quantized, torch.zeros((), dtype=quantized.dtype,
@@ -236,6 +236,11 @@ class ResidualQuantizer(nn.Module):
         if target is not None:
             return QuantizeLossOutput(quantized_out, ce_loss)
         return ResidualOutput(quantized_out, torch.stack(all_indices, dim=-1), torch.stack(all_losses, dim=-1))
+
+    def layer_arguments(self, index: int, quantized_so_far: torch.Tensor | None) -> dict:
+        """Extra arguments of layer ``index``'s call, given the sum of the outputs before it (None for the
+        first): ``ResidualVQ``'s implicit neural codebook passes each layer its code transform."""
+        return {}
 
     def reparameterize(self, projected: torch.Tensor, quantized: torch.Tensor,
                        token_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -274,11 +279,14 @@ class ResidualQuantizer(nn.Module):
 
     def encode_tokens(self, tokens: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
         residual = self.start_residual(self.project_in(tokens))
-        all_indices = []
+        all_indices, quantized_out = [], None
         for i, layer in enumerate(self.layers[:self.bandwidth(num_quantizers)]):
             scale = self.layer_scale(i)
-            quantized, indices = layer.encode_tokens(residual if scale is None else residual / scale)
-            residual = residual - (quantized if scale is None else quantized * scale)
+            quantized, indices = layer.encode_tokens(residual if scale is None else residual / scale,
+                                                     **self.layer_arguments(i, quantized_out))
+            quantized = quantized if scale is None else quantized * scale
+            residual = residual - quantized
+            quantized_out = quantized if quantized_out is None else quantized_out + quantized
             all_indices.append(indices)
         return torch.stack(all_indices, dim=-1)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch import nn
 
 from .config import records_config
 from .defaults import behaves_as_latest, release_for
-from .grouped import GroupedResidualQuantizer
 from .beam_search import beam_search, masked_token_mean
+from .grouped import GroupedResidualQuantizer
+from .implicit_codebook import ImplicitCodebookMLP
+from .layout import check_index_range
 from .primitives import directional_reparam, draw_uniform, normal_from_uniform, row_sample_noise_shape
 from .residual import ResidualOutput, ResidualQuantizer
 from .vector_quantize import VectorQuantize, _number, _positive_int
@@ -34,8 +39,12 @@ class ResidualVQ(ResidualQuantizer):
                  quantize_dropout_multiple_of: int = 1, accept_image_fmap: bool = False, quant_grad_frac: float = 0.0,
                  beam_size: int | None = None, eval_beam_size: int | None = None,
                  beam_score_quantizer_weights: list[float] | None = None, diveq: bool = False,
-                 **vector_quantize_kwargs):
+                 implicit_neural_codebook: bool = False, mlp_kwargs: dict | None = None, **vector_quantize_kwargs):
         _number("quant_grad_frac", quant_grad_frac)
+        if implicit_neural_codebook:  # the layers' codes learn by gradient through the MLPs (1.32.0's setup)
+            vector_quantize_kwargs.update(learnable_codebook=True, ema_update=False)
+        if mlp_kwargs is not None and not isinstance(mlp_kwargs, dict):
+            raise TypeError(f"mlp_kwargs must be a dict of ImplicitCodebookMLP arguments, got {mlp_kwargs!r}")
         if diveq:  # the codebooks learn through the reparameterised sum (DiVeQ), as 1.32.0 sets them up
             vector_quantize_kwargs.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
                                           commitment_weight=0.0)
@@ -71,6 +80,13 @@ class ResidualVQ(ResidualQuantizer):
         self.shared_codebook = shared_codebook
         self.quant_grad_frac = float(quant_grad_frac)
         self.diveq = bool(diveq)
+        self.implicit_neural_codebook = bool(implicit_neural_codebook)
+        self.mlps = nn.ModuleList([
+            ImplicitCodebookMLP(codebook_dim, l2norm_output=self.layers[0]._codebook.config.use_cosine_sim,
+                                **(mlp_kwargs or {})) for _ in range(len(codebook_sizes) - 1)
+        ]) if implicit_neural_codebook else None
+        if implicit_neural_codebook and beam_size is not None:
+            raise ValueError("beam search with implicit_neural_codebook is not supported")
         self.beam_size = beam_size
         self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
         self.register_buffer("beam_score_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
@@ -84,6 +100,32 @@ class ResidualVQ(ResidualQuantizer):
             layer._codebook = shared
             if optimizer_factory is not None:  # the layer's optimizer must step the codebook it now uses
                 layer.in_place_codebook_optimizer = optimizer_factory(shared.parameters())
+
+    # ------------------------------------------------------------------ implicit neural codebook (QINCo)
+
+    def layer_arguments(self, index: int, quantized_so_far: torch.Tensor | None) -> dict:
+        if self.mlps is None or index == 0:
+            return {}
+        return {"codebook_transform_fn": functools.partial(self.mlps[index - 1], condition=quantized_so_far)}
+
+    def _codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Every layer's codes (q, b, *tokens, d); with an implicit neural codebook each chosen code goes through
+        its layer's MLP, conditioned on the sum of the codes before it (dropped layers: zeros)."""
+        if self.mlps is None:
+            return super()._codes(indices)
+        codes, running = [], None
+        for i, layer in enumerate(self.layers[:indices.shape[-1]]):
+            layer_indices = indices[..., i]
+            check_index_range(layer_indices, layer.codebook_size, allow_minus_one=True)
+            kept = (layer_indices >= 0).unsqueeze(-1)
+            layer_codes = layer.lookup(torch.where(layer_indices >= 0, layer_indices, 0))
+            if i > 0:
+                layer_codes = self.mlps[i - 1].transform(layer_codes, running)
+            layer_codes = torch.where(kept, layer_codes, torch.zeros((), dtype=layer_codes.dtype,
+                                                                     device=layer_codes.device))
+            running = layer_codes if running is None else running + layer_codes
+            codes.append(layer_codes)
+        return torch.stack(codes)
 
     def reparameterize(self, projected: torch.Tensor, quantized: torch.Tensor,
                        token_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -339,11 +339,15 @@ class VectorQuantize(nn.Module):
                              f"{tuple(x.shape)}")
         return to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap)
 
-    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_tokens(self, tokens: torch.Tensor, codebook_transform_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pure eval quantization of tokens (b, n, dim): ``(quantized (b, n, dim), indices (b, n[, heads]))``,
-        what the eval ``forward`` computes; residual wrappers chain it."""
+        what the eval ``forward`` computes; residual wrappers chain it (with each token's own codes from
+        ``codebook_transform_fn``, an implicit neural codebook)."""
         rows = self._codebook.transform_input(self._split_heads(self.project_in(tokens)))
-        quantized, indices, _ = self._codebook.quantize(rows)
+        if codebook_transform_fn is not None:
+            quantized, indices, _ = self._codebook.quantize_own_codes(rows, codebook_transform_fn)
+        else:
+            quantized, indices, _ = self._codebook.quantize(rows)
         batch = tokens.shape[0]
         return self.project_out(self._merge_rows(quantized.to(rows.dtype), batch)), self._merge_indices(indices, batch)
 
@@ -396,7 +400,8 @@ class VectorQuantize(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 sample_codebook_temp: float | None = None, freeze_codebook: bool = False,
                 lens: torch.Tensor | None = None, return_loss_breakdown: bool = False, ema_update_weight=None,
-                accum_ema_update: bool = False, topk: int | None = None, ema_update: bool | None = None):
+                accum_ema_update: bool = False, topk: int | None = None, ema_update: bool | None = None,
+                codebook_transform_fn=None):
         """x: (b, dim), (b, n, dim), (b, dim, n) with ``channel_last=False``, or
         (b, dim, *spatial) with ``accept_image_fmap=True`` ((b, dim, d, h, w) with ``accept_3d_fmap``);
         mask: bool (b, n), or lens: int (b,), the number of leading tokens of each sequence that are real.
@@ -420,6 +425,9 @@ class VectorQuantize(nn.Module):
         self._check_ema_arguments(ema_update_weight, accum_ema_update)
         if ema_update and not self._codebook.config.ema_update:
             raise ValueError("ema_update=True needs a codebook built with EMA (ema_update=True at construction)")
+        if codebook_transform_fn is not None and (not callable(codebook_transform_fn) or topk is not None
+                                                  or self.heads > 1):
+            raise ValueError("codebook_transform_fn must be a callable, on a single-head VectorQuantize, without topk")
         if topk is not None:
             if indices is not None or return_loss_breakdown or ema_update_weight is not None or accum_ema_update:
                 raise ValueError("topk does not combine with indices, return_loss_breakdown or EMA arguments")
@@ -429,7 +437,8 @@ class VectorQuantize(nn.Module):
                                   layout.restore_indices(out.loss))
         out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook,
                                    return_loss_breakdown=return_loss_breakdown, ema_update_weight=ema_update_weight,
-                                   accum_ema_update=accum_ema_update, ema_update=ema_update)
+                                   accum_ema_update=accum_ema_update, ema_update=ema_update,
+                                   codebook_transform_fn=codebook_transform_fn)
         quantized = layout.restore_features(out[0])
         if indices is not None:
             return QuantizeLossOutput(quantized, out.ce_loss)
@@ -441,7 +450,7 @@ class VectorQuantize(nn.Module):
                         target: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
                         freeze_codebook: bool = False, active: torch.Tensor | None = None,
                         return_loss_breakdown: bool = False, ema_update_weight=None, accum_ema_update: bool = False,
-                        topk: int | None = None, ema_update: bool | None = None):
+                        topk: int | None = None, ema_update: bool | None = None, codebook_transform_fn=None):
         """``forward`` on validated tokens (b, n, dim), the form residual wrappers call.
 
         token_weights: (b, n), 0 for tokens that must neither train the codebook
@@ -477,7 +486,7 @@ class VectorQuantize(nn.Module):
         codebook_kwargs = dict(weights=codebook_weights, sample_codebook_temp=sample_codebook_temp,
                                freeze_codebook=freeze_codebook, return_logits=want_logits,
                                ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update,
-                               ema_update=ema_update)
+                               ema_update=ema_update, codebook_transform_fn=codebook_transform_fn)
         noise = self._draw_noise(rows.shape[1], sample_codebook_temp, tuple(rows.shape)) if self.training else None
         quantized, code_indices, logits = self._codebook(rows, noise=noise, **codebook_kwargs)
 

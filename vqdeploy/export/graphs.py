@@ -89,7 +89,7 @@ def index_dims(quantizer: nn.Module, num_quantizers: int | None = None) -> tuple
         return (), (num_quantizers or quantizer.num_quantizers,)
     if isinstance(quantizer, GridQuantizer):
         return (), (quantizer.num_codebooks,) if quantizer.keep_num_codebooks_dim else ()
-    if not hasattr(quantizer, "heads"):  # HierarchicalVQ: one token sequence, every level's map in order
+    if hasattr(quantizer, "level_shapes"):  # HierarchicalVQ: one token sequence, every level's map in order
         return (), ()
     columns = quantizer.num_codebooks if isinstance(quantizer, RandomProjectionQuantizer) else quantizer.heads
     return (), (columns,) if columns > 1 else ()
