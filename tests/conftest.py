@@ -9,8 +9,9 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="vector_quantize_pytorch")
 
-# 2 threads, as CI has, unless OMP_NUM_THREADS says otherwise (the suites must pass at any thread count)
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# 2 threads, as CI has, or 1 per worker when pytest-xdist runs two (pyproject's addopts), unless OMP_NUM_THREADS
+# says otherwise (the suites must pass at any thread count)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")))
 
 
 @pytest.fixture(autouse=True)

@@ -78,3 +78,9 @@ def compare_eager_compiled(eager, compiled, make_input, kwargs_for, steps=3):
                 if p.grad is not None or params_c[name].grad is not None:
                     assert_rounding_close(params_c[name].grad, p.grad, **bound, msg=f"{name} gradient")
         assert_state_close(compiled._orig_mod, eager, **bound)
+
+
+def check_compiled(eager, make_input, kwargs_for=lambda x: {}, steps=2):
+    """``compare_eager_compiled`` of ``eager`` against a compiled twin (fullgraph)."""
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    compare_eager_compiled(eager, compiled, make_input, kwargs_for, steps=steps)

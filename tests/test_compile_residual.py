@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True) equals eager for ResidualVQ, GroupedResidualVQ, RandomProjectionQuantizer, SimVQ,
-ResidualSimVQ and HierarchicalVQ.
+"""torch.compile(fullgraph=True) equals eager for ResidualVQ, GroupedResidualVQ and RandomProjectionQuantizer
+(SimVQ, ResidualSimVQ and HierarchicalVQ: test_compile_sim_hierarchical.py).
 
 Every class and option of issue 3 runs a few steps in train (forward, backward, codebook updates, quantize
 dropout drawn inside the graph) and in eval, eagerly and compiled from one state and seed; indices must be
@@ -10,11 +10,9 @@ equal, and outputs, losses, gradients and every buffer within the rounding bound
 import pytest
 import torch
 
-from torch import nn
+from vqdeploy import GroupedResidualVQ, RandomProjectionQuantizer, ResidualVQ
 
-from vqdeploy import GroupedResidualVQ, HierarchicalVQ, RandomProjectionQuantizer, ResidualSimVQ, ResidualVQ, SimVQ
-
-from helpers import CODEBOOK_SIZE, DIM, compare_eager_compiled, input_for, mask_for, twin
+from helpers import CODEBOOK_SIZE, DIM, check_compiled, input_for, mask_for, twin
 from tolerances import assert_rounding_close
 
 TOKENS = 24  # more kept rows than codes wherever k-means or dead codes sample rows (see test_compile.py)
@@ -57,22 +55,17 @@ def _kwargs_for(quantizer, call):
     return call or (lambda x: {})
 
 
-def _check(eager, make_input, kwargs_for=lambda x: {}, steps=2):
-    compiled = torch.compile(twin(eager), fullgraph=True)
-    compare_eager_compiled(eager, compiled, make_input, kwargs_for, steps=steps)
-
-
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", list(RESIDUAL_CASES))
 def test_residual_options_compile_to_one_graph(name, mode):
     options, call = RESIDUAL_CASES[name]
     eager = _rvq(options).train(mode == "train")
-    _check(eager, lambda: input_for(eager, tokens=TOKENS), _kwargs_for(eager, call))
+    check_compiled(eager, lambda: input_for(eager, tokens=TOKENS), _kwargs_for(eager, call))
 
 
 def test_residual_cross_entropy_compiles():
     eager = _rvq(dict(quantize_dropout=True, num_quantizers=3))
-    _check(eager, lambda: input_for(eager),
+    check_compiled(eager, lambda: input_for(eager),
            lambda x: dict(indices=torch.randint(0, CODEBOOK_SIZE, (*x.shape[:2], 3))))
 
 
@@ -121,12 +114,12 @@ def _grouped(options):
 def test_grouped_options_compile_to_one_graph(name, mode):
     options, call = GROUPED_CASES[name]
     eager = _grouped(options).train(mode == "train")
-    _check(eager, lambda: input_for(eager, tokens=TOKENS), call or (lambda x: {}))
+    check_compiled(eager, lambda: input_for(eager, tokens=TOKENS), call or (lambda x: {}))
 
 
 def test_grouped_cross_entropy_compiles():
     eager = _grouped(dict(num_quantizers=1))
-    _check(eager, lambda: input_for(eager),
+    check_compiled(eager, lambda: input_for(eager),
            lambda x: dict(indices=torch.randint(0, CODEBOOK_SIZE, (2, *x.shape[:2], 1))), steps=1)
 
 
@@ -137,46 +130,7 @@ def test_random_projection_compiles(num_codebooks, reference_projection):
                                       num_codebooks=num_codebooks)
     if reference_projection:
         eager.vq = eager._make_vq(reference_projection=True)
-    _check(eager, lambda: torch.randn(2, 12, DIM))
+    check_compiled(eager, lambda: torch.randn(2, 12, DIM))
     index_shape = (2, 12) if num_codebooks == 1 else (2, 12, num_codebooks)
-    _check(eager, lambda: torch.randn(2, 12, DIM),
+    check_compiled(eager, lambda: torch.randn(2, 12, DIM),
            lambda x: dict(indices=torch.randint(0, CODEBOOK_SIZE, index_shape)), steps=1)
-
-
-SIM_CASES = {  # (build, input) -- the transform learns through autograd, so both modes compare gradients too
-    "simvq_mlp_transform_image": (
-        lambda: SimVQ(dim=DIM, codebook_size=CODEBOOK_SIZE, frozen_codebook_dim=8,
-                      codebook_transform=nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, DIM))),
-        lambda: torch.randn(2, 3, 4, DIM)),
-    "simvq_channel_first_straight_through": (
-        lambda: SimVQ(dim=DIM, codebook_size=CODEBOOK_SIZE, channel_first=True, rotation_trick=False),
-        lambda: torch.randn(2, DIM, 12)),
-    "residual_simvq_dropout_all_codes": (
-        lambda: ResidualSimVQ(dim=DIM, num_quantizers=3, codebook_size=CODEBOOK_SIZE, quantize_dropout=True,
-                              quantize_dropout_cutoff_index=1),
-        lambda: torch.randn(2, 12, DIM)),
-}
-
-
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("name", list(SIM_CASES))
-def test_simvq_compiles_to_one_graph(name, mode):
-    build, make_input = SIM_CASES[name]
-    torch.manual_seed(0)
-    eager = build().train(mode == "train")
-    call = (lambda x: dict(return_all_codes=True)) if isinstance(eager, ResidualSimVQ) else (lambda x: {})
-    _check(eager, make_input, call)
-
-
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_hierarchical_vq_compiles_to_one_graph(mode):
-    """Levels of their own codebooks and phis, channel-last images, nested dropout drawn in the graph, a mask.
-    (k-means and dead codes would sample the coarsest level's few rows into duplicate codes, whose exact ties
-    compiled and eager may break apart: they are off here, and covered by the VectorQuantize cases.)"""
-    torch.manual_seed(0)
-    eager = HierarchicalVQ(dim=DIM, codebook_size=[32, 16, 16], scales=[1, 2, (2, 4)], shared_codebook=False,
-                           accept_image_fmap=True, channel_first=False, share_quant_resi=2, rotation_trick=True,
-                           nested_dropout=0.5, kmeans_init=False, threshold_ema_dead_code=0).train(mode == "train")
-    mask = torch.ones(2, 4, 8, dtype=torch.bool)
-    mask[1, 2:] = False
-    _check(eager, lambda: torch.randn(2, 4, 8, DIM), lambda x: dict(mask=mask))
