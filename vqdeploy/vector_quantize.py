@@ -499,20 +499,7 @@ class VectorQuantize(nn.Module):
         quantized = quantized.to(rows.dtype)
         commit_quantized = quantized
         if self.training:
-            if not self.learnable_codebook or freeze_codebook:
-                commit_quantized = quantized.detach()
-            if not self.route_gradients_to_input:
-                pass  # the codes themselves: no gradient reaches the input (a learnable codebook still gets one)
-            elif self.rotation_trick and rows.requires_grad:
-                quantized = rotate_to(rows, quantized.detach())
-            elif self.directional_reparam and rows.requires_grad:
-                quantized = directional_reparam(rows, quantized, normal_from_uniform(noise["directional"]),
-                                                self.directional_reparam_variance)
-            else:
-                quantized = rows + (quantized - rows).detach()  # straight-through estimator
-            if self.sync_update_v > 0:
-                # optimistic/pessimistic synchronous update, eq. 21 of https://arxiv.org/abs/2305.08842
-                quantized = quantized + self.sync_update_v * (quantized - quantized.detach())
+            commit_quantized, quantized = self._gradient_path(rows, quantized, noise, freeze_codebook)
 
         out = self.project_out(self._merge_rows(quantized, batch))
         if token_weights is not None:
@@ -542,6 +529,25 @@ class VectorQuantize(nn.Module):
         if return_loss_breakdown:
             return QuantizeOutputWithBreakdown(out, indices, loss, breakdown)
         return QuantizeOutput(out, indices, loss)
+
+    def _gradient_path(self, rows: torch.Tensor, codes: torch.Tensor, noise: dict, freeze_codebook: bool):
+        """Training: (the codes the commitment loss compares with, the output whose value is the codes and whose
+        gradient reaches ``rows``: rotation trick, DiVeQ or straight-through, plus the synchronous update)."""
+        commit_codes = codes.detach() if not self.learnable_codebook or freeze_codebook else codes
+        quantized = codes
+        if not self.route_gradients_to_input:
+            pass  # the codes themselves: no gradient reaches the input (a learnable codebook still gets one)
+        elif self.rotation_trick and rows.requires_grad:
+            quantized = rotate_to(rows, codes.detach())
+        elif self.directional_reparam and rows.requires_grad:
+            quantized = directional_reparam(rows, codes, normal_from_uniform(noise["directional"]),
+                                            self.directional_reparam_variance)
+        else:
+            quantized = rows + (codes - rows).detach()  # straight-through estimator
+        if self.sync_update_v > 0:
+            # optimistic/pessimistic synchronous update, eq. 21 of https://arxiv.org/abs/2305.08842
+            quantized = quantized + self.sync_update_v * (quantized - quantized.detach())
+        return commit_codes, quantized
 
     def _check_topk(self, topk) -> int:
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
@@ -583,19 +589,7 @@ class VectorQuantize(nn.Module):
         rows_k = rows.unsqueeze(-2).expand_as(codes)
         commit_codes, quantized = codes, codes
         if training:
-            if not self.learnable_codebook or freeze_codebook:
-                commit_codes = codes.detach()
-            if not self.route_gradients_to_input:
-                pass
-            elif self.rotation_trick and rows.requires_grad:
-                quantized = rotate_to(rows_k, codes.detach())
-            elif self.directional_reparam and rows.requires_grad:
-                quantized = directional_reparam(rows_k, codes, normal_from_uniform(noise["directional"]),
-                                                self.directional_reparam_variance)
-            else:
-                quantized = rows_k + (codes - rows_k).detach()
-            if self.sync_update_v > 0:
-                quantized = quantized + self.sync_update_v * (quantized - quantized.detach())
+            commit_codes, quantized = self._gradient_path(rows_k, codes, noise, freeze_codebook)
         out = self.project_out(quantized.reshape(b, n, topk, -1))
         kept = None if weights is None else weights.reshape(b, n, 1) > 0
         if kept is not None:
