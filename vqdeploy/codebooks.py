@@ -17,10 +17,9 @@ from torch import nn
 
 from . import distributed as D
 from .primitives import (cosine_logits, counts_per_code, draw_uniform, ema, euclidean_logits, gather_codes, gumbel_noise,
-                         kmeans,
-                         l2norm, laplace_smoothing, lookup_codes, masked_mean_var, nearest_codes, row_sample_noise_shape,
-                         rows_all_finite, sample_codes, sample_rows, snapshot, sq_dist_scores, straight_through_weights,
-                         sums_per_code, zero_dropped_rows)
+                         kmeans, l2norm, laplace_smoothing, lookup_codes, masked_mean_var, nearest_codes,
+                         row_sample_noise_shape, rows_all_finite, sample_codes, sample_rows, snapshot, sq_dist_scores,
+                         straight_through_weights, sums_per_code, zero_dropped_rows)
 from .state import OptionalStateMixin, flag
 
 
@@ -323,7 +322,7 @@ class Codebook(OptionalStateMixin):
         return CodebookOutput(quantized, indices, logits if return_logits else None)
 
     def update_from_indices_(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None = None,
-                             noise: dict | None = None, count_skipped: bool = True) -> None:
+                             count_skipped: bool = True) -> None:
         """The EMA step (and dead-code replacement) for rows x (h, n, d) assigned to ``indices`` (h, n), as a
         training forward would make it (1.32.0's ``update_indices``); -1 marks rows to leave out."""
         if not self.tracks_counts:
@@ -333,15 +332,17 @@ class Codebook(OptionalStateMixin):
             kept = (indices >= 0).float()
             weights = kept if weights is None else weights * kept
             indices = indices.clamp(min=0)
-            if noise is None:
-                noise = draw_uniform(self.noise_shapes(x.shape[1]), x.device)
+            uniform = None
+            if self.config.threshold_ema_dead_code > 0:  # the rows dead codes may become
+                shape = row_sample_noise_shape(self.config.num_codebooks, x.shape[1], self.config.codebook_size)
+                uniform = draw_uniform({"expire": shape}, x.device)["expire"]
             data_ok, update_ok = self._update_guards(x, weights, count_skipped)
             clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
             in_codebook_space = clean
             if self.config.affine_param:
                 codebook_std, batch_std = self._stds()
                 in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
-            self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, noise.get("expire"))
+            self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, uniform)
 
     # ------------------------------------------------------------------ training-only state changes
 
