@@ -1,8 +1,9 @@
 """A large codebook (SimVQ, image tokenizers): one VectorQuantize training step with 65,536 codes of dim 256 on
-16 x 1024 tokens, vqdeploy (eager and compiled) beside vector-quantize-pytorch 1.14.17 and 1.32.0, in one run.
+16 x 1024 tokens, vqdeploy (eager and compiled) beside vector-quantize-pytorch 1.14.17 and 1.32.0, in one run;
+with ``--quantizer simvq``, one SimVQ training step beside 1.32.0's (the release that has it).
 
-    python benchmarks/bench_large_codebook.py [--codebook-size 65536] [--dim 256] [--batch 16 --tokens 1024]
-        [--iters 2] [--json out.json]
+    python benchmarks/bench_large_codebook.py [--quantizer vq|simvq] [--codebook-size 65536] [--dim 256]
+        [--batches 4 16] [--tokens 1024] [--iters 2] [--json out.json]
 
 Every implementation runs in a fresh process from the same codebook (1.14.17's initial state, saved as
 safetensors) and the same input: one warm-up step (the compile, for vqdeploy compiled), then ``--iters`` timed
@@ -28,7 +29,8 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPLEMENTATIONS = ("1.14.17", "1.32.0", "vqdeploy", "vqdeploy compiled")
+IMPLEMENTATIONS = {"vq": ("1.14.17", "1.32.0", "vqdeploy", "vqdeploy compiled"),
+                   "simvq": ("1.32.0", "vqdeploy", "vqdeploy compiled")}
 
 
 def _step(impl: str, work: str, args: dict, queue) -> None:
@@ -40,7 +42,13 @@ def _step(impl: str, work: str, args: dict, queue) -> None:
 
     try:
         config = dict(dim=args["dim"], codebook_size=args["codebook_size"], decay=0.8, commitment_weight=1.0)
-        if impl.startswith("vqdeploy"):
+        if args["quantizer"] == "simvq":
+            import vector_quantize_pytorch
+            import vqdeploy
+
+            library = vqdeploy if impl.startswith("vqdeploy") else vector_quantize_pytorch
+            model = library.SimVQ(dim=args["dim"], codebook_size=args["codebook_size"])
+        elif impl.startswith("vqdeploy"):
             from vqdeploy import VectorQuantize
 
             model = VectorQuantize(**config, defaults="1.14.17")
@@ -114,6 +122,7 @@ def _run(impl: str, work: str, args: dict) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quantizer", choices=sorted(IMPLEMENTATIONS), default="vq")
     parser.add_argument("--codebook-size", type=int, default=65536)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16],
@@ -127,7 +136,8 @@ def main(argv=None) -> None:
 
     # 1.14.17 decorates with the deprecated torch.cuda.amp.autocast: its FutureWarnings are not this run's news
     warnings.filterwarnings("ignore", category=FutureWarning, module="vector_quantize_pytorch")
-    print(f"# one VectorQuantize training step: {args['codebook_size']:,} codes of dim {args['dim']}, "
+    name = "SimVQ" if args["quantizer"] == "simvq" else "VectorQuantize"
+    print(f"# one {name} training step: {args['codebook_size']:,} codes of dim {args['dim']}, "
           f"batch x {args['tokens']} tokens; torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; "
           f"median of {args['iters']} steps after one warm-up")
     tables = {batch: _table(dict(args, batch=batch)) for batch in args["batches"]}
@@ -143,21 +153,28 @@ def _table(args: dict) -> dict:
     from vector_quantize_pytorch import VectorQuantize
 
     rows, indices = {}, {}
+    implementations = IMPLEMENTATIONS[args["quantizer"]]
     with tempfile.TemporaryDirectory() as work:
         torch.manual_seed(0)
-        reference = VectorQuantize(dim=args["dim"], codebook_size=args["codebook_size"])
+        if args["quantizer"] == "simvq":  # the same state keys in both libraries
+            from vqdeploy import SimVQ
+
+            reference = SimVQ(dim=args["dim"], codebook_size=args["codebook_size"])
+        else:
+            reference = VectorQuantize(dim=args["dim"], codebook_size=args["codebook_size"])
         save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, os.path.join(work, "state.safetensors"))
         save_file({"x": torch.randn(args["batch"], args["tokens"], args["dim"])}, os.path.join(work, "x.safetensors"))
         del reference
-        for impl in IMPLEMENTATIONS:
+        for impl in implementations:
             print(f"[large codebook] batch {args['batch']}: {impl} ...", flush=True)
             rows[impl] = _run(impl, work, args)
             path = os.path.join(work, f"{impl.replace(' ', '_')}.safetensors")
             if "error" not in rows[impl] and os.path.exists(path):
                 indices[impl] = load_file(path)["indices"]
-    base = rows["1.14.17"]
+    base_name = implementations[0]
+    base = rows[base_name]
     header = (f"{'batch ' + str(args['batch']):>8} {'implementation':>18} | {'step s':>7} {'speed-up':>8} | "
-              f"{'peak MB':>8} {'memory':>7} | indices against 1.14.17")
+              f"{'peak MB':>8} {'memory':>7} | indices against {base_name}")
     print(header)
     print("-" * len(header))
     for impl, row in rows.items():
@@ -167,9 +184,9 @@ def _table(args: dict) -> dict:
             continue
         speedup = f"{base['seconds'] / row['seconds']:7.2f}x" if "seconds" in base else f"{'n/a':>8}"
         memory = f"{row['peak_mb'] / base['peak_mb']:6.2f}x" if base.get("peak_mb") else f"{'n/a':>7}"
-        same = "n/a (1.14.17 did not run)"
-        if "1.14.17" in indices:
-            row["indices_differing"] = int((indices[impl] != indices["1.14.17"]).sum())
+        same = f"n/a ({base_name} did not run)"
+        if base_name in indices:
+            row["indices_differing"] = int((indices[impl] != indices[base_name]).sum())
             differ = row["indices_differing"]
             same = "identical" if differ == 0 else f"{differ} of {indices[impl].numel()} differ"
         print(f"{'':>8} {impl:>18} | {row['seconds']:7.2f} {speedup} | {row['peak_mb']:8.0f} {memory} | {same}")
