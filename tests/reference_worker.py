@@ -47,11 +47,12 @@ def run(case: dict, out: Path) -> None:
     for i, forward in enumerate(case.get("pre_steps", [])):  # earlier calls (micro-batches), no backward
         module(inputs[f"pre{i}"], **forward)
     outputs = module(x, **kwargs, **case.get("forward", {}))
-    quantized, indices, loss = outputs[:3]
+    quantized, indices = outputs[:2]
+    loss = outputs[2] if len(outputs) > 2 else torch.zeros(())  # FSQ returns no loss
     results = {"quantized": quantized.detach(), "loss": loss.detach().reshape(-1)}
     if isinstance(indices, tuple):  # HierarchicalVQ: one index map per level
         results.update({f"indices.{i}": level for i, level in enumerate(indices)})
-    else:
+    elif indices is not None:  # FSQ(return_indices=False) gives none
         results["indices"] = indices
     if len(outputs) == 4:  # return_loss_breakdown
         results.update({f"breakdown.{i}": term.detach().reshape(-1) for i, term in enumerate(outputs[3])})

@@ -13,6 +13,10 @@ from tolerances import assert_rounding_close
 FSQ_OPTIONS = {
     "image_projection_codebooks": (dict(levels=[5, 4], num_codebooks=2, dim=8), (2, 8, 3, 4)),
     "channel_first_half": (dict(levels=[7, 5, 5], channel_first=True), (2, 3, 12)),
+    # 1.32.0's: the symmetric bound with a level of 2, noise dropout drawn in the graph, hard clamp, rotation
+    "symmetric_noise_dropout_hard_clamp_rotation": (dict(levels=[2, 2, 2], dim=8, preserve_symmetry=True,
+                                                         noise_dropout=0.5, bound_hard_clamp=True,
+                                                         orthogonal_rotation=True), (2, 12, 8)),
 }
 
 

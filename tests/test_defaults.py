@@ -96,7 +96,7 @@ def test_modules_record_their_release_so_a_rebuild_follows_it():
     rebuilt = GroupedResidualVQ(**grouped.init_config)  # under the program's 1.32.0 defaults
     assert [_release_traits(layer) for rvq in rebuilt.rvqs for layer in rvq.layers] == \
         [(False, False, False, 0.0)] * 4
-    assert "defaults" not in vqdeploy.FSQ(levels=[8, 5]).init_config  # FSQ's defaults did not change
+    assert vqdeploy.FSQ(levels=[8, 5]).init_config["defaults"] == "1.32.0"  # its rule on levels of 2
 
 
 def test_a_bundle_rebuilds_with_the_release_it_was_exported_with(tmp_path):

@@ -168,6 +168,7 @@ CLASSIFIER_CASES = {
     "random_projection": lambda: V.RandomProjectionQuantizer(dim=16, codebook_size=32, codebook_dim=8,
                                                              num_codebooks=2),
     "fsq_codebooks": lambda: V.FSQ(levels=[8, 5, 5], num_codebooks=2, dim=16),
+    "fsq_symmetric_rotation": lambda: V.FSQ(levels=[4, 4, 4], dim=16, preserve_symmetry=True, orthogonal_rotation=True),
     "grouped_rfsq": lambda: V.GroupedResidualFSQ(dim=16, groups=2, levels=[8, 5, 5], num_quantizers=3),
     "residual_lfq": lambda: V.ResidualLFQ(dim=16, codebook_size=2**6, num_quantizers=3),
     "latent": lambda: V.LatentQuantize(levels=[5, 4, 8], dim=16),
@@ -222,6 +223,18 @@ def test_the_other_side_of_a_boundary_is_a_near_tie():
     digits = lq._levels_from_indices(expected)
     other = lq._mixed_radix(torch.where(digits == 1, 2, 1)).long()
     assert compare_indices(lq, x, expected, other).near_ties == 64
+
+
+def test_symmetric_fsq_boundaries_are_near_ties():
+    """preserve_symmetry floors (levels - 1)(tanh z + 1) / 2 + 0.5: inputs on its boundaries, either level."""
+    fsq = V.FSQ(levels=[4], preserve_symmetry=True).eval()
+    k = torch.randint(0, 3, (2, 64, 1)).double()
+    x = torch.atanh(2 * (k + 0.5) / 3 - 1).float()
+    expected = fsq.encode(x)
+    other = torch.where(expected == k[..., 0].long(), expected + 1, expected - 1)
+    agreement = compare_indices(fsq, x, expected, other)
+    assert agreement.near_ties == 128 and agreement.real == 0
+    assert compare_indices(fsq, x, expected, (expected + 2) % 4).real == 128  # two levels away: real
 
 
 def test_beam_paths_of_equal_score_are_near_ties():

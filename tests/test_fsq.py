@@ -21,11 +21,68 @@ def test_codes_lie_on_the_grid_and_indices_round_trip():
 
 @pytest.mark.parametrize("level", [2, 3, 4, 5, 8])
 def test_each_channel_takes_exactly_level_values(level):
-    fsq = FSQ(levels=[level])
+    fsq = FSQ(levels=[level], defaults="1.14.17")  # 1.32.0 asks for preserve_symmetry with a level of 2
     values = fsq(torch.linspace(-20, 20, 2001).reshape(1, -1, 1))[0].unique()
     assert len(values) == level
     half_width = level // 2
     torch.testing.assert_close(values, (torch.arange(level) - half_width) / half_width)
+
+
+@pytest.mark.parametrize("level", [2, 3, 4, 5])
+def test_the_symmetric_bound_takes_evenly_spaced_levels(level):
+    """preserve_symmetry: levels -1 + 2k / (level - 1), symmetric about 0 (Stable Codec), also for 2 levels."""
+    fsq = FSQ(levels=[level], preserve_symmetry=True)
+    values = fsq(torch.linspace(-20, 20, 2001).reshape(1, -1, 1))[0].unique()
+    torch.testing.assert_close(values, -1 + 2 * torch.arange(level) / (level - 1))
+    assert torch.equal(fsq.codes_to_indices(fsq.implicit_codebook), torch.arange(level, dtype=torch.int32))
+    hard = FSQ(levels=[level], preserve_symmetry=True, bound_hard_clamp=True)
+    x = torch.linspace(-0.99, 0.99, 101).reshape(1, -1, 1)  # a clamp, not a tanh: the level of x itself
+    expected = torch.floor((level - 1) * (x + 1) / 2 + 0.5)
+    torch.testing.assert_close(hard(x)[0], -1 + 2 * expected / (level - 1))
+
+
+def test_levels_of_2_need_the_symmetric_bound_under_1_32_0():
+    with pytest.raises(ValueError, match="preserve_symmetry"):
+        FSQ(levels=[2, 5])
+    assert FSQ(levels=[2, 5], defaults="1.14.17").codebook_size == 10
+    with pytest.raises(ValueError, match="noise_dropout needs preserve_symmetry"):
+        FSQ(levels=[5, 5], noise_dropout=0.1)
+
+
+def test_noise_dropout_moves_a_fraction_of_values_in_training_only():
+    torch.manual_seed(0)
+    fsq = FSQ(levels=[5, 5, 5], preserve_symmetry=True, noise_dropout=0.25)
+    x = torch.randn(4, 500, 3)
+    fsq.eval()
+    clean, indices = fsq(x)
+    fsq.train()
+    noisy, train_indices = fsq(x)
+    assert torch.equal(train_indices, indices)  # indices come before the noise
+    moved = (noisy != clean).float().mean()
+    assert 0.2 < float(moved) < 0.3 and noisy.abs().max() <= 1.0
+    assert ((noisy - clean).abs() <= 0.5 + 1e-6).all()
+
+
+def test_orthogonal_rotation_round_trips_and_indices_can_be_left_out():
+    torch.manual_seed(0)
+    fsq = FSQ(levels=[5, 5, 5], orthogonal_rotation=True).eval()
+    rotation = fsq.orthogonal_rot
+    torch.testing.assert_close(rotation @ rotation.t(), torch.eye(3), atol=1e-6, rtol=0)
+    x = torch.randn(2, 20, 3)
+    quantized, indices = fsq(x)
+    torch.testing.assert_close(fsq.indices_to_codes(indices), quantized)
+    torch.testing.assert_close(quantized @ rotation, fsq.implicit_codebook[indices.long()])  # grid codes, rotated
+    assert "orthogonal_rot" in fsq.state_dict()
+    no_indices = FSQ(levels=[5, 5, 5], return_indices=False)
+    out, none = no_indices(x)
+    assert none is None and torch.equal(no_indices.encode(x), FSQ(levels=[5, 5, 5]).encode(x))
+
+
+def test_quantization_in_half_precision_when_not_forced():
+    fsq = FSQ(levels=[8, 5, 5], force_quantization_f32=False, allowed_dtypes=(torch.float16,))
+    x = torch.randn(2, 10, 3).half()
+    assert fsq(x)[0].dtype == torch.float16
+    assert torch.equal(fsq(x)[1], FSQ(levels=[8, 5, 5])(x)[1])  # these levels are exact in half
 
 
 def test_straight_through_gradient_of_the_bound():

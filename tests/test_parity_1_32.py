@@ -15,7 +15,7 @@ import operator
 import pytest
 import torch
 
-from vqdeploy import GroupedResidualVQ, HierarchicalVQ, ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize
+from vqdeploy import FSQ, GroupedResidualVQ, HierarchicalVQ, ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize
 
 import vqdeploy.residual_vq as residual_vq
 from reference_release import run_cases, split_state
@@ -80,6 +80,12 @@ CASES = {
     "vq_diveq": (VectorQuantize, dict(BASE, directional_reparam=True, directional_reparam_variance=0.0,
                                       threshold_ema_dead_code=0.5), SHAPE, {}),
     "residual_diveq_masked": (ResidualVQ, dict(BASE, num_quantizers=2, diveq=True), SHAPE, {}),
+    # FSQ's 1.32.0 options (noise dropout draws other random numbers: test_fsq.py checks it)
+    "fsq_symmetric_levels_of_2": (FSQ, dict(levels=[2, 4, 5], dim=16, preserve_symmetry=True), SHAPE, {}),
+    "fsq_hard_clamp_rotation": (FSQ, dict(levels=[5, 5, 5], dim=16, bound_hard_clamp=True, orthogonal_rotation=True),
+                                SHAPE, {}),
+    "fsq_symmetric_hard_clamp_no_indices": (FSQ, dict(levels=[8, 5, 5], dim=16, preserve_symmetry=True,
+                                                      bound_hard_clamp=True, return_indices=False), SHAPE, {}),
     # k-means and dead codes draw random rows (other random numbers than 1.32.0's): off in parity
     "hierarchical": (HierarchicalVQ, dict(BASE, scales=[1, 2, 4, 8], kmeans_init=False, threshold_ema_dead_code=0),
                      (2, 16, 8), {}),
@@ -138,7 +144,8 @@ def test_training_step_matches_1_32(reference, name, monkeypatch):
     for i, pre in enumerate(PRE_STEPS.get(name, [])):
         ours(inputs[f"pre{i}"], **pre)
     out = ours(x, **kwargs, **forward)
-    quantized, indices, loss = out[:3]
+    quantized, indices = out[:2]
+    loss = out[2] if len(out) > 2 else torch.zeros(())  # FSQ returns no loss
     bound = dict(n=x.numel() * (1 + len(PRE_STEPS.get(name, []))), data=x.detach())  # accumulated batches sum too
     if forward.get("return_loss_breakdown"):
         for i, term in enumerate(out.breakdown):
@@ -146,6 +153,8 @@ def test_training_step_matches_1_32(reference, name, monkeypatch):
 
     if isinstance(indices, tuple):  # one index map per level
         assert all(torch.equal(level, results[f"indices.{i}"]) for i, level in enumerate(indices))
+    elif indices is None:
+        assert "indices" not in results
     else:
         assert torch.equal(indices, results["indices"])
     assert_rounding_close(quantized, results["quantized"], **bound, msg="quantized")

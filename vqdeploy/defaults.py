@@ -4,7 +4,7 @@ A checkpoint does not record which release's defaults trained it, and some defau
 (1.18.0 turned the rotation trick on; 1.18.2 dropped LFQ's commitment weight, whose 0.25 collapses code usage),
 so the choice is explicit.  1.32.0's defaults apply unless a program asks otherwise:
 
-- for one module: ``VectorQuantize(..., defaults="1.14.17")`` (VectorQuantize and LFQ take ``defaults``, and the
+- for one module: ``VectorQuantize(..., defaults="1.14.17")`` (VectorQuantize, LFQ and FSQ take ``defaults``, and the
   residual, grouped and random-projection classes built on them pass it to their layers);
 - for a whole program: ``vqdeploy.use_defaults("1.14.17")`` before building modules, or the environment
   variable ``VQDEPLOY_DEFAULTS=1.14.17``;
@@ -50,6 +50,8 @@ DIFFERING_DEFAULTS: dict[tuple[str, str], dict[str, object]] = {
                                                      "1.32.0": "once, after the last layer", "changed in": "1.17.5",
                                                      "note": "layers track counts and sums (manual_ema_update); "
                                                              "dead codes are then replaced from every layer's rows"},
+    ("FSQ", "levels of 2"): {"1.14.17": "allowed", "1.32.0": "need preserve_symmetry", "changed in": "1.27.15",
+                             "note": "a level count of 2 has no centre level; 1.32.0 asks for the symmetric bound"},
     ("LFQ", "commitment_loss_weight"): {"1.14.17": 0.25, "1.32.0": 0.0, "changed in": "1.18.2",
                                         "note": "0.25 collapses code usage of small LFQ models"},
 }

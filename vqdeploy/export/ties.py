@@ -316,12 +316,17 @@ def _channel_ratio(margin, size, differs):
 
 
 def _fsq_level(fsq: FSQ, z, magnitude, expected, got):
-    bounded = fsq.bound(z)
+    """Each channel's level is the rounding of its position on the levels (``FSQ.level_position``: the bounded
+    value, or the symmetric bound's bracket, after an orthogonal rotation when there is one)."""
+    if fsq.orthogonal_rotation:
+        rotation = fsq.orthogonal_rot.to(z.dtype)
+        z, magnitude = z @ rotation, magnitude @ rotation.abs()
+    position = fsq.level_position(z)
     ours, theirs = fsq.indices_to_level_indices(expected), fsq.indices_to_level_indices(got)
-    centre = fsq._levels // 2
-    margin = ((bounded - (theirs - centre)).abs() - (bounded - (ours - centre)).abs()) / 2
-    size = fsq.bound_scale().to(z.dtype) * (1 + magnitude)
-    return _channel_ratio(margin, size, ours != theirs), fsq._indices_to_codes(expected).to(z.dtype)
+    margin = ((position - theirs).abs() - (position - ours).abs()) / 2
+    size = fsq.position_scale().to(z.dtype) * (1 + magnitude)
+    codes = fsq.rotate_back(fsq._indices_to_codes(expected).to(z.dtype))
+    return _channel_ratio(margin, size, ours != theirs), codes
 
 
 def _lfq_sign(lfq: LFQ, z, magnitude, expected, got):
