@@ -549,12 +549,12 @@ class VectorQuantize(nn.Module):
             quantized = quantized + self.sync_update_v * (quantized - quantized.detach())
         return commit_codes, quantized
 
-    def _check_topk(self, topk) -> int:
+    def _check_topk(self, topk, training: bool) -> int:
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
         if self.heads > 1:
             raise ValueError("topk needs a single-head VectorQuantize (heads=1)")
-        if self.training and (self.commitment_use_cross_entropy_loss or self.in_place_codebook_optimizer is not None
+        if training and (self.commitment_use_cross_entropy_loss or self.in_place_codebook_optimizer is not None
                               or self._codebook.config.straight_through):
             raise ValueError("topk in training does not combine with commitment_use_cross_entropy_loss, "
                              "in_place_codebook_optimizer or straight_through")
@@ -568,7 +568,7 @@ class VectorQuantize(nn.Module):
         and orthogonal terms).  The codebook only gets k-means and affine statistics, no EMA step.
         ``training=False`` computes the eval result whatever the module's mode (a pure encode)."""
         training = self.training if training is None else training
-        topk = self._check_topk(topk)
+        topk = self._check_topk(topk, training)
         b, n, _ = tokens.shape
         weights = token_weights
         if active is not None:
