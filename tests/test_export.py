@@ -15,8 +15,8 @@ from torch import nn
 
 import vqdeploy as V
 from vqdeploy.export import BundleError, ExportParityError, export, read_manifest, verify
+from vqdeploy.export.folding import fold_code_transforms
 from vqdeploy.export.graphs import is_residual
-from vqdeploy.vector_quantize import fold_vq_bridges
 
 CLASSES = {
     "vq_heads_cosine_image": (lambda: V.VectorQuantize(dim=16, codebook_size=64, heads=2, codebook_dim=8,
@@ -84,8 +84,7 @@ def test_every_class_exports_and_matches_onnxruntime(name, tmp_path):
 
     rebuilt = V.load(tmp_path / "bundle")
     assert type(rebuilt) is type(quantizer) and not rebuilt.training
-    exported = quantizer.inference_form() if hasattr(quantizer, "inference_form") else quantizer
-    exported = fold_vq_bridges(copy.deepcopy(exported))
+    exported = fold_code_transforms(copy.deepcopy(quantizer))
     for key, value in exported.state_dict().items():  # SimVQ's transform and vq_bridges are folded into codes
         assert torch.equal(rebuilt.state_dict()[key], value), key
     assert verify(tmp_path / "bundle", seed=1).passed

@@ -1,11 +1,14 @@
 """SimVQ and ResidualSimVQ: codes through a learned transform of a frozen codebook (parity with 1.32.0 is in
-test_parity_1_32.py, compile in test_compile_residual.py, export in test_export.py)."""
+test_parity_1_32.py, compile in test_compile_sim_hierarchical.py, export in test_export.py)."""
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
 from vqdeploy import ResidualSimVQ, SimVQ
+from vqdeploy.export.folding import fold_code_transforms
 
 DIM, CODES = 8, 32
 
@@ -70,7 +73,7 @@ def test_layouts(channel_first, shape, index_shape):
     quantized, indices, _ = vq(x)
     assert quantized.shape == shape and indices.shape == index_shape
     torch.testing.assert_close(vq.indices_to_codes(indices), quantized)
-    folded = vq.inference_form()  # what a bundle stores: the transformed codes behind an identity layer
+    folded = fold_code_transforms(copy.deepcopy(vq))  # what a bundle stores: the codes behind an identity layer
     assert torch.equal(folded.encode(x), indices) and torch.equal(folded.decode(indices), vq.decode(indices))
 
 

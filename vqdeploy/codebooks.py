@@ -190,14 +190,6 @@ class Codebook(OptionalStateMixin):
         """The codes indices decode to (h, k, d): ``embed``, through ``vq_bridge`` when there is one."""
         return self.embed if self.vq_bridge is None else self.vq_bridge(self.embed)
 
-    def fold_vq_bridge_(self) -> None:
-        """Write ``vq_bridge(embed)`` into ``embed`` and drop the bridge: the same codes, no module (export)."""
-        if self.vq_bridge is None:
-            return
-        with torch.no_grad():
-            self.embed.copy_(self.vq_bridge(self.embed))
-        self.vq_bridge = None
-
     # ------------------------------------------------------------------ eval
 
     def quantize(self, x: torch.Tensor) -> CodebookOutput:
@@ -268,12 +260,8 @@ class Codebook(OptionalStateMixin):
             recompute = self.config.ema_update if ema_update is None else ema_update
             tracks = recompute or (self.tracks_counts and self.config.threshold_ema_dead_code > 0)
             if self.training and tracks and not freeze_codebook:
-                in_codebook_space = clean
-                if self.config.affine_param:
-                    codebook_std, batch_std = self._stds()
-                    in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
-                self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, noise.get("expire"),
-                                 ema_update_weight, accum_ema_update, recompute)
+                self._learn_from_(clean, indices, weights, update_ok, noise.get("expire"), ema_update_weight,
+                                  accum_ema_update, recompute)
 
         return CodebookOutput(quantized, indices, logits if return_logits else None)
 
@@ -332,17 +320,30 @@ class Codebook(OptionalStateMixin):
             kept = (indices >= 0).float()
             weights = kept if weights is None else weights * kept
             indices = indices.clamp(min=0)
-            uniform = None
-            if self.config.threshold_ema_dead_code > 0:  # the rows dead codes may become
-                shape = row_sample_noise_shape(self.config.num_codebooks, x.shape[1], self.config.codebook_size)
-                uniform = draw_uniform({"expire": shape}, x.device)["expire"]
+            uniform = self.dead_code_noise(x.shape[1], x.device)
             data_ok, update_ok = self._update_guards(x, weights, count_skipped)
             clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
-            in_codebook_space = clean
-            if self.config.affine_param:
-                codebook_std, batch_std = self._stds()
-                in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
-            self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, uniform)
+            self._learn_from_(clean, indices, weights, update_ok, uniform)
+
+    def dead_code_noise(self, num_rows: int, device) -> torch.Tensor | None:
+        """The uniform noise that picks replacement rows for dead codes among ``num_rows`` rows (None without
+        dead-code replacement), for updates made outside ``forward``'s single draw."""
+        if self.config.threshold_ema_dead_code <= 0:
+            return None
+        shape = row_sample_noise_shape(self.config.num_codebooks, num_rows, self.config.codebook_size)
+        return draw_uniform({"expire": shape}, device)["expire"]
+
+    def _learn_from_(self, clean: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None,
+                     update_ok: torch.Tensor, uniform: torch.Tensor | None, ema_update_weight=None,
+                     accum_ema_update: bool = False, recompute_codes: bool = True) -> None:
+        """``update_ema_`` of clean rows assigned to ``indices``: their sums taken in codebook space (undoing the
+        affine reparameterisation's batch statistics), dead codes replaced by the rows as they are."""
+        in_codebook_space = clean
+        if self.config.affine_param:
+            codebook_std, batch_std = self._stds()
+            in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
+        self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, uniform, ema_update_weight,
+                         accum_ema_update, recompute_codes)
 
     # ------------------------------------------------------------------ training-only state changes
 
@@ -507,10 +508,9 @@ class Codebook(OptionalStateMixin):
             x = x.float()
             data_ok, update_ok = self._update_guards(x, None, count_skipped=False)
             clean = torch.where(data_ok, x, torch.zeros((), device=x.device))
-            shape = row_sample_noise_shape(self.config.num_codebooks, x.shape[1], self.config.codebook_size)
-            uniform = draw_uniform({"expire": shape}, x.device)["expire"]
             new = dict(embed_avg=self.embed_avg, cluster_size=self.cluster_size)
-            self._write_(update_ok, **self.replace_dead_codes(new, clean, None, uniform))
+            self._write_(update_ok, **self.replace_dead_codes(new, clean, None,
+                                                              self.dead_code_noise(x.shape[1], x.device)))
 
     def update_ema(self) -> None:
         """Recompute the codes from the EMA counts and sums: with ``manual_ema_update``, when the program chooses

@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-TRAINING_ONLY_ARGUMENTS = ("in_place_codebook_optimizer", "straight_through_activation")
+TRAINING_ONLY_ARGUMENTS = ("in_place_codebook_optimizer", "straight_through_activation", "init_fn")
 
 
 def records_config(cls):

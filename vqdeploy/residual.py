@@ -327,11 +327,14 @@ class ResidualQuantizer(nn.Module):
             layer_indices = indices[..., i]
             kept = layer_indices >= 0
             check_index_range(layer_indices, layer.codebook_size, allow_minus_one=True)
-            layer_codes = layer.lookup(torch.where(kept, layer_indices, 0))
-            scale = self.layer_scale(i)
-            if scale is not None:
-                layer_codes = layer_codes * scale
+            layer_codes = self.layer_codes(i, layer.lookup(torch.where(kept, layer_indices, 0)), codes)
             codes.append(torch.where(kept.unsqueeze(-1), layer_codes, torch.zeros((), dtype=layer_codes.dtype,
                                                                                    device=layer_codes.device)))
         return torch.stack(codes)
+
+    def layer_codes(self, index: int, codes: torch.Tensor, earlier: list[torch.Tensor]) -> torch.Tensor:
+        """Layer ``index``'s looked-up codes as they add to the output, given the ``earlier`` layers' (dropped
+        ones zero): scaled for residual FSQ."""
+        scale = self.layer_scale(index)
+        return codes if scale is None else codes * scale
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 from torch import nn
@@ -12,8 +13,7 @@ from .defaults import behaves_as_latest, release_for
 from .beam_search import beam_search, masked_token_mean
 from .grouped import GroupedResidualQuantizer
 from .implicit_codebook import ImplicitCodebookMLP
-from .layout import check_index_range
-from .primitives import directional_reparam, draw_uniform, normal_from_uniform, row_sample_noise_shape
+from .primitives import directional_reparam, draw_uniform, normal_from_uniform
 from .residual import ResidualOutput, ResidualQuantizer
 from .vector_quantize import VectorQuantize, _number, _positive_int
 
@@ -108,24 +108,12 @@ class ResidualVQ(ResidualQuantizer):
             return {}
         return {"codebook_transform_fn": functools.partial(self.mlps[index - 1], condition=quantized_so_far)}
 
-    def _codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Every layer's codes (q, b, *tokens, d); with an implicit neural codebook each chosen code goes through
-        its layer's MLP, conditioned on the sum of the codes before it (dropped layers: zeros)."""
-        if self.mlps is None:
-            return super()._codes(indices)
-        codes, running = [], None
-        for i, layer in enumerate(self.layers[:indices.shape[-1]]):
-            layer_indices = indices[..., i]
-            check_index_range(layer_indices, layer.codebook_size, allow_minus_one=True)
-            kept = (layer_indices >= 0).unsqueeze(-1)
-            layer_codes = layer.lookup(torch.where(layer_indices >= 0, layer_indices, 0))
-            if i > 0:
-                layer_codes = self.mlps[i - 1].transform(layer_codes, running)
-            layer_codes = torch.where(kept, layer_codes, torch.zeros((), dtype=layer_codes.dtype,
-                                                                     device=layer_codes.device))
-            running = layer_codes if running is None else running + layer_codes
-            codes.append(layer_codes)
-        return torch.stack(codes)
+    def layer_codes(self, index: int, codes: torch.Tensor, earlier: list[torch.Tensor]) -> torch.Tensor:
+        """With an implicit neural codebook, a chosen code goes through its layer's MLP, conditioned on the sum
+        of the codes before it."""
+        if self.mlps is None or index == 0:
+            return super().layer_codes(index, codes, earlier)
+        return self.mlps[index - 1].transform(codes, functools.reduce(operator.add, earlier))
 
     def reparameterize(self, projected: torch.Tensor, quantized: torch.Tensor,
                        token_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,11 +176,7 @@ class ResidualVQ(ResidualQuantizer):
                 else token_weights.reshape(1, -1).float()
             weights.append(weight if active_count is None else weight * (active_count > i).float())
         rows, weights = torch.cat(rows, dim=1), torch.cat(weights, dim=1)
-        uniform = None
-        if codebook.config.threshold_ema_dead_code > 0:
-            shape = row_sample_noise_shape(1, rows.shape[1], codebook.config.codebook_size)
-            uniform = draw_uniform({"expire": shape}, rows.device)["expire"]
-        codebook.end_of_shared_step_(rows, weights, uniform)
+        codebook.end_of_shared_step_(rows, weights, codebook.dead_code_noise(rows.shape[1], rows.device))
 
     @property
     def codebooks(self) -> torch.Tensor | tuple[torch.Tensor, ...]:

@@ -134,20 +134,6 @@ class SimVQ(nn.Module):
 
     decode = indices_to_codes
 
-    def inference_form(self) -> SimVQ:
-        """An eval copy whose config a bundle can store: a custom ``codebook_transform`` is folded into the
-        frozen codebook (the codes themselves) behind an identity linear layer, which reproduces them exactly."""
-        if not self.init_config.get("codebook_transform"):
-            return self
-        folded = SimVQ(self.dim, self.codebook_size, channel_first=self.channel_first,
-                       rotation_trick=self.rotation_trick,
-                       input_to_quantize_commit_loss_weight=self.input_to_quantize_commit_loss_weight,
-                       commitment_weight=self.commitment_weight)
-        with torch.no_grad():
-            folded.frozen_codebook.copy_(self.codebook)
-            folded.code_transform.weight.copy_(torch.eye(self.dim))
-        return folded.to(self.frozen_codebook.device).eval()
-
 
 @records_config
 class ResidualSimVQ(ResidualQuantizer):
@@ -200,16 +186,3 @@ class ResidualSimVQ(ResidualQuantizer):
 
     def decode(self, indices: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
         return self.get_output_from_indices(indices, num_quantizers)
-
-    def inference_form(self) -> ResidualSimVQ:
-        """An eval copy with each layer's custom ``codebook_transform`` folded in (see ``SimVQ``)."""
-        if not self.init_config.get("codebook_transform"):
-            return self
-        config = {key: value for key, value in self.init_config.items() if key not in ("codebook_transform",
-                                                                                        "init_fn")}
-        folded = ResidualSimVQ(**config)
-        for mine, theirs in zip(folded.layers, self.layers):
-            with torch.no_grad():
-                mine.frozen_codebook.copy_(theirs.codebook)
-                mine.code_transform.weight.copy_(torch.eye(self.dim))
-        return folded.to(self.layers[0].frozen_codebook.device).eval()

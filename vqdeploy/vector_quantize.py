@@ -84,23 +84,6 @@ def _restore_candidates(layout, candidates: torch.Tensor) -> torch.Tensor:
     return candidates.permute(0, 3, 1, 2).reshape(b, d, *layout.spatial, k)
 
 
-def fold_vq_bridges(module: nn.Module) -> nn.Module:
-    """Fold every ``vq_bridge`` inside ``module`` (in place) into its codebook, and drop it from the recorded
-    configs: the codes stay what they are, and a bundle's config stays plain JSON (the exporter does this to
-    its frozen copy)."""
-    folded = False
-    for sub in module.modules():
-        if isinstance(sub, Codebook) and sub.vq_bridge is not None:
-            sub.fold_vq_bridge_()
-            folded = True
-    if folded:
-        for sub in module.modules():
-            config = sub.__dict__.get("init_config")
-            if config is not None and config.get("vq_bridge") is not None:
-                sub.__dict__["init_config"] = dict(config, vq_bridge=None, ema_update=False, learnable_codebook=True)
-    return module
-
-
 @records_config
 class VectorQuantize(nn.Module):
     """Vector quantization with EMA codebooks (VQ-VAE, SoundStream, Improved VQGAN tricks)."""

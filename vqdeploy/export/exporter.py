@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from ..config import config_to_json
-from ..vector_quantize import fold_vq_bridges
 from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS_FILE, BundleError, load,
                      quantizer_classes, read_manifest, value_info, write_manifest)
 from .checks import VerifyReport, check_inputs, check_onnx_file, verify_graphs
+from .folding import fold_code_transforms
 from .graphs import (INDEX_DTYPES, DecoderGraph, EncoderGraph, default_example, dynamic_input_axes,
                      dynamic_output_axes, has_decoder, is_residual)
 
@@ -150,10 +150,8 @@ def _frozen_copies(quantizer, encoder, decoder):
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
         module = None if module is None else copy.deepcopy(module).cpu().float().eval().requires_grad_(False)
-        if module is not None and hasattr(module, "inference_form"):  # e.g. SimVQ's custom transform folded
-            module = module.inference_form().requires_grad_(False)
         if module is not None:
-            fold_vq_bridges(module)
+            fold_code_transforms(module)
         copies.append(module)
     return copies
 
