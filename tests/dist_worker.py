@@ -57,6 +57,27 @@ def train_rank(rank: int, world: int, store: str, out_dir: str, options: dict, d
         _save(vq.state_dict(), out_dir, rank)
 
 
+def lfq_rank(rank: int, world: int, store: str, out_dir: str, options: dict, data_path: str,
+             compiled: bool) -> None:
+    """One LFQ training step on this rank's share of ``x`` (with its mask); the task loss is scaled by the world
+    size so that the mean of the ranks' losses is one process's loss on the whole batch (DDP averages)."""
+    with process_group(rank, world, store, out_dir):
+        import vqdeploy
+
+        torch.manual_seed(0)
+        lfq = vqdeploy.LFQ(**options)
+        model = torch.compile(lfq, fullgraph=True) if compiled else lfq
+        data = load_file(data_path)
+        share = data["x"].shape[0] // world
+        rows = slice(rank * share, (rank + 1) * share)
+        x = data["x"][rows].clone().requires_grad_()
+        out, breakdown = model(x, mask=data["mask"][rows], return_loss_breakdown=True)
+        (world * (out.quantized * data["grad"][rows]).sum() + out.entropy_aux_loss).backward()
+        _save({"loss": out.entropy_aux_loss.detach(), "per_sample_entropy": breakdown.per_sample_entropy.detach(),
+               "batch_entropy": breakdown.batch_entropy.detach(), "x_grad": x.grad,
+               **{f"grad.{name}": p.grad for name, p in lfq.named_parameters()}}, out_dir, rank)
+
+
 def unsynced_rank(rank: int, world: int, store: str, out_dir: str) -> None:
     """With sync_codebook=False only rank 0 trains: any collective would wait for rank 1 and time out."""
     with process_group(rank, world, store, out_dir, timeout_s=30):

@@ -47,6 +47,8 @@ def run(case: dict, out: Path) -> None:
     for i, forward in enumerate(case.get("pre_steps", [])):  # earlier calls (micro-batches), no backward
         module(inputs[f"pre{i}"], **forward)
     outputs = module(x, **kwargs, **case.get("forward", {}))
+    if len(outputs) == 2 and isinstance(outputs[0], tuple):  # LFQ's (Return, LossBreakdown)
+        outputs = (*outputs[0], outputs[1])
     quantized, indices = outputs[:2]
     loss = outputs[2] if len(outputs) > 2 else torch.zeros(())  # FSQ returns no loss
     results = {"quantized": quantized.detach(), "loss": loss.detach().reshape(-1)}

@@ -7,10 +7,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from vqdeploy import VectorQuantize
+from vqdeploy import LFQ, VectorQuantize
 
-from dist_worker import padded_rank, train_rank, unsynced_rank
-from tolerances import assert_state_close
+from dist_worker import lfq_rank, padded_rank, train_rank, unsynced_rank
+from tolerances import assert_rounding_close, assert_state_close
 
 WORLD = 2
 BASE = dict(dim=8, codebook_size=16)
@@ -92,3 +92,36 @@ def test_replacement_rows_come_from_ranks_with_real_rows(tmp_path):
     real_rows = states[0]["x"].reshape(-1, 8)
     for code in states[0]["embed"]:
         assert (code == real_rows).all(dim=-1).any(), "a replaced code is not one of rank 0's rows"
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_lfq_entropy_of_two_ranks_equals_one_rank_with_double_batch(tmp_path, compiled):
+    """The batch entropy (and the per-sample one) are of both ranks' kept tokens, which differ in number: each
+    rank's aux loss equals one process's on the whole batch, each rank's input gradient is the world size times
+    that process's (every rank's loss reads the summed distribution) and the ranks' mean parameter gradient, what
+    DDP applies, equals it.  Spherical codes of 2^10 over a cosine-similarity projection."""
+    options = dict(dim=8, codebook_size=2**10, spherical=True, cosine_sim_project_in=True)
+    g = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(4, 10, 8, generator=g), torch.randn(4, 10, 8, generator=g)
+    x[2:] = x[2:] * 3 + 1  # rank 1's tokens differ in distribution
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[3, 4:] = False  # rank 1 keeps fewer tokens than rank 0
+    path = str(tmp_path / "data.safetensors")
+    save_file({"x": x, "grad": grad, "mask": mask}, path)
+    ranks = _spawn(lfq_rank, tmp_path, options, path, compiled)
+
+    torch.manual_seed(0)
+    single = LFQ(**options)
+    x_single = x.clone().requires_grad_()
+    out, breakdown = single(x_single, mask=mask, return_loss_breakdown=True)
+    ((out.quantized * grad).sum() + out.entropy_aux_loss).backward()
+    bound = dict(n=x.numel(), data=x)
+    for rank, result in enumerate(ranks):
+        assert_rounding_close(result["loss"], out.entropy_aux_loss, **bound, msg="aux loss")
+        assert_rounding_close(result["per_sample_entropy"], breakdown.per_sample_entropy, **bound)
+        assert_rounding_close(result["batch_entropy"], breakdown.batch_entropy, **bound)
+        rows = slice(rank * 2, rank * 2 + 2)
+        assert_rounding_close(result["x_grad"] / WORLD, x_single.grad[rows], **bound, msg="input gradient")
+    for name, p in single.named_parameters():
+        mean = sum(result[f"grad.{name}"] for result in ranks) / WORLD
+        assert_rounding_close(mean, p.grad, **bound, msg=f"{name} gradient")

@@ -43,8 +43,11 @@ CLASSES = {
                                                         bound_hard_clamp=True, orthogonal_rotation=True), {}),
     "residual_fsq": (lambda: V.ResidualFSQ(dim=16, levels=[8, 5, 5, 5], num_quantizers=3), {}),
     "grouped_fsq": (lambda: V.GroupedResidualFSQ(dim=16, groups=2, levels=[5, 5, 5], num_quantizers=2), {}),
-    "lfq_codebooks": (lambda: V.LFQ(dim=16, codebook_size=2**6, num_codebooks=2), dict(index_dtype="int32")),
-    "residual_lfq": (lambda: V.ResidualLFQ(dim=16, codebook_size=2**8, num_quantizers=2), {}),
+    "lfq_codebooks_spherical_rotation_cosine": (lambda: V.LFQ(dim=16, codebook_size=2**6, num_codebooks=2,
+                                                              spherical=True, orthogonal_rotation=True,
+                                                              cosine_sim_project_in=True), dict(index_dtype="int32")),
+    "residual_lfq_clamped": (lambda: V.ResidualLFQ(dim=16, codebook_size=2**8, num_quantizers=2,
+                                                   soft_clamp_input_value=10), {}),
     "grouped_lfq": (lambda: V.GroupedResidualLFQ(dim=16, groups=2, codebook_size=2**5, num_quantizers=2), {}),
     "latent_trained": (lambda: _trained_latent(), {}),
     "simvq_mlp_transform": (lambda: V.SimVQ(dim=16, codebook_size=64, frozen_codebook_dim=8, codebook_transform=(

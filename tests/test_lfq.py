@@ -115,6 +115,11 @@ def test_grouped_residual_lfq():
     (lambda: LFQ(dim=8, num_codebooks=2, keep_num_codebooks_dim=False), ValueError, "keep_num_codebooks_dim"),
     (lambda: ResidualLFQ(dim=8, num_quantizers=2, codebook_size=48), ValueError, "power of two"),
     (lambda: GroupedResidualLFQ(dim=9, groups=2, num_quantizers=2, codebook_size=16), ValueError, "divide"),
+    (lambda: LFQ(dim=8, codebook_size=16, has_projections=False), ValueError, "has_projections=False"),
+    (lambda: LFQ(dim=8, channel_first="yes"), TypeError, "channel_first"),
+    (lambda: LFQ(dim=8, codebook_scale=2.0, soft_clamp_input_value=0.9), ValueError, "soft_clamp_input_value"),
+    (lambda: LFQ(dim=8, cosine_sim_project_in=True, cosine_sim_project_in_scale=0.0), ValueError, "project_in_scale"),
+    (lambda: ResidualLFQ(dim=8, num_quantizers=2, codebook_size=16, has_projections=True), ValueError, "projects once"),
 ])
 def test_bad_construction(build, error, match):
     with pytest.raises(error, match=match):
@@ -131,3 +136,64 @@ def test_bad_calls():
         lfq.indices_to_codes(torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="inv_temperature"):
         lfq(torch.randn(2, 5, 8), inv_temperature=0.0)
+
+
+def test_spherical_codes_lie_on_the_sphere_and_decode_as_forward():
+    """BSQ: each codebook's d channels of a code have norm ``codebook_scale``; eval output = decoded indices."""
+    lfq = LFQ(dim=12, codebook_size=2**6, num_codebooks=2, spherical=True, codebook_scale=0.5,
+              orthogonal_rotation=True).eval()
+    quantized, indices, _ = lfq(torch.randn(2, 7, 12))
+    norms = quantized.reshape(2, 7, 2, 6).norm(dim=-1)  # the rotation keeps norms
+    torch.testing.assert_close(norms, torch.full_like(norms, 0.5))
+    torch.testing.assert_close(lfq.indices_to_codes(indices), quantized)
+
+
+def test_channel_first_false_takes_channel_last_feature_maps():
+    """``channel_first=False`` (1.32.0: no transpose) reads (b, h, w, dim), which 1.32.0 itself cannot quantize;
+    ``channel_first=True`` reads (b, dim, n)."""
+    torch.manual_seed(0)
+    auto = LFQ(dim=8, codebook_size=2**4).eval()
+    last = LFQ(dim=8, codebook_size=2**4, channel_first=False).eval()
+    first = LFQ(dim=8, codebook_size=2**4, channel_first=True).eval()
+    for other in (last, first):
+        other.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 8, 3, 5)
+    quantized, indices, _ = auto(x)
+    quantized_last, indices_last, _ = last(x.movedim(1, -1))
+    assert torch.equal(indices_last, indices)
+    torch.testing.assert_close(quantized_last, quantized.movedim(1, -1))
+    torch.testing.assert_close(last.indices_to_codes(indices), quantized.movedim(1, -1))
+    sequence = torch.randn(2, 8, 6)
+    assert torch.equal(first(sequence).indices, auto(sequence.transpose(1, 2)).indices)
+    assert first.indices_to_codes(first(sequence).indices).shape == (2, 8, 6)
+
+
+def test_softplus_entropy_loss_is_positive_and_shifted():
+    torch.manual_seed(0)
+    plain = LFQ(dim=8, codebook_size=2**4)
+    shifted = LFQ(dim=8, codebook_size=2**4, experimental_softplus_entropy_loss=True, entropy_loss_offset=1.5)
+    shifted.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 10, 8)
+    entropy = plain(x).entropy_aux_loss / plain.entropy_loss_weight
+    assert entropy < 0  # confident tokens, varied codes
+    expected = torch.nn.functional.softplus(entropy + 1.5) * shifted.entropy_loss_weight
+    torch.testing.assert_close(shifted(x).entropy_aux_loss, expected)
+
+
+def test_quantization_stays_float32_under_autocast():
+    """``force_quantization_f32``: under bfloat16 autocast the signs come from float32 projections (the
+    indices of a float32 run), and the loss is float32."""
+    torch.manual_seed(0)
+    lfq = LFQ(dim=16, codebook_size=2**8)
+    x = torch.randn(4, 32, 16)
+    indices = lfq(x).indices
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lfq(x)
+    assert torch.equal(out.indices, indices) and out.entropy_aux_loss.dtype == torch.float32
+
+
+def test_residual_lfq_soft_clamp_per_layer_follows_the_defaults():
+    halved = ResidualLFQ(dim=8, num_quantizers=3, codebook_size=16, soft_clamp_input_value=10)
+    same = ResidualLFQ(dim=8, num_quantizers=3, codebook_size=16, soft_clamp_input_value=10, defaults="1.14.17")
+    assert [layer.soft_clamp_input_value for layer in halved.layers] == [10, 5, 2.5]
+    assert [layer.soft_clamp_input_value for layer in same.layers] == [10, 10, 10]

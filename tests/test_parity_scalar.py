@@ -109,6 +109,9 @@ LFQ_CONFIGS = {
     "clamp_scale_agnostic_masked": (vqp.LFQ, LFQ, dict(dim=8, codebook_size=2**8, use_code_agnostic_commit_loss=True,
                                                      soft_clamp_input_value=2.0, codebook_scale=0.5), (2, 30, 8)),
     "residual_masked": (vqp.ResidualLFQ, ResidualLFQ, dict(dim=16, num_quantizers=3, codebook_size=2**6), (2, 30, 16)),
+    # 1.14.17 clamps every layer's input at the same value (the defaults switch; 1.32.0 halves it per layer)
+    "residual_clamped": (vqp.ResidualLFQ, ResidualLFQ, dict(dim=16, num_quantizers=3, codebook_size=2**6,
+                                                            soft_clamp_input_value=1.5), (2, 30, 16)),
     "grouped_masked": (vqp.GroupedResidualLFQ, GroupedResidualLFQ,
                        dict(dim=16, groups=2, num_quantizers=2, codebook_size=2**6), (2, 30, 16)),
 }

@@ -54,6 +54,9 @@ DIFFERING_DEFAULTS: dict[tuple[str, str], dict[str, object]] = {
                              "note": "a level count of 2 has no centre level; 1.32.0 asks for the symmetric bound"},
     ("LFQ", "commitment_loss_weight"): {"1.14.17": 0.25, "1.32.0": 0.0, "changed in": "1.18.2",
                                         "note": "0.25 collapses code usage of small LFQ models"},
+    ("ResidualLFQ", "soft_clamp_input_value of layer i"): {"1.14.17": "v", "1.32.0": "v * 2^-i",
+                                                           "changed in": "1.14.22",
+                                                           "note": "the clamp shrinks with the layers' codes"},
 }
 
 

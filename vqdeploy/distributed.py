@@ -43,6 +43,27 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return _settle(_funcol().all_reduce(t, "sum", dist.group.WORLD))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the ranks' gradients: every rank's loss reads the sum, so each
+    rank's tokens get the gradient of all of them (DDP's average of the per-rank gradients then equals one
+    process's gradient on the whole batch)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(grad.contiguous())
+
+
+def all_reduce_sum_differentiable(t: torch.Tensor) -> torch.Tensor:
+    """``all_reduce_sum`` with a gradient (LFQ's entropies of the whole batch)."""
+    if not is_distributed():
+        return t
+    return _AllReduceSum.apply(t)
+
+
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t

@@ -72,7 +72,6 @@ class FSQ(GridQuantizer):
         self.preserve_symmetry = bool(preserve_symmetry)
         self.noise_dropout = float(noise_dropout)
         self.bound_hard_clamp = bool(bound_hard_clamp)
-        self.orthogonal_rotation = bool(orthogonal_rotation)
         self.levels = levels
         self._init_groups(len(levels), num_codebooks, keep_num_codebooks_dim, dim, projection_has_bias)
         self.scale = scale  # accepted for the reference's signature; it does not use it either
@@ -86,13 +85,10 @@ class FSQ(GridQuantizer):
         self.register_buffer("_basis", basis, persistent=False)
         self.register_buffer("implicit_codebook", self._indices_to_codes(torch.arange(self.codebook_size)),
                              persistent=False)
-        if orthogonal_rotation:  # a persistent random rotation of the channels (arXiv 2307.13304), as 1.32.0
-            if len(set(levels)) > 1:
-                warnings.warn("orthogonal_rotation mixes channels of different level counts (asymmetric levels)",
-                              stacklevel=2)
-            rotation = torch.empty(self.codebook_dim, self.codebook_dim)
-            torch.nn.init.orthogonal_(rotation)
-            self.register_buffer("orthogonal_rot", rotation)
+        if orthogonal_rotation and len(set(levels)) > 1:
+            warnings.warn("orthogonal_rotation mixes channels of different level counts (asymmetric levels)",
+                          stacklevel=2)
+        self._init_rotation(orthogonal_rotation)
 
     # ------------------------------------------------------------------ the grid
 
@@ -142,12 +138,6 @@ class FSQ(GridQuantizer):
             return zhat * (2.0 / (self._levels - 1)) - 1.0
         half_width = self._levels // 2
         return (zhat - half_width) / half_width
-
-    def rotate(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.orthogonal_rot if self.orthogonal_rotation else z
-
-    def rotate_back(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.orthogonal_rot.t() if self.orthogonal_rotation else codes
 
     def codes_to_indices(self, zhat: torch.Tensor) -> torch.Tensor:
         """Grid codes (..., codebook_dim) -> int32 indices (...)."""

@@ -154,7 +154,7 @@ def bit_table(num_bits: int, device=None) -> torch.Tensor:
 
 
 def factorized_code_entropies(bit_logits: torch.Tensor, weights: torch.Tensor | None = None,
-                              clamp: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+                              clamp: float = 1e-5, all_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample and batch entropy of ``softmax`` over all 2^d binary codes, without the N x 2^d table.
 
     bit_logits (N, c, d): code k's logit is sum_j z_j * (2 * bit_j(k) - 1) / 2, so the
@@ -163,25 +163,30 @@ def factorized_code_entropies(bit_logits: torch.Tensor, weights: torch.Tensor | 
       tokens (``weights``) and codebooks;
     - batch entropy: of the token-averaged code distribution, which is
       Q_hi^T diag(w) Q_lo / sum(w) with Q_hi, Q_lo the (N, 2^(d/2)) distributions
-      over the two halves of the bits: one matrix product.  Probabilities are
-      clamped at ``clamp`` inside the log, as the reference does.
+      over the two halves of the bits: one matrix product into a (c, 2^d) table.
+      Probabilities are clamped at ``clamp`` inside the log, as the reference does.
+    ``all_reduce`` (a differentiable sum over ranks) makes both of every rank's tokens: the weighted sums
+    and the total weight are summed before dividing.
     Returns 0-d ``(per_sample_entropy, batch_entropy)`` (nats)."""
     n, _, d = bit_logits.shape
+    reduce = all_reduce or (lambda t: t)
     log_one, log_zero = F.logsigmoid(bit_logits), F.logsigmoid(-bit_logits)
     p_one = log_one.exp()
     per_sample = -(p_one * log_one + (1 - p_one) * log_zero).sum(dim=-1)  # (N, c)
     if weights is None:
         weights = torch.ones(n, device=bit_logits.device, dtype=bit_logits.dtype)
-    token_share = weights / weights.sum().clamp(min=1e-12)
-    per_sample_entropy = (per_sample * token_share.unsqueeze(-1)).sum(dim=0).mean()
+    weights = weights.to(bit_logits.dtype)
+    total = reduce(weights.sum()).clamp(min=1e-12)
+    per_sample_entropy = (reduce((per_sample * weights.unsqueeze(-1)).sum(dim=0)) / total).mean()
 
     def half_distribution(lo: int, hi: int) -> torch.Tensor:  # (N, c, 2^(hi - lo))
         bits = bit_table(hi - lo, bit_logits.device).to(bit_logits.dtype)
         return (log_one[..., lo:hi] @ bits.t() + log_zero[..., lo:hi] @ (1 - bits).t()).exp()
 
-    high = half_distribution(0, d // 2) * token_share[:, None, None]
+    high = half_distribution(0, d // 2) * weights[:, None, None]
     low = half_distribution(d // 2, d)
-    average = torch.einsum("nch,ncl->chl", high, low).flatten(1)  # (c, 2^d), code order high * 2^|low| + low
+    # (c, 2^d), code order high * 2^|low| + low
+    average = reduce(torch.einsum("nch,ncl->chl", high, low).flatten(1)) / total
     batch_entropy = (-average * average.clamp(min=clamp).log()).sum(dim=-1).mean()
     return per_sample_entropy, batch_entropy
 

@@ -1,11 +1,13 @@
-"""ResidualLFQ and GroupedResidualLFQ: the residual loop over LFQ layers, layer i with codebook_scale 2^-i
-(as in vector-quantize-pytorch 1.14.17): each layer's signs refine the previous layer's at half the size."""
+"""ResidualLFQ and GroupedResidualLFQ: the residual loop over LFQ layers, layer i with codebook_scale 2^-i:
+each layer's signs refine the previous layer's at half the size.  A ``soft_clamp_input_value`` v clamps layer i's
+input to v * 2^-i, shrinking with the residual (1.32.0; 1.14.17's defaults clamp every layer to v)."""
 
 from __future__ import annotations
 
 import torch
 
 from .config import records_config
+from .defaults import behaves_as_latest, release_for
 from .grouped import GroupedResidualQuantizer
 from .lfq import LFQ, _codebook_dim
 from .residual import ResidualQuantizer
@@ -19,13 +21,22 @@ class ResidualLFQ(ResidualQuantizer):
 
     def __init__(self, dim: int, num_quantizers: int, codebook_size: int, quantize_dropout: bool = False,
                  quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
-                 accept_image_fmap: bool = False, channel_last: bool = True, **kwargs):
+                 accept_image_fmap: bool = False, channel_last: bool = True,
+                 soft_clamp_input_value: float | None = None, **kwargs):
         _positive_int("num_quantizers", num_quantizers)
         for own in ("dim", "codebook_scale", "codebook_size"):
             if own in kwargs:
                 raise TypeError(f"ResidualLFQ sets {own} of its LFQ layers itself")
+        if kwargs.get("has_projections"):
+            raise ValueError("ResidualLFQ projects once, around all its layers: its LFQ layers take no "
+                             "has_projections=True")
         codebook_dim = _codebook_dim(None, codebook_size)
-        layers = [LFQ(dim=codebook_dim, codebook_scale=2.0 ** -i, **kwargs) for i in range(num_quantizers)]
+        halves = behaves_as_latest(release_for(kwargs.get("defaults")), "ResidualLFQ",
+                                   "soft_clamp_input_value of layer i")
+        layers = [LFQ(dim=codebook_dim, codebook_scale=2.0 ** -i, **kwargs,
+                      soft_clamp_input_value=None if soft_clamp_input_value is None
+                      else soft_clamp_input_value * (2.0 ** -i if halves else 1.0))
+                  for i in range(num_quantizers)]
         if layers[0].num_codebooks != 1:
             raise ValueError("ResidualLFQ layers quantize with one codebook (num_codebooks=1)")
         super().__init__(dim, codebook_dim, layers, quantize_dropout, quantize_dropout_cutoff_index,

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fsq import FSQ
-from ..grid import GridQuantizer
+from ..grid import CosineSimLinear, GridQuantizer
 from ..grouped import GroupedResidualQuantizer
 from ..hierarchical_vq import HierarchicalVQ
 from ..latent_quantize import LatentQuantize
@@ -258,6 +258,10 @@ def _projected(module: nn.Module, z, magnitude):
         if module.bias is not None:
             magnitude = magnitude + module.bias.abs()
         return module(z), magnitude
+    if isinstance(module, CosineSimLinear):  # unit rows onto unit columns: terms relative to |z|, scaled
+        norm = z.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(z.dtype).tiny)
+        columns = F.normalize(module.weight, dim=0).abs()
+        return module(z), (magnitude / norm) @ columns * module.scale
     if not isinstance(module, nn.Linear):
         return z, magnitude
     magnitude = magnitude @ module.weight.abs().t()
@@ -330,10 +334,15 @@ def _fsq_level(fsq: FSQ, z, magnitude, expected, got):
 
 
 def _lfq_sign(lfq: LFQ, z, magnitude, expected, got):
+    """Each channel's sign, after the soft clamp and any rotation (the sphere scales a token's channels
+    together and never flips a sign); the codes returned are the output's (on the sphere, rotated back)."""
     z = lfq.soft_clamp(z)
+    if lfq.orthogonal_rotation:
+        rotation = lfq.orthogonal_rot.to(z.dtype)
+        z, magnitude = z @ rotation, magnitude @ rotation.abs()
     ours, theirs = (lfq.bits_to_codes(lfq.index_bits(i).to(z.dtype)) for i in (expected, got))
     margin = ((z - theirs).abs() - (z - ours).abs()) / 2
-    return _channel_ratio(margin, magnitude, ours != theirs), ours
+    return _channel_ratio(margin, magnitude, ours != theirs), lfq.rotate_back(lfq.to_sphere(ours))
 
 
 def _latent_value(lq: LatentQuantize, z, magnitude, expected, got):
