@@ -1,4 +1,5 @@
-"""Side-by-side timing of vqdeploy and vector-quantize-pytorch 1.14.17, shared by the benchmark scripts.
+"""Side-by-side timing of vqdeploy and vector-quantize-pytorch (1.14.17, and 1.32.0 where a script asks for it),
+shared by the benchmark scripts.
 
 A case is one library, one mode (eval forward or training step) and one execution (eager, or torch.compile:
 vqdeploy with fullgraph=True, the reference without it, since it has graph breaks).  Every case runs in a fresh
@@ -16,10 +17,18 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_1_32 = ROOT / ".reference" / "vqp-1.32.0"  # tests/install-references.sh puts 1.32.0 there
 
 
 def _run_case(builder, params, impl, mode, compiled, shape, device, iters, queue):
+    """``impl``: "reference" (1.14.17, the test environment's), "1.32.0" (imported from REFERENCE_1_32 in this
+    fresh process) or "vqdeploy"."""
     warnings.filterwarnings("ignore")
+    if impl == "1.32.0":
+        sys.path.insert(0, str(REFERENCE_1_32))
     import torch
 
     torch.manual_seed(0)
@@ -82,12 +91,13 @@ def hardware(device: str) -> str:
 
 
 def compare(builder: str, cases: list[dict], shape: tuple[int, ...], device: str, iters: int,
-            label: str) -> list[dict]:
+            label: str, references: tuple[str, ...] = ("reference",)) -> list[dict]:
     """Time every case (``params`` for the builder plus a ``name``; optionally its own ``shape``, ``modes``, and
-    ``skip_reference`` with the reason) in eval/train x eager/compile, for both libraries, print a table of
-    medians, speed-ups and memory ratios, and return the rows."""
+    ``skip_reference`` with the reason) in eval/train x eager/compile, for vqdeploy and each of ``references``
+    ("reference" is 1.14.17, "1.32.0" the newest release), print a table of medians, speed-ups and memory ratios
+    (one line per reference), and return the rows."""
     rows = []
-    header = f"{label:>10} {'mode':>5} {'exec':>8} | {'reference ms':>12} {'vqdeploy ms':>11} {'speed-up':>8} | " \
+    header = f"{label:>10} {'mode':>5} {'exec':>8} {'vs':>9} | {'ref ms':>9} {'vqdeploy ms':>11} {'speed-up':>8} | " \
              f"{'ref peak MB':>11} {'vqd peak MB':>11} {'mem ratio':>9}"
     print(header)
     print("-" * len(header))
@@ -100,24 +110,29 @@ def compare(builder: str, cases: list[dict], shape: tuple[int, ...], device: str
                                           shape=case_shape, device=device, iters=iters)
                            if impl == "vqdeploy" or not case.get("skip_reference") else
                            dict(error=case["skip_reference"])
-                           for impl in ("reference", "vqdeploy")}
-                ref, ours = results["reference"], results["vqdeploy"]
-                rows.append(dict(case=case["name"], mode=mode, compiled=compiled, reference=ref, vqdeploy=ours))
-
-                def fmt(r, key):
-                    return f"{r[key]:.2f}" if key in r else "n/a"
-
-                speedup = f"{ref['ms'] / ours['ms']:.2f}x" if "ms" in ref and "ms" in ours else "n/a"
-                mem = (f"{ref['peak_mb'] / ours['peak_mb']:.2f}x"
-                       if "peak_mb" in ref and "peak_mb" in ours and ours["peak_mb"] > 0 else "n/a")
-                execution = "compile" if compiled else "eager"
-                print(f"{case['name']:>10} {mode:>5} {execution:>8} | {fmt(ref, 'ms'):>12} {fmt(ours, 'ms'):>11} "
-                      f"{speedup:>8} | {fmt(ref, 'peak_mb'):>11} {fmt(ours, 'peak_mb'):>11} {mem:>9}")
+                           for impl in (*references, "vqdeploy")}
+                ours = results["vqdeploy"]
+                rows.append(dict(case=case["name"], mode=mode, compiled=compiled, **results))
+                for impl in references:
+                    _print_line(case["name"], mode, compiled, "1.14.17" if impl == "reference" else impl,
+                                results[impl], ours)
                 for impl, r in results.items():
                     if "error" in r:
                         print(f"    {impl}: {r['error']}")
                 sys.stdout.flush()
     return rows
+
+
+def _print_line(name: str, mode: str, compiled: bool, release: str, ref: dict, ours: dict) -> None:
+    def fmt(r, key):
+        return f"{r[key]:.2f}" if key in r else "n/a"
+
+    speedup = f"{ref['ms'] / ours['ms']:.2f}x" if "ms" in ref and "ms" in ours else "n/a"
+    mem = (f"{ref['peak_mb'] / ours['peak_mb']:.2f}x"
+           if "peak_mb" in ref and "peak_mb" in ours and ours["peak_mb"] > 0 else "n/a")
+    execution = "compile" if compiled else "eager"
+    print(f"{name:>10} {mode:>5} {execution:>8} {release:>9} | {fmt(ref, 'ms'):>9} {fmt(ours, 'ms'):>11} "
+          f"{speedup:>8} | {fmt(ref, 'peak_mb'):>11} {fmt(ours, 'peak_mb'):>11} {mem:>9}")
 
 
 def write_json(path: str | None, device: str, shape, rows, **extra) -> None:

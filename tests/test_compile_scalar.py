@@ -43,6 +43,8 @@ RESIDUAL_FSQ_OPTIONS = {
         dict(return_all_codes=True, rand_quantize_dropout_fixed_seed=3, num_quantizers=2)),
     "grouped_dropout": (GroupedResidualFSQ, dict(dim=8, groups=2, levels=[5, 5], num_quantizers=2,
                                                  quantize_dropout=True), dict(return_all_codes=True)),
+    "soft_clamp_tanh_layers": (ResidualFSQ, dict(dim=8, levels=[8, 5, 5], num_quantizers=2, bound_hard_clamp=False,
+                                                 soft_clamp_input_value=[1.5, 2.0, 2.5]), {}),
 }
 
 

@@ -40,8 +40,9 @@ def _fsq_boundary_inputs(fsq: V.FSQ, tokens: int) -> torch.Tensor:
 
 
 def _residual_fsq_boundary_inputs(rfsq: V.ResidualFSQ, tokens: int, layer: int) -> torch.Tensor:
-    """Inputs whose bounded value at ``layer`` lies on a rounding boundary, found in float64 by moving the
-    first residual so that the layers before keep their codes."""
+    """Inputs whose value at ``layer`` lies on a rounding boundary, found in float64 by moving the first
+    residual so that the layers before keep their codes: 1.14.17's scheme (the input bounded once, tanh-bounded
+    layers) or 1.32.0's (a tanh clamp of the input, symmetric hard-clamped layers)."""
     rfsq64 = copy.deepcopy(rfsq).double()
     x = torch.randn(tokens, rfsq.dim, dtype=torch.float64) * 0.5
     first = residual = rfsq64.start_residual(x)
@@ -49,8 +50,16 @@ def _residual_fsq_boundary_inputs(rfsq: V.ResidualFSQ, tokens: int, layer: int) 
         quantized, _ = rfsq64.layers[i].encode_tokens((residual / rfsq64.layer_scale(i)).unsqueeze(0))
         residual = residual - quantized[0] * rfsq64.layer_scale(i)
     scale, fsq = rfsq64.layer_scale(layer), rfsq64.layers[layer]
-    on_boundary = scale * _inverse_bound(fsq, fsq.bound(residual / scale).floor() + 0.5)
-    moved = _inverse_bound(rfsq64.layers[0], first + on_boundary - residual)
+    if rfsq.bounds_input_once:
+        on_boundary = scale * _inverse_bound(fsq, fsq.bound(residual / scale).floor() + 0.5)
+        moved = _inverse_bound(rfsq64.layers[0], first + on_boundary - residual)
+    else:  # position (levels - 1) * (z + 1) / 2 rounds half up: boundaries at k + 0.5
+        steps = fsq._levels.double() - 1
+        position = steps * ((residual / scale).clamp(-1, 1) + 1) / 2
+        boundary = torch.minimum(position.floor() + 0.5, steps - 0.5)
+        on_boundary = scale * (2 * boundary / steps - 1)
+        clamp = rfsq64.soft_clamp_input_value
+        moved = clamp * torch.atanh((first + on_boundary - residual) / clamp)
     return moved[torch.isfinite(moved).all(dim=-1)].float()
 
 
@@ -69,9 +78,10 @@ def test_fsq_tokens_on_rounding_boundaries_are_near_ties(tmp_path):
     assert "near-tie" in report.table()
 
 
-def test_residual_fsq_boundary_at_depth_4_is_a_near_tie(tmp_path):
+@pytest.mark.parametrize("defaults", ["1.32.0", "1.14.17"])
+def test_residual_fsq_boundary_at_depth_4_is_a_near_tie(tmp_path, defaults):
     torch.manual_seed(0)
-    rfsq = V.ResidualFSQ(dim=4, levels=[8, 5, 5, 5], num_quantizers=4)
+    rfsq = V.ResidualFSQ(dim=4, levels=[8, 5, 5, 5], num_quantizers=4, defaults=defaults)
     assert export(rfsq, tmp_path / "rfsq").report.passed
     inputs = _residual_fsq_boundary_inputs(rfsq, 32768, layer=3)[:4096]
     _assert_near_ties_only(verify(tmp_path / "rfsq", inputs=inputs.reshape(2, -1, 4)))

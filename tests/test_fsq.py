@@ -162,20 +162,48 @@ def _rfsq(**options):
                        **options)
 
 
-def test_residual_fsq_refines_on_finer_grids():
-    rfsq = _rfsq().eval()
+@pytest.mark.parametrize("defaults, base", [("1.32.0", [8.0, 5, 5, 5]), ("1.14.17", [7.0, 4, 4, 4])])
+def test_residual_fsq_refines_on_finer_grids(defaults, base):
+    """Layer i quantizes the residual divided by levels ** -i (1.32.0) or (levels - 1) ** -i (1.14.17), so each
+    layer brings the sum closer to the clamped (or bounded) input."""
+    rfsq = _rfsq(defaults=defaults).eval()
     x = torch.randn(2, 30, 8)
     quantized, indices, all_codes = rfsq(x, return_all_codes=True)
     assert indices.shape == (2, 30, 3) and indices.dtype == torch.int32 and all_codes.shape == (3, 2, 30, 4)
     torch.testing.assert_close(rfsq.get_output_from_indices(indices), quantized, atol=1e-6, rtol=0)
     assert torch.equal(rfsq.encode(x), indices)
     torch.testing.assert_close(rfsq.decode(indices), quantized, atol=1e-6, rtol=0)
-    torch.testing.assert_close(rfsq.scales[2], torch.tensor([7.0, 4, 4, 4]) ** -2)
-    unprojected = _rfsq(dim=4).eval()  # each layer brings the sum closer to the bounded input
+    torch.testing.assert_close(rfsq.scales[2], torch.tensor(base) ** -2)
+    assert all(layer.preserve_symmetry == (defaults == "1.32.0") for layer in rfsq.layers)
+    unprojected = _rfsq(dim=4, defaults=defaults).eval()
     x = torch.randn(2, 30, 4)
-    target, indices = unprojected.layers[0].bound(x), unprojected.encode(x)
+    target, indices = unprojected.start_residual(x), unprojected.encode(x)
     errors = [(target - unprojected.decode(indices[..., :k], num_quantizers=k)).abs().max() for k in (1, 2, 3)]
     assert errors[0] > errors[1] > errors[2]
+
+
+def test_residual_fsq_clamps_and_channel_first():
+    """1.32.0: the input is tanh-clamped at 1 + 1 / (levels - 1) before hard-clamped layers, or at
+    ``soft_clamp_input_value`` with ``bound_hard_clamp=False``; ``is_channel_first`` takes (b, dim, *spatial)
+    and returns indices (b, q, *spatial)."""
+    rfsq = _rfsq(dim=4)
+    torch.testing.assert_close(rfsq.soft_clamp_input_value, 1 + 1 / torch.tensor([7.0, 4, 4, 4]))
+    assert all(layer.bound_hard_clamp for layer in rfsq.layers)
+    soft = _rfsq(dim=4, bound_hard_clamp=False, soft_clamp_input_value=[2.0, 3, 3, 3])
+    assert not any(layer.bound_hard_clamp for layer in soft.layers)
+    assert _rfsq(dim=4, bound_hard_clamp=False).soft_clamp_input_value is None
+    channel_first = _rfsq(is_channel_first=True).eval()
+    image = torch.randn(2, 8, 3, 5)
+    assert channel_first(image).indices.shape == (2, 3, 3, 5)
+    x = torch.randn(2, 8, 15)
+    quantized, indices = channel_first(x)
+    assert quantized.shape == x.shape and indices.shape == (2, 3, 15)
+    last = _rfsq().eval()
+    last.load_state_dict(channel_first.state_dict())
+    quantized_last, indices_last = last(x.movedim(1, -1))
+    assert torch.equal(indices_last, indices.movedim(1, -1))
+    torch.testing.assert_close(quantized_last, quantized.movedim(1, -1))
+    torch.testing.assert_close(channel_first.get_output_from_indices(indices.movedim(1, -1)), quantized_last)
 
 
 def test_residual_fsq_dropout_and_bandwidth():
@@ -223,6 +251,19 @@ def test_grouped_residual_fsq():
         torch.testing.assert_close(rfsq(chunk).quantized, part, atol=0, rtol=0)
     torch.testing.assert_close(grouped.get_output_from_indices(indices), quantized, atol=1e-6, rtol=0)
     assert grouped.codebooks.shape == (2, 3, 1000, 4)
+
+
+def test_residual_fsq_bad_arguments_of_the_1_32_scheme():
+    with pytest.raises(ValueError, match="soft_clamp_input_value needs bound_hard_clamp=False"):
+        _rfsq(soft_clamp_input_value=2.0)
+    with pytest.raises(ValueError, match="one per channel"):
+        _rfsq(bound_hard_clamp=False, soft_clamp_input_value=[2.0, 3.0])
+    with pytest.raises(ValueError, match="> 0"):
+        _rfsq(bound_hard_clamp=False, soft_clamp_input_value=0.0)
+    with pytest.raises(TypeError, match="preserve_symmetry"):
+        _rfsq(preserve_symmetry=False)
+    with pytest.raises(ValueError, match="1.14.17"):
+        _rfsq(bound_hard_clamp=True, defaults="1.14.17")
 
 
 def test_residual_fsq_bad_input():

@@ -15,8 +15,8 @@ import operator
 import pytest
 import torch
 
-from vqdeploy import (FSQ, LFQ, GroupedResidualVQ, HierarchicalVQ, ResidualLFQ, ResidualSimVQ, ResidualVQ, SimVQ,
-                      VectorQuantize)
+from vqdeploy import (FSQ, LFQ, GroupedResidualFSQ, GroupedResidualVQ, HierarchicalVQ, ResidualFSQ, ResidualLFQ,
+                      ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize)
 
 import vqdeploy.residual_vq as residual_vq
 from reference_release import run_cases, split_state
@@ -87,6 +87,13 @@ CASES = {
                                 SHAPE, {}),
     "fsq_symmetric_hard_clamp_no_indices": (FSQ, dict(levels=[8, 5, 5], dim=16, preserve_symmetry=True,
                                                       bound_hard_clamp=True, return_indices=False), SHAPE, {}),
+    # ResidualFSQ's 1.32.0 scheme: symmetric layers scaled levels^-i, a tanh clamp before hard clamps (default)
+    "residual_fsq": (ResidualFSQ, dict(dim=16, levels=[8, 5, 5, 5], num_quantizers=3), SHAPE, {}),
+    "residual_fsq_soft_clamp_channel_first": (ResidualFSQ, dict(dim=16, levels=[5, 4, 5], num_quantizers=2,
+                                                                bound_hard_clamp=False, soft_clamp_input_value=2.0,
+                                                                is_channel_first=True), (2, 16, 24), {}),
+    "grouped_residual_fsq": (GroupedResidualFSQ, dict(dim=16, groups=2, levels=[5, 5, 5], num_quantizers=2), SHAPE,
+                             {}),
     # LFQ's 1.32.0 options, and meshgpt-pytorch's ResidualLFQ (softplus entropy loss, a clamp halved per layer)
     "lfq_spherical": (LFQ, dict(dim=16, codebook_size=256, spherical=True), SHAPE, {}),
     # masked LFQ: 1.32.0's batch entropy is wrong there (see test_lfq_mask_batch_entropy_1_32): entropy weight 0

@@ -52,6 +52,13 @@ DIFFERING_DEFAULTS: dict[tuple[str, str], dict[str, object]] = {
                                                              "dead codes are then replaced from every layer's rows"},
     ("FSQ", "levels of 2"): {"1.14.17": "allowed", "1.32.0": "need preserve_symmetry", "changed in": "1.27.15",
                              "note": "a level count of 2 has no centre level; 1.32.0 asks for the symmetric bound"},
+    ("ResidualFSQ", "bound_hard_clamp"): {"1.14.17": False, "1.32.0": True, "changed in": "1.26.0",
+                                         "note": "a tanh clamp of the input to 1 + 1/(levels - 1), then hard clamps "
+                                                 "(1.14.17 has no such argument)"},
+    ("ResidualFSQ", "layer levels and scales"): {"1.14.17": "input bounded once, layer i scaled (levels - 1)^-i",
+                                                "1.32.0": "symmetric levels, layer i scaled levels^-i",
+                                                "changed in": "1.26.0",
+                                                "note": "every layer has preserve_symmetry"},
     ("LFQ", "commitment_loss_weight"): {"1.14.17": 0.25, "1.32.0": 0.0, "changed in": "1.18.2",
                                         "note": "0.25 collapses code usage of small LFQ models"},
     ("ResidualLFQ", "soft_clamp_input_value of layer i"): {"1.14.17": "v", "1.32.0": "v * 2^-i",

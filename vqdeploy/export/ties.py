@@ -161,8 +161,9 @@ def _residual_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> tor
     if (getattr(rvq, "eval_beam_size", None) or 1) > 1:
         return _beam_ratios(rvq, x, magnitude, expected, got)
     residual, magnitude = _projected(rvq.project_in, x, magnitude)
-    if isinstance(rvq, ResidualFSQ):  # the input is bounded once: |bound(z)| <= h, with z's error times h
+    if isinstance(rvq, ResidualFSQ) and rvq.bounds_input_once:  # |bound(z)| <= h, with z's error times h
         magnitude = rvq.layers[0].bound_scale() * (1 + magnitude)
+    # (1.32.0's soft clamp tanh(z / v) * v moves no value, nor its error, by more than z's own)
     residual = rvq.start_residual(residual)
     ratios = torch.full(x.shape[:1], -torch.inf, dtype=x.dtype)
     decided = torch.zeros(x.shape[:1], dtype=torch.bool)
