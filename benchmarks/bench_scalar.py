@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
 from harness import compare, hardware, write_json  # noqa: E402
 
 
@@ -28,7 +29,22 @@ def build(impl: str, kind: str, **options):
     import vqdeploy
 
     library = vqdeploy if impl == "vqdeploy" else reference  # 1.14.17, or 1.32.0 on the path (harness.py)
-    return getattr(library, kind)(**options)
+    module = getattr(library, kind)(**options)
+    if kind == "LatentQuantize" and impl == "reference":  # 1.14.17 reads (b, n, dim); the others (b, dim, n)
+        return ChannelFirst(module)
+    return module
+
+
+class ChannelFirst(torch.nn.Module):
+    """Feeds 1.14.17's LatentQuantize the (b, dim, n) input the case uses, as (b, n, dim)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
+
+    def forward(self, x: torch.Tensor):
+        quantized, indices, loss = self.inner(x.transpose(1, 2))
+        return quantized.transpose(1, 2), indices, loss
 
 
 def main(argv=None) -> None:
@@ -42,8 +58,6 @@ def main(argv=None) -> None:
                         help="reference (1.14.17) and/or 1.32.0")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
-
-    import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
@@ -61,7 +75,7 @@ def main(argv=None) -> None:
         "bsq16": dict(name="bsq 2^16", kind="LFQ", dim=16, codebook_size=2**16, spherical=True,
                       shape=(batch, args.tokens, 16), only=("1.32.0",)),
         "latent": dict(name="latent", kind="LatentQuantize", levels=[8, 5, 5, 5], dim=256,
-                       shape=(batch, args.tokens, 256)),
+                       shape=(batch, 256, args.tokens)),  # channel-first, as 1.32.0 reads it
     }
     cases = [all_cases[name] for name in args.cases]
     rows = []

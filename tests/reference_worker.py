@@ -34,9 +34,11 @@ def run(case: dict, out: Path) -> None:
 
         residual_vq.directional_reparam = functools.partial(directional_reparam, noise_variance=case["diveq_variance"])
     torch.manual_seed(case["seed"])
+    # JSON gives lists: per-layer codebook sizes must be a tuple, FSQ levels a list (older releases add lists)
     config = {key: module_from_spec(value) if isinstance(value, dict) and "module" in value
-              else tuple(value) if isinstance(value, list) else value for key, value in case["config"].items()}
-    module = getattr(reference, case["class"])(**config)  # JSON gives lists where the reference wants tuples
+              else tuple(value) if isinstance(value, list) and key == "codebook_size" else value
+              for key, value in case["config"].items()}
+    module = getattr(reference, case["class"])(**config)
     module.train(case["train"])
     state = {f"state.{k}": v.detach().clone() for k, v in module.state_dict().items()}
     frozen = copy.deepcopy(module) if case.get("frozen_gradient") else None

@@ -87,8 +87,8 @@ def test_lfq_family_compiles_to_one_graph(name, mode):
 
 LATENT_OPTIONS = {
     "unequal_image_projection": (dict(levels=[5, 4, 8], dim=8), (2, 8, 3, 4)),  # a ParameterList of values
-    "equal_codebooks": (dict(levels=5, dim=4, num_codebooks=2), (2, 12, 4)),
-    "fixed_values": (dict(levels=[7, 3, 4], dim=3, optimize_values=False, commitment_loss_weight=0.0), (2, 12, 3)),
+    "equal_codebooks": (dict(levels=5, dim=4, num_codebooks=2), (2, 4, 12)),
+    "fixed_values": (dict(levels=[7, 3, 4], dim=3, optimize_values=False, commitment_loss_weight=0.0), (2, 3, 12)),
 }
 
 
@@ -108,11 +108,11 @@ def test_latent_quantize_in_place_optimizer_is_eager_only():
         return LatentQuantize([5, 3], dim=4, in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
 
     with pytest.raises(Exception, match="(?i)skip|disable|graph break|unsupported"):
-        torch.compile(build(), fullgraph=True)(torch.randn(2, 12, 4))
+        torch.compile(build(), fullgraph=True)(torch.randn(2, 4, 12))
     torch._dynamo.reset()
     eager, compiled = build(), torch.compile(build())
     for step in range(2):
-        x = torch.randn(2, 12, 4)
+        x = torch.randn(2, 4, 12)
         out_e, out_c = eager(x), compiled(x)
         assert torch.equal(out_e.indices, out_c.indices)
         assert_rounding_close(out_c.quantized, out_e.quantized, steps=step + 1, n=x.numel(), data=x)

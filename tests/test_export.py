@@ -65,7 +65,7 @@ def _trained_latent():
     optimizer = torch.optim.SGD(lq.parameters(), lr=0.5)
     for _ in range(3):
         optimizer.zero_grad()
-        lq(torch.randn(2, 20, 16)).loss.backward()
+        lq(torch.randn(2, 16, 20)).loss.backward()
         optimizer.step()
     return lq
 

@@ -194,7 +194,8 @@ def test_other_indices_are_real_disagreements(name):
     """Indices changed at random (a wrong graph) are real; unchanged ones identical, whatever the family."""
     torch.manual_seed(0)
     quantizer = CLASSIFIER_CASES[name]().eval()
-    x = torch.randn(2, 8, 8, 8) if name == "vq_cosine_image" else torch.randn(2, 16, 64) if name == "hierarchical" \
+    channel_first = name in ("hierarchical", "latent")  # (1.32.0's LatentQuantize reads (b, dim, n))
+    x = torch.randn(2, 8, 8, 8) if name == "vq_cosine_image" else torch.randn(2, 16, 64) if channel_first \
         else torch.randn(2, 64, 16)
     expected = getattr(quantizer, "export_encode", quantizer.encode)(x).long()  # one tensor of indices
     same = compare_indices(quantizer, x, expected, expected.clone())
@@ -228,7 +229,7 @@ def test_the_other_side_of_a_boundary_is_a_near_tie():
 
     lq = V.LatentQuantize(levels=[5, 5], dim=2).eval()
     table = lq.value_table().detach()
-    x = ((table[:, 1] + table[:, 2]) / 2).expand(2, 32, 2).contiguous()
+    x = ((table[:, 1] + table[:, 2]) / 2).expand(2, 32, 2).transpose(1, 2).contiguous()  # (b, dim, n)
     expected = lq.encode(x)
     digits = lq._levels_from_indices(expected)
     other = lq._mixed_radix(torch.where(digits == 1, 2, 1)).long()

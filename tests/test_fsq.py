@@ -264,6 +264,8 @@ def test_residual_fsq_bad_arguments_of_the_1_32_scheme():
         _rfsq(preserve_symmetry=False)
     with pytest.raises(ValueError, match="1.14.17"):
         _rfsq(bound_hard_clamp=True, defaults="1.14.17")
+    with pytest.raises(ValueError, match="before 1.26.0"):
+        _rfsq(bound_input_once=False)
 
 
 def test_residual_fsq_bad_input():

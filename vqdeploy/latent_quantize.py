@@ -3,9 +3,11 @@
 Every latent channel has its own small scalar codebook ("values"), initialised
 to ``levels[i]`` evenly spaced values in [-0.5, 0.5] and learned.  A token is
 quantized channel by channel to the nearest value, and its index is the
-mixed-radix number of the chosen level indices, as in FSQ.  API and checkpoint
-keys follow vector-quantize-pytorch 1.14.17; the gradients follow the paper
-(see the README's deliberate differences):
+mixed-radix number of the chosen level indices, as in FSQ.  The API follows
+vector-quantize-pytorch 1.32.0 (every input channel-first, values always a
+ParameterList, ``codebook_dim``), or 1.14.17 under its defaults; checkpoints of
+either load into either.  The gradients follow the paper (see the README's
+deliberate differences):
 
 - the commitment term pulls the input towards its quantized value;
 - the quantization term pulls the values towards the input, so the values learn
@@ -27,6 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import records_config
+from .defaults import behaves_as_latest, release_for
 from .fsq import check_levels
 from .grid import GridQuantizer
 from .primitives import masked_mse
@@ -78,14 +81,22 @@ class LatentQuantize(GridQuantizer):
                  commitment_loss_weight: float = 0.1, quantization_loss_weight: float = 0.1,
                  num_codebooks: int = 1, keep_num_codebooks_dim: bool | None = None, optimize_values: bool = True,
                  in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 pad: bool = False):
+                 pad: bool = False, codebook_dim: int = -1, defaults: str | None = None):
         super().__init__()
+        self.defaults_release = release = release_for(defaults)
+        if not isinstance(codebook_dim, int) or isinstance(codebook_dim, bool) or not (codebook_dim == -1
+                                                                                       or codebook_dim > 0):
+            raise ValueError(f"codebook_dim must be -1 (the number of levels) or a positive int, got {codebook_dim!r}")
         if isinstance(levels, int) and not isinstance(levels, bool):
-            if dim is None:
-                raise ValueError("levels given as one int needs dim (the reference repeats it dim times)")
-            _positive_int("dim", dim)
-            levels = [levels] * dim
+            if codebook_dim == -1 and dim is None:
+                raise ValueError("levels given as one int needs codebook_dim (1.32.0) or dim (1.14.17 repeats it "
+                                 "dim times)")
+            count = codebook_dim if codebook_dim > 0 else dim
+            _positive_int("codebook_dim" if codebook_dim > 0 else "dim", count)
+            levels = [levels] * count
         levels = check_levels(levels)
+        if codebook_dim > 0 and codebook_dim != len(levels):
+            raise ValueError(f"codebook_dim={codebook_dim} must equal the number of levels ({len(levels)})")
         _number("commitment_loss_weight", commitment_loss_weight, 0.0)
         _number("quantization_loss_weight", quantization_loss_weight, 0.0)
         if in_place_codebook_optimizer is not None and not optimize_values:
@@ -98,7 +109,9 @@ class LatentQuantize(GridQuantizer):
         self.commitment_loss_weight = commitment_loss_weight
         self.quantization_loss_weight = quantization_loss_weight
         self.optimize_values = optimize_values
-        self.pad = pad  # accepted for the reference's signature; it does not use it either
+        self.pad = pad  # accepted for 1.14.17's signature; it does not use it either
+        # 1.32.0 reads every input channel-first: (b, dim, n) sequences too
+        self.channel_first = behaves_as_latest(release, "LatentQuantize", "layout of (b, x, y) input")
 
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
         basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0, dtype=torch.int32)
@@ -106,11 +119,14 @@ class LatentQuantize(GridQuantizer):
         max_level = max(levels)
         self.register_buffer("_level_valid", torch.arange(max_level) < self._levels.unsqueeze(-1), persistent=False)
 
-        # the reference's storage, so its checkpoints load: one (codebook_dim, level) tensor when the
-        # levels are equal, else one tensor per channel; parameters when they train, else buffers
+        # the release's storage: 1.32.0 keeps one tensor per channel (values_per_latent.i); 1.14.17 one
+        # (codebook_dim, level) tensor when the levels are equal.  Parameters when they train; fixed values are
+        # buffers, saved only as 1.14.17 saved them (equal levels).  _adapt_values loads either form.
         self.equal_levels = len(set(levels)) == 1
+        self.values_as_tensor = self.equal_levels and not behaves_as_latest(release, "LatentQuantize",
+                                                                            "values of equal levels")
         values = [initial_values(level) for level in levels]
-        if self.equal_levels:
+        if self.values_as_tensor:
             table = torch.stack(values)
             if optimize_values:
                 self.values_per_latent = nn.Parameter(table)
@@ -120,20 +136,41 @@ class LatentQuantize(GridQuantizer):
             self.values_per_latent = nn.ParameterList([nn.Parameter(v) for v in values])
         else:
             self.values_per_latent = FixedValues(values)
+        self._register_load_state_dict_pre_hook(self._adapt_values)
 
         self.in_place_codebook_optimizer = None
         if in_place_codebook_optimizer is not None:
             self.in_place_codebook_optimizer = in_place_codebook_optimizer(self._value_parameters())
 
+    def _adapt_values(self, state_dict: dict, prefix: str, *args) -> None:
+        """Checkpoints of either storage load: one (codebook_dim, level) tensor is split into per-channel
+        entries, per-channel entries of equal levels are stacked, and fixed values that this module does not
+        save are copied in (or, missing from the checkpoint, kept)."""
+        one, per_channel = prefix + "values_per_latent", [f"{prefix}values_per_latent.{i}"
+                                                           for i in range(self.codebook_dim)]
+        if self.values_as_tensor:
+            if one not in state_dict and all(key in state_dict for key in per_channel):
+                state_dict[one] = torch.stack([state_dict.pop(key) for key in per_channel])
+            if one not in state_dict and not self.optimize_values:
+                state_dict[one] = self.values_per_latent.detach().clone()
+            return
+        if one in state_dict and isinstance(state_dict[one], torch.Tensor) and state_dict[one].ndim == 2:
+            state_dict.update(zip(per_channel, state_dict.pop(one).unbind(0)))
+        if not self.optimize_values:  # FixedValues are not saved: take the checkpoint's, if it has them
+            with torch.no_grad():
+                for key, value in zip(per_channel, self.values_per_latent):
+                    if key in state_dict:
+                        value.copy_(state_dict.pop(key))
+
     def _value_parameters(self) -> list[nn.Parameter]:
-        return [self.values_per_latent] if self.equal_levels else list(self.values_per_latent)
+        return [self.values_per_latent] if self.values_as_tensor else list(self.values_per_latent)
 
     # ------------------------------------------------------------------ values and the grid
 
     def value_table(self) -> torch.Tensor:
         """All channels' values as one (codebook_dim, max level) tensor, zero-padded for unequal levels
         (``_level_valid`` marks the real entries); gradients reach the stored values."""
-        if self.equal_levels:
+        if self.values_as_tensor:
             return self.values_per_latent
         width = self._level_valid.shape[-1]
         return torch.stack([F.pad(v, (0, width - v.shape[0])) for v in self.values_per_latent])
@@ -189,14 +226,14 @@ class LatentQuantize(GridQuantizer):
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Indices -> the codes ``forward`` returns for them (after ``project_out`` unless told otherwise),
-        channel-first for images and video."""
-        return self._decode_indices(indices, project_out)
+        channel-first (1.32.0), or under 1.14.17's defaults only for images and video."""
+        return self._decode_indices(indices, project_out, channel_first=self.channel_first)
 
     # ------------------------------------------------------------------ forward
 
     def forward(self, z: torch.Tensor) -> LatentQuantizeOutput:
-        """z: (b, n, dim) or channel-first images/video (b, dim, *spatial).
-        Returns ``(quantized, indices, loss)``; the loss is 0 in eval."""
+        """z: channel-first (b, dim, n) or images/video (b, dim, *spatial); under 1.14.17's defaults sequences
+        come (b, n, dim).  Returns ``(quantized, indices, loss)``; the loss is 0 in eval."""
         tokens, layout = self._tokens(z)
         rows = self._split_codebooks(tokens)
         if self.in_place_codebook_optimizer is not None and self.training:

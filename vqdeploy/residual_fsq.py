@@ -8,7 +8,8 @@ switch picks the scheme:
   or with ``bound_hard_clamp=False`` clamped at ``soft_clamp_input_value`` (if given) and bounded by each
   layer's tanh; layer i quantizes the residual divided by ``levels ** -i``.
 - 1.14.17: the input is bounded once by the first layer's tanh bound, and layer i quantizes the residual
-  divided by ``(levels - 1) ** -i``.
+  divided by ``(levels - 1) ** -i``; releases 1.18.5 to 1.25 skip that first bound (``bound_input_once=False``,
+  a vqdeploy argument for their checkpoints).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class ResidualFSQ(ResidualQuantizer):
                  quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
                  accept_image_fmap: bool = False, channel_last: bool = True, is_channel_first: bool = False,
                  soft_clamp_input_value: float | Sequence[float] | torch.Tensor | None = None,
-                 bound_hard_clamp: bool | None = None, **kwargs):
+                 bound_hard_clamp: bool | None = None, bound_input_once: bool | None = None, **kwargs):
         levels = check_levels(levels)
         _positive_int("num_quantizers", num_quantizers)
         for own in ("dim", "channel_first"):
@@ -83,6 +84,8 @@ class ResidualFSQ(ResidualQuantizer):
         elif bound_hard_clamp or soft_clamp_input_value is not None:
             raise ValueError("bound_hard_clamp and soft_clamp_input_value belong to 1.32.0's ResidualFSQ scheme; "
                              "under defaults='1.14.17' ResidualFSQ computes as 1.14.17 did")
+        if symmetric_layers and bound_input_once is not None:
+            raise ValueError("bound_input_once belongs to the scheme before 1.26.0 (defaults='1.14.17')")
         layer_dim = len(levels)
         layers = [FSQ(levels=levels, dim=layer_dim, **kwargs) for _ in range(num_quantizers)]
         if layers[0].num_codebooks != 1:
@@ -93,7 +96,8 @@ class ResidualFSQ(ResidualQuantizer):
         self.levels = levels
         self.is_channel_first = bool(is_channel_first)
         self.bound_hard_clamp = bound_hard_clamp
-        self.bounds_input_once = not symmetric_layers
+        # releases 1.18.5 to 1.25 quantize the unbounded input (bound_input_once=False)
+        self.bounds_input_once = not symmetric_layers and bound_input_once is not False
         levels_tensor = torch.tensor(levels, dtype=torch.float32)
         base = levels_tensor if symmetric_layers else levels_tensor - 1
         self.register_buffer("scales", torch.stack([base ** -i for i in range(num_quantizers)]), persistent=False)

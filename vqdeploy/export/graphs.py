@@ -99,7 +99,7 @@ def feature_axis(quantizer: nn.Module, ndim: int) -> int:
     """Which axis of a quantizer's input holds the features (the one axis that is not dynamic)."""
     channel_first = (getattr(quantizer, "accept_image_fmap", False) or not getattr(quantizer, "channel_last", True)
                      or getattr(quantizer, "channel_first", False))
-    image_like = ndim >= 4 and isinstance(quantizer, GridQuantizer)
+    image_like = ndim >= 4 and isinstance(quantizer, GridQuantizer) and quantizer.maps_channel_first
     return 1 if channel_first or image_like else ndim - 1
 
 
