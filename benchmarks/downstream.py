@@ -1,14 +1,16 @@
 """Downstream packages, unedited, side by side on vector-quantize-pytorch 1.32.0 and on vqdeploy.
 
-For audiolm-pytorch 2.4.0's SoundStream and meshgpt-pytorch 1.7.2's MeshAutoencoder (small configurations, see
-tests/downstream_worker.py) this trains the same seeded model N steps with each library, then loads the
+For audiolm-pytorch 2.4.0's SoundStream, meshgpt-pytorch 1.7.2's MeshAutoencoder (with ResidualVQ, and with its
+default ResidualLFQ) and magvit2-pytorch 0.5.1's VideoTokenizer (spherical LFQ, and FSQ) (small configurations,
+see tests/downstream_worker.py) this trains the same seeded model N steps with each library, then loads the
 reference's trained checkpoint into the vqdeploy model and compares held-out tokens, and exports vqdeploy's
 quantizer with onnxruntime verification on the features the model feeds it.  Each run is a subprocess (the two
 libraries share the package name); the table gives losses, held-out reconstruction and time per step, and
 the ratio of vqdeploy's time to the reference's.
 
     bash tests/install-downstream.sh && bash tests/install-references.sh
-    python benchmarks/downstream.py [--soundstream-steps 30] [--meshgpt-steps 300]
+    python benchmarks/downstream.py [--soundstream-steps 30] [--meshgpt-steps 300] [--magvit2-steps 100]
+        [--packages soundstream meshgpt meshgpt_lfq magvit2_bsq magvit2_fsq]
 
 The two runs draw different random numbers (k-means sampling, quantize dropout, stochastic code sampling), so
 their losses follow each other without being equal; the tokens from one checkpoint are compared exactly.
@@ -51,13 +53,20 @@ def _tokens_agree(folder: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--soundstream-steps", type=int, default=30)
-    parser.add_argument("--meshgpt-steps", type=int, default=300)
+    parser.add_argument("--meshgpt-steps", type=int, default=300, help="also meshgpt_lfq's")
+    parser.add_argument("--magvit2-steps", type=int, default=100)
+    parser.add_argument("--packages", nargs="+", default=["soundstream", "meshgpt", "meshgpt_lfq", "magvit2_bsq",
+                                                          "magvit2_fsq"])
     args = parser.parse_args(argv)
+    steps_of = {"soundstream": args.soundstream_steps, "meshgpt": args.meshgpt_steps,
+                "meshgpt_lfq": args.meshgpt_steps, "magvit2_bsq": args.magvit2_steps,
+                "magvit2_fsq": args.magvit2_steps}
     if not (REFERENCE / "vector_quantize_pytorch").is_dir():
         raise SystemExit("vector-quantize-pytorch 1.32.0 is missing: run `bash tests/install-references.sh`")
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for package, steps in (("soundstream", args.soundstream_steps), ("meshgpt", args.meshgpt_steps)):
+        for package in args.packages:
+            steps = steps_of[package]
             folder = Path(work) / package
             reference = run(package, "reference", folder / "reference", "--steps", str(steps))
             ours = run(package, "vqdeploy", folder / "vqdeploy", "--steps", str(steps), "--export")

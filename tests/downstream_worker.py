@@ -3,8 +3,10 @@
     python tests/downstream_worker.py PACKAGE BACKEND OUT [--steps N] [--load STATE] [--export]
 
 PACKAGE: ``soundstream`` (audiolm-pytorch 2.4.0's SoundStream with GroupedResidualVQ, rotation trick, k-means
-init, dead codes, quantize dropout) or ``meshgpt`` (meshgpt-pytorch 1.7.2's MeshAutoencoder with a shared-
-codebook ResidualVQ, rotation trick, stochastic sampling, masks).  BACKEND: ``vqdeploy`` (through
+init, dead codes, quantize dropout), ``meshgpt`` (meshgpt-pytorch 1.7.2's MeshAutoencoder with a shared-
+codebook ResidualVQ, rotation trick, stochastic sampling, masks), ``meshgpt_lfq`` (its default ResidualLFQ:
+softplus entropy loss, a soft clamp of 10 halved per layer, quantize dropout, masks), ``magvit2_bsq`` and
+``magvit2_fsq`` (magvit2-pytorch 0.5.1's VideoTokenizer with spherical LFQ, or with FSQ).  BACKEND: ``vqdeploy`` (through
 ``vqdeploy.substitute``) or ``reference`` (whatever ``vector_quantize_pytorch`` the PYTHONPATH gives: the
 caller puts 1.32.0 first).  The model (seeded) optionally loads STATE (safetensors, strictly), its held-out
 tokens and decoding are written, it trains N steps on synthetic data, and the held-out figures are written again
@@ -12,7 +14,8 @@ with the trained state; ``--export`` exports and verifies its quantizer with the
 
 Only the model's module is imported, not the package's ``__init__`` (which pulls in trainers and text
 encoders).  meshgpt's text conditioning (classifier-free-guidance-pytorch: transformers, open-clip) is only used
-by its MeshTransformer, so a stand-in that refuses to build it replaces that package.
+by its MeshTransformer, and magvit2's torchvision only for its VGG perceptual loss (off here: its weights are a
+download), so stand-ins that refuse to build those replace the two packages.
 """
 
 from __future__ import annotations
@@ -51,6 +54,45 @@ def _without_text_conditioning() -> None:
     conditioning.classifier_free_guidance = lambda function: function
     conditioning.TextEmbeddingReturner = TextEmbeddingReturner
     sys.modules["classifier_free_guidance_pytorch"] = conditioning
+
+
+class VGG16_Weights:  # noqa: N801 (torchvision's name; at module level, as magvit2 pickles its arguments)
+    DEFAULT = None
+
+
+VGG16_Weights.DEFAULT = VGG16_Weights()
+
+
+def _without_torchvision() -> None:
+    """magvit2-pytorch imports torchvision for its VGG16 perceptual loss only; the cases turn that loss off."""
+    torchvision = types.ModuleType("torchvision")
+    models = types.ModuleType("torchvision.models")
+
+    def vgg16(*args, **kwargs):
+        raise RuntimeError("torchvision is not installed here: set perceptual_loss_weight=0")
+
+    models.VGG16_Weights, models.vgg16, torchvision.models = VGG16_Weights, vgg16, models
+    sys.modules.update({"torchvision": torchvision, "torchvision.models": models})
+
+
+def synthetic_video(batch: int, seed: int):
+    """Moving coloured squares: (batch, 3, 5 frames, 16, 16) in [-1, 1]."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    frames, size = 5, 16
+    grid = torch.arange(size, dtype=torch.float32)
+    start = torch.randint(0, size // 2, (batch, 2), generator=generator)
+    speed = torch.randint(-1, 2, (batch, 2), generator=generator)
+    colour = torch.rand(batch, 3, generator=generator) * 2 - 1
+    video = torch.full((batch, 3, frames, size, size), -1.0)
+    for t in range(frames):
+        top, left = (start + speed * t).clamp(0, size - 6).unbind(-1)
+        rows = (grid >= top[:, None]) & (grid < top[:, None] + 6)
+        cols = (grid >= left[:, None]) & (grid < left[:, None] + 6)
+        inside = rows[:, :, None] & cols[:, None, :]
+        video[:, :, t] = torch.where(inside[:, None], colour[:, :, None, None], video[:, :, t])
+    return video + 0.02 * torch.randn(video.shape, generator=generator)
 
 
 def synthetic_audio(batch: int, seconds: float, seed: int):
@@ -155,7 +197,65 @@ class MeshGPTCase:
                  "held-out coordinate error (of 32 bins)": error.item()})
 
 
-CASES = {"soundstream": SoundStreamCase, "meshgpt": MeshGPTCase}
+class MeshGPTLFQCase(MeshGPTCase):
+    """meshgpt-pytorch's default quantizer: ResidualLFQ of 2 layers of 2^6 codes with its rlfq_kwargs (the
+    softplus entropy loss, soft_clamp_input_value=10), commitment weight 1 and quantize dropout."""
+
+    def __init__(self):
+        _without_text_conditioning()
+        self.module = _import_module_only("meshgpt_pytorch", "meshgpt_pytorch")
+        self.model = self.module.MeshAutoencoder(
+            num_discrete_coors=32, dim_coor_embed=16, dim_area_embed=8, dim_normal_embed=16, dim_angle_embed=8,
+            encoder_dims_through_depth=(32, 64), decoder_dims_through_depth=(32, 32), dim_codebook=32,
+            num_quantizers=2, codebook_size=64, attn_encoder_depth=1, attn_decoder_depth=1,
+            local_attn_kwargs=dict(dim_head=16, heads=2), use_linear_attn=False)
+        self.quantizer = self.model.quantizer
+
+
+class Magvit2Case:
+    """magvit2-pytorch's VideoTokenizer (causal 3-d convolutions, a spatial compression): 2^8 codes of spherical
+    LFQ (BSQ, its entropy loss with diversity 2.5, commitment 1, soft clamp 10), or FSQ levels (8, 5, 5, 5); no
+    VGG or GAN losses."""
+
+    quantizer_options: dict = {}
+
+    def __init__(self):
+        _without_torchvision()
+        self.module = _import_module_only("magvit2_pytorch", "magvit2_pytorch")
+        self.model = self.module.VideoTokenizer(
+            image_size=16, init_dim=16, layers=("residual", "compress_space", "residual"), channels=3,
+            perceptual_loss_weight=0.0, use_gan=False, flash_attn=False, **self.quantizer_options)
+        self.quantizer = self.model.quantizers
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def loss(self, step: int):
+        loss, _ = self.model(synthetic_video(2, step), return_loss=True)
+        return loss
+
+    def held_out(self) -> dict:
+        import torch
+
+        video = synthetic_video(2, HELD_OUT_SEED)
+        self.model.eval()
+        with torch.no_grad():
+            tokens = self.model.tokenize(video)
+            decoded = self.model.decode_from_code_indices(tokens)
+        self.model.train()
+        return {"tokens": tokens, "decoded": decoded}, {"held-out reconstruction MSE": (decoded - video).pow(2).mean().item()}
+
+
+class Magvit2BSQCase(Magvit2Case):
+    quantizer_options = dict(codebook_size=2**8, lfq_spherical=True)
+
+
+class Magvit2FSQCase(Magvit2Case):
+    quantizer_options = dict(use_fsq=True, fsq_levels=[8, 5, 5, 5])
+
+
+CASES = {"soundstream": SoundStreamCase, "meshgpt": MeshGPTCase, "meshgpt_lfq": MeshGPTLFQCase,
+         "magvit2_bsq": Magvit2BSQCase, "magvit2_fsq": Magvit2FSQCase}
 
 
 def _quantizer_input(case):

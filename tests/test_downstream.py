@@ -1,4 +1,6 @@
-"""audiolm-pytorch 2.4.0's SoundStream and meshgpt-pytorch 1.7.2's MeshAutoencoder, unedited, on vqdeploy.
+"""Models of packages built on vector-quantize-pytorch, unedited, on vqdeploy: audiolm-pytorch 2.4.0's SoundStream
+(GroupedResidualVQ), meshgpt-pytorch 1.7.2's MeshAutoencoder (ResidualVQ, and its default ResidualLFQ) and
+magvit2-pytorch 0.5.1's VideoTokenizer (spherical LFQ, and FSQ).
 
 Each package's small model is trained two steps with vector-quantize-pytorch 1.32.0 (a subprocess with it first
 on PYTHONPATH); a second subprocess substitutes vqdeploy (``vqdeploy.substitute``), loads that checkpoint
@@ -25,7 +27,7 @@ from reference_release import ROOT, install_line, reference_dir
 WORKER = Path(__file__).with_name("downstream_worker.py")
 
 
-PACKAGES = ("soundstream", "meshgpt")
+PACKAGES = ("soundstream", "meshgpt", "meshgpt_lfq", "magvit2_bsq", "magvit2_fsq")
 
 
 def start_worker(package: str, backend: str, out: Path, *arguments: str) -> subprocess.Popen:

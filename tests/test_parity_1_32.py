@@ -242,3 +242,33 @@ def test_lfq_mask_batch_entropy_1_32(reference):
     0 at diversity_gamma=1.  vqdeploy averages over the kept tokens, as 1.14.17 does (test_parity_scalar.py)."""
     breakdown = [reference["lfq_spherical_commitment_breakdown_masked"][f"breakdown.{i}"] for i in range(2)]
     torch.testing.assert_close(breakdown[1], breakdown[0])
+
+
+SIGNATURES = """
+import inspect, json, vector_quantize_pytorch as reference
+names = {names!r}
+print(json.dumps({{name: [p.name for p in inspect.signature(getattr(reference, name).__init__).parameters.values()
+                         if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+                  for name in names}}))
+"""
+
+
+def test_every_1_32_constructor_argument_is_taken():
+    """Every named constructor argument of 1.32.0's classes is one vqdeploy's class takes (directly, or through
+    the **kwargs it passes to its layers)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from reference_release import reference_dir
+    from vqdeploy.export.bundle import quantizer_classes
+    from vqdeploy.export.consistency import constructor_arguments
+
+    names = sorted(quantizer_classes())
+    env = dict(os.environ, PYTHONPATH=str(reference_dir("1.32.0")))
+    done = subprocess.run([sys.executable, "-c", SIGNATURES.format(names=names)], env=env, capture_output=True,
+                          text=True, check=True)
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    missing = {name: sorted(set(arguments) - constructor_arguments(name)) for name, arguments in theirs.items()}
+    assert not any(missing.values()), missing
