@@ -43,6 +43,8 @@ def _flat(outputs):
     for out in outputs:
         if isinstance(out, (tuple, list)):
             yield from _flat(out)
+        elif isinstance(out, dict):  # FSP's info
+            yield from _flat(out.values())
         else:
             yield out
 

@@ -58,7 +58,9 @@ def run(case: dict, out: Path) -> None:
         results.update({f"indices.{i}": level for i, level in enumerate(indices)})
     elif indices is not None:  # FSQ(return_indices=False) gives none
         results["indices"] = indices
-    if len(outputs) == 4:  # return_loss_breakdown
+    if len(outputs) == 4 and isinstance(outputs[3], dict):  # FSP's info
+        results["info.level_indices"] = outputs[3]["level_indices"]
+    elif len(outputs) == 4:  # return_loss_breakdown
         results.update({f"breakdown.{i}": term.detach().reshape(-1) for i, term in enumerate(outputs[3])})
     if case["train"]:
         ((quantized * inputs["grad"]).sum() + loss.sum()).backward()

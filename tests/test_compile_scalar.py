@@ -5,7 +5,7 @@ that do not exclude each other share a case (see test_compile.py)."""
 import pytest
 import torch
 
-from vqdeploy import FSQ, LFQ, GroupedResidualFSQ, GroupedResidualLFQ, LatentQuantize, ResidualFSQ, ResidualLFQ
+from vqdeploy import FSP, FSQ, LFQ, BinaryMapper, GroupedResidualFSQ, GroupedResidualLFQ, LatentQuantize, ResidualFSQ, ResidualLFQ
 
 from helpers import compare_eager_compiled, twin
 from tolerances import assert_rounding_close
@@ -118,3 +118,21 @@ def test_latent_quantize_in_place_optimizer_is_eager_only():
         assert_rounding_close(out_c.quantized, out_e.quantized, steps=step + 1, n=x.numel(), data=x)
     for a, b in zip(eager.values_per_latent, compiled._orig_mod.values_per_latent):
         assert_rounding_close(b, a, steps=2, n=x.numel(), data=x)
+
+
+NEW_SCALAR_OPTIONS = {  # 1.32.0's FSP and BinaryMapper: their random draws are one uniform draw in the graph
+    "fsp_perturbed_inverse_cdf_channel_first": (
+        lambda: FSP(levels=[8, 5, 5], dim=8, channel_first=True, quantize_rate=0.5, act_name="laplace",
+                    need_inv_act=True, vector_norm="kurt"), (2, 8, 12), {}),
+    "binary_mapper_sampled": (lambda: BinaryMapper(bits=5, kl_loss_threshold=0.2), (2, 12, 5),
+                              dict(return_indices=True, temperature=0.7)),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(NEW_SCALAR_OPTIONS))
+def test_fsp_and_binary_mapper_compile_to_one_graph(name, mode):
+    build, shape, kwargs = NEW_SCALAR_OPTIONS[name]
+    eager = build().train(mode == "train")
+    compiled = torch.compile(twin(eager), fullgraph=True)
+    compare_eager_compiled(eager, compiled, lambda: torch.randn(shape), lambda x: kwargs, steps=2)

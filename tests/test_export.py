@@ -50,6 +50,8 @@ CLASSES = {
                                                    soft_clamp_input_value=10), {}),
     "grouped_lfq": (lambda: V.GroupedResidualLFQ(dim=16, groups=2, codebook_size=2**5, num_quantizers=2), {}),
     "latent_trained": (lambda: _trained_latent(), {}),
+    "fsp_inverse_cdf_channel_first": (lambda: V.FSP(levels=[8, 5, 5], dim=16, channel_first=True, act_name="normal",
+                                                    need_inv_act=True), {}),
     "simvq_mlp_transform": (lambda: V.SimVQ(dim=16, codebook_size=64, frozen_codebook_dim=8, codebook_transform=(
         torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)))), {}),
     "hierarchical_image_levels": (lambda: V.HierarchicalVQ(dim=16, codebook_size=[64, 32, 32], scales=[1, 2, (2, 4)],

@@ -15,7 +15,7 @@ import operator
 import pytest
 import torch
 
-from vqdeploy import (FSQ, LFQ, GroupedResidualFSQ, GroupedResidualVQ, HierarchicalVQ, LatentQuantize, ResidualFSQ,
+from vqdeploy import (FSP, FSQ, LFQ, BinaryMapper, GroupedResidualFSQ, GroupedResidualVQ, HierarchicalVQ, LatentQuantize, ResidualFSQ,
                       ResidualLFQ, ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize)
 
 import vqdeploy.residual_vq as residual_vq
@@ -100,6 +100,14 @@ CASES = {
                                     (2, 6, 24), {}),
     "latent_equal_levels_no_loss": (LatentQuantize, dict(levels=[5, 5, 5], dim=16, commitment_loss_weight=0.0,
                                                          quantization_loss_weight=0.0), (2, 16, 4, 6), {}),
+    # FSP (its training perturbation draws other random numbers: test_fsp.py checks it) and BinaryMapper (bits
+    # thresholded; sampling draws other random numbers: test_binary_mapper.py)
+    "fsp": (FSP, dict(levels=[8, 5, 5, 5], dim=16, quantize_rate=1.0), SHAPE, {}),
+    "fsp_inverse_normal_channel_first_image": (FSP, dict(levels=[8, 5, 5], dim=16, channel_first=True,
+                                                         act_name="normal", need_inv_act=True, quantize_rate=1.0,
+                                                         vector_norm="kurt"), (2, 16, 4, 6), {}),
+    "binary_mapper": (BinaryMapper, dict(bits=6, kl_loss_threshold=0.3), (2, 24, 6),
+                      dict(deterministic=True, return_indices=True)),
     # LFQ's 1.32.0 options, and meshgpt-pytorch's ResidualLFQ (softplus entropy loss, a clamp halved per layer)
     "lfq_spherical": (LFQ, dict(dim=16, codebook_size=256, spherical=True), SHAPE, {}),
     # masked LFQ: 1.32.0's batch entropy is wrong there (see test_lfq_mask_batch_entropy_1_32): entropy weight 0
@@ -134,7 +142,8 @@ CASES = {
 def _inputs(name: str) -> dict:
     shape = CASES[name][2]
     generator = torch.Generator().manual_seed(sum(map(ord, name)))
-    inputs = {"x": torch.randn(shape, generator=generator), "grad": torch.randn(shape, generator=generator)}
+    out_shape = (*shape[:-1], 2 ** CASES[name][1]["bits"]) if CASES[name][0] is BinaryMapper else shape
+    inputs = {"x": torch.randn(shape, generator=generator), "grad": torch.randn(out_shape, generator=generator)}
     if name.endswith("masked"):
         mask = torch.ones(shape[:-1] if CASES[name][0] is HierarchicalVQ else shape[:2], dtype=torch.bool)
         mask[1, 15 % mask.shape[1]:] = False
@@ -191,6 +200,8 @@ def test_training_step_matches_1_32(reference, name, monkeypatch):
             assert_rounding_close(term.reshape(-1), results[f"breakdown.{i}"], **bound, msg=breakdown._fields[i],
                                   rtol=loss_rtol)
 
+    if cls is FSP:
+        assert torch.equal(out.info["level_indices"], results["info.level_indices"])
     if isinstance(indices, tuple):  # one index map per level
         assert all(torch.equal(level, results[f"indices.{i}"]) for i, level in enumerate(indices))
     elif indices is None:

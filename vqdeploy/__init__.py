@@ -4,9 +4,11 @@ Importing the package is cheap: onnx and onnxruntime are only imported by the
 export and runtime modules.
 """
 
+from .binary_mapper import BinaryMapper, BinaryMapperOutput, BinaryMapperOutputWithIndices
 from .codebooks import Codebook, CodebookConfig
 from .defaults import active_defaults, use_defaults
 from .fsq import FSQ, FSQOutput
+from .fsp import FSP, FSPOutput
 from .latent_quantize import LatentQuantize, LatentQuantizeOutput
 from .lfq import LFQ, LFQOutput, LossBreakdown
 from .grouped import GroupedOutput, GroupedOutputWithCodes, GroupedResidualQuantizer
@@ -35,7 +37,8 @@ def load(bundle, max_derived_bytes: int | None = None):
 __all__ = [
     "load", "use_defaults", "active_defaults", "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput",
     "QuantizeOutputWithBreakdown", "VQLossBreakdown", "Codebook", "CodebookConfig",
-    "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput",
+    "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput", "FSP", "FSPOutput",
+    "BinaryMapper", "BinaryMapperOutput", "BinaryMapperOutputWithIndices",
     "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
     "LFQ", "LFQOutput", "LossBreakdown", "LatentQuantize", "LatentQuantizeOutput", "ResidualLFQ", "GroupedResidualLFQ",
     "ResidualQuantizer", "GroupedResidualQuantizer", "SimVQ", "ResidualSimVQ", "Sequential", "HierarchicalVQ",

@@ -43,7 +43,7 @@ def quantizer_classes() -> dict[str, type]:
 
     names = ("VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "ResidualFSQ",
              "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "LatentQuantize", "SimVQ",
-             "ResidualSimVQ", "HierarchicalVQ")
+             "ResidualSimVQ", "HierarchicalVQ", "FSP")
     return {name: getattr(vqdeploy, name) for name in names}
 
 

@@ -103,10 +103,12 @@ def _checked_config(directory: Path, manifest: dict) -> dict:
     if layers > MAX_LAYERS:
         raise BundleError(f"{directory}: config fields 'num_quantizers' x 'groups' make {layers:,} layers; a bundle "
                           f"may hold at most {MAX_LAYERS}")
-    levels, dim = config.get("levels"), config.get("dim")
-    if isinstance(levels, int) and isinstance(dim, int) and dim > MAX_CHANNELS:
-        raise BundleError(f"{directory}: config field 'dim' ({dim:,}) repeats the levels into more than "
-                          f"{MAX_CHANNELS} value tables")
+    levels = config.get("levels")
+    for field in ("dim", "codebook_dim"):  # LatentQuantize repeats int levels codebook_dim (1.32.0) or dim times
+        value = config.get(field)
+        if isinstance(levels, int) and isinstance(value, int) and value > MAX_CHANNELS:
+            raise BundleError(f"{directory}: config field {field!r} ({value:,}) repeats the levels into more than "
+                              f"{MAX_CHANNELS} value tables")
     return config
 
 

@@ -28,6 +28,8 @@ FSQ level, per channel         the bounded value's distance to the         ``h *
                                                                            layer's scale
 LFQ sign, per channel          ``|z|``, the distance to the sign boundary  ``a``
 LatentQuantize value, channel  half the difference of the two distances    ``a + max |value|``
+FSP bin, per channel           the activation's distance (in bins) to the  ``levels / 2 * (1 + a)``: the
+                               midpoint between the two bins' centres      CDFs' slope is at most 1/2
 =============================  ==========================================  ===============================
 
 Dividing by the residual scale ``s`` is how a residual FSQ layer amplifies the error of its input: layer i
@@ -50,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fsp import FSP
 from ..fsq import FSQ
 from ..grid import CosineSimLinear, GridQuantizer
 from ..grouped import GroupedResidualQuantizer
@@ -286,7 +289,7 @@ def _layer(layer: nn.Module, z, magnitude, expected, got):
     else:
         z, magnitude = z.reshape(m, layer.num_codebooks, -1), magnitude.reshape(m, layer.num_codebooks, -1)
         expected, got = expected.reshape(m, -1), got.reshape(m, -1)
-        decide = {FSQ: _fsq_level, LFQ: _lfq_sign, LatentQuantize: _latent_value}[type(layer)]
+        decide = {FSQ: _fsq_level, LFQ: _lfq_sign, LatentQuantize: _latent_value, FSP: _fsp_bin}[type(layer)]
         ratio, codes = decide(layer, z, magnitude, expected, got)
     ratio = torch.where(expected.reshape(m, -1) != got.reshape(m, -1), ratio, -torch.inf).amax(dim=-1)
     return ratio, layer.project_out(codes.flatten(1))
@@ -344,6 +347,17 @@ def _lfq_sign(lfq: LFQ, z, magnitude, expected, got):
     ours, theirs = (lfq.bits_to_codes(lfq.index_bits(i).to(z.dtype)) for i in (expected, got))
     margin = ((z - theirs).abs() - (z - ours).abs()) / 2
     return _channel_ratio(margin, magnitude, ours != theirs), lfq.rotate_back(lfq.to_sphere(ours))
+
+
+def _fsp_bin(fsp: FSP, z, magnitude, expected, got):
+    """Each channel's bin is the floor of its position (``FSP.level_position``: the CDF activation times the
+    levels), i.e. the nearest bin centre k + 1/2."""
+    position = fsp.level_position(z)
+    ours, theirs = fsp.indices_to_level_indices(expected), fsp.indices_to_level_indices(got)
+    margin = ((position - theirs - 0.5).abs() - (position - ours - 0.5).abs()) / 2
+    size = fsp._levels.to(z.dtype) / 2 * (1 + magnitude)
+    codes = fsp.from_unit_interval(fsp.bin_centres(ours.to(z.dtype)), 1e-6)
+    return _channel_ratio(margin, size, ours != theirs), codes
 
 
 def _latent_value(lq: LatentQuantize, z, magnitude, expected, got):
