@@ -5,7 +5,7 @@ that do not exclude each other share a case (see test_compile.py)."""
 import pytest
 import torch
 
-from vqdeploy import FSP, FSQ, LFQ, BinaryMapper, GroupedResidualFSQ, GroupedResidualLFQ, LatentQuantize, ResidualFSQ, ResidualLFQ
+from vqdeploy import FSP, FSQ, LFQ, BinaryMapper, EvoLFQ, GroupedResidualFSQ, GroupedResidualLFQ, LatentQuantize, ResidualFSQ, ResidualLFQ
 
 from helpers import compare_eager_compiled, twin
 from tolerances import assert_rounding_close
@@ -120,18 +120,20 @@ def test_latent_quantize_in_place_optimizer_is_eager_only():
         assert_rounding_close(b, a, steps=2, n=x.numel(), data=x)
 
 
-NEW_SCALAR_OPTIONS = {  # 1.32.0's FSP and BinaryMapper: their random draws are one uniform draw in the graph
+NEW_SCALAR_OPTIONS = {  # 1.32.0's FSP, BinaryMapper (random draws: one uniform draw in the graph), EvoLFQ
     "fsp_perturbed_inverse_cdf_channel_first": (
         lambda: FSP(levels=[8, 5, 5], dim=8, channel_first=True, quantize_rate=0.5, act_name="laplace",
                     need_inv_act=True, vector_norm="kurt"), (2, 8, 12), {}),
     "binary_mapper_sampled": (lambda: BinaryMapper(bits=5, kl_loss_threshold=0.2), (2, 12, 5),
                               dict(return_indices=True, temperature=0.7)),
+    "evo_lfq_autoencoder": (lambda: EvoLFQ(torch.nn.Linear(12, 8), torch.nn.Linear(8, 12), dim=8, codebook_size=16,
+                                           num_codebooks=2, spherical=True), (2, 6, 12), {}),
 }
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", list(NEW_SCALAR_OPTIONS))
-def test_fsp_and_binary_mapper_compile_to_one_graph(name, mode):
+def test_fsp_binary_mapper_and_evo_lfq_compile_to_one_graph(name, mode):
     build, shape, kwargs = NEW_SCALAR_OPTIONS[name]
     eager = build().train(mode == "train")
     compiled = torch.compile(twin(eager), fullgraph=True)

@@ -15,7 +15,7 @@ import operator
 import pytest
 import torch
 
-from vqdeploy import (FSP, FSQ, LFQ, BinaryMapper, GroupedResidualFSQ, GroupedResidualVQ, HierarchicalVQ, LatentQuantize, ResidualFSQ,
+from vqdeploy import (FSP, FSQ, LFQ, BinaryMapper, EvoLFQ, GroupedResidualFSQ, GroupedResidualVQ, HierarchicalVQ, LatentQuantize, ResidualFSQ,
                       ResidualLFQ, ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize)
 
 import vqdeploy.residual_vq as residual_vq
@@ -108,6 +108,8 @@ CASES = {
                                                          vector_norm="kurt"), (2, 16, 4, 6), {}),
     "binary_mapper": (BinaryMapper, dict(bits=6, kl_loss_threshold=0.3), (2, 24, 6),
                       dict(deterministic=True, return_indices=True)),
+    "evo_lfq": (EvoLFQ, dict(encoder={"module": "Linear", "args": [16, 8]}, decoder={"module": "Linear", "args": [8, 16]},
+                             dim=8, codebook_size=16, num_codebooks=2, spherical=True), SHAPE, {}),
     # LFQ's 1.32.0 options, and meshgpt-pytorch's ResidualLFQ (softplus entropy loss, a clamp halved per layer)
     "lfq_spherical": (LFQ, dict(dim=16, codebook_size=256, spherical=True), SHAPE, {}),
     # masked LFQ: 1.32.0's batch entropy is wrong there (see test_lfq_mask_batch_entropy_1_32): entropy weight 0
@@ -192,7 +194,7 @@ def test_training_step_matches_1_32(reference, name, monkeypatch):
     loss = out[2] if len(out) > 2 else torch.zeros(())  # FSQ returns no loss
     bound = dict(n=x.numel() * (1 + len(PRE_STEPS.get(name, []))), data=x.detach())  # accumulated batches sum too
     # LFQ: the reference clamps probabilities inside its per-sample entropy, vqdeploy's is exact (tolerances.py)
-    loss_rtol = LFQ_ENTROPY_RTOL if cls in (LFQ, ResidualLFQ) else 0.0
+    loss_rtol = LFQ_ENTROPY_RTOL if cls in (LFQ, ResidualLFQ, EvoLFQ) else 0.0
     if forward.get("return_loss_breakdown"):
         for i, term in enumerate(breakdown):
             if cls is LFQ and "masked" in name and breakdown._fields[i] == "batch_entropy":
@@ -276,10 +278,20 @@ def test_every_1_32_constructor_argument_is_taken():
     from vqdeploy.export.bundle import quantizer_classes
     from vqdeploy.export.consistency import constructor_arguments
 
-    names = sorted(quantizer_classes())
+    import inspect
+
+    import vqdeploy
+
+    def ours(name: str) -> set[str]:
+        if name in quantizer_classes():
+            return constructor_arguments(name)
+        taken = set(inspect.signature(getattr(vqdeploy, name).__init__).parameters)
+        return taken | (constructor_arguments("LFQ") if name == "EvoLFQ" else set())  # its **lfq_kwargs
+
+    names = sorted(quantizer_classes()) + ["BinaryMapper", "EvoLFQ"]
     env = dict(os.environ, PYTHONPATH=str(reference_dir("1.32.0")))
     done = subprocess.run([sys.executable, "-c", SIGNATURES.format(names=names)], env=env, capture_output=True,
                           text=True, check=True)
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
-    missing = {name: sorted(set(arguments) - constructor_arguments(name)) for name, arguments in theirs.items()}
+    missing = {name: sorted(set(arguments) - ours(name)) for name, arguments in theirs.items()}
     assert not any(missing.values()), missing

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from reference_release import ROOT
 
 PROGRAM = textwrap.dedent("""
@@ -28,10 +30,10 @@ PROGRAM = textwrap.dedent("""
     lfq = LFQ(dim=4, codebook_size=16)
     print("arguments", sys.argv[1:])
     print("rotation_trick", vq.rotation_trick, "lfq commitment", lfq.commitment_loss_weight)
-    try:
-        from vector_quantize_pytorch import EvoLFQ
-    except ImportError as error:
-        print(error)
+    from vector_quantize_pytorch import EvoLFQ, FSP, BinaryMapper, SimVQ, HierarchicalVQ
+    from vector_quantize_pytorch.utils import Sequential
+    assert (EvoLFQ, FSP, BinaryMapper) == (vqdeploy.EvoLFQ, vqdeploy.FSP, vqdeploy.BinaryMapper)
+    assert (SimVQ, HierarchicalVQ, Sequential) == (vqdeploy.SimVQ, vqdeploy.HierarchicalVQ, vqdeploy.Sequential)
     import vqdeploy.substitute
     assert vqdeploy.substitute.is_substituted() and vqdeploy.substitute.substitute() is vqp
 """)
@@ -50,7 +52,18 @@ def test_a_script_runs_on_vqdeploy_with_todays_defaults(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "arguments ['--epochs', '3']" in done.stdout
     assert "rotation_trick True lfq commitment 0.0" in done.stdout
-    assert "vqdeploy does not provide vector_quantize_pytorch.EvoLFQ yet" in done.stdout
+
+
+def test_a_name_vqdeploy_lacks_raises_an_import_error_that_says_so():
+    """Every 1.32.0 name is provided; a later release's name missing from vqdeploy reads as an ImportError."""
+    from vqdeploy.substitute import NotProvided, _module
+
+    module = _module("vector_quantize_pytorch.future", ("Present", "Missing"), {"Present": int})
+    assert module.Present is int
+    with pytest.raises(NotProvided, match="does not provide vector_quantize_pytorch.future.Missing yet"):
+        module.Missing  # noqa: B018
+    with pytest.raises(AttributeError):
+        module.Unknown  # noqa: B018
 
 
 def test_a_module_runs_with_1_14_17_defaults(tmp_path):

@@ -10,6 +10,7 @@ from .defaults import active_defaults, use_defaults
 from .fsq import FSQ, FSQOutput
 from .fsp import FSP, FSPOutput
 from .latent_quantize import LatentQuantize, LatentQuantizeOutput
+from .evo_lfq import EvoLFQ, EvoLFQOutput, EvolutionResult
 from .lfq import LFQ, LFQOutput, LossBreakdown
 from .grouped import GroupedOutput, GroupedOutputWithCodes, GroupedResidualQuantizer
 from .random_projection import RandomProjectionQuantizer
@@ -41,6 +42,7 @@ __all__ = [
     "BinaryMapper", "BinaryMapperOutput", "BinaryMapperOutputWithIndices",
     "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
     "LFQ", "LFQOutput", "LossBreakdown", "LatentQuantize", "LatentQuantizeOutput", "ResidualLFQ", "GroupedResidualLFQ",
+    "EvoLFQ", "EvoLFQOutput", "EvolutionResult",
     "ResidualQuantizer", "GroupedResidualQuantizer", "SimVQ", "ResidualSimVQ", "Sequential", "HierarchicalVQ",
     "ResidualOutput", "ResidualOutputWithCodes", "GroupedOutput", "GroupedOutputWithCodes",
 ]
