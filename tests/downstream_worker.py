@@ -161,14 +161,16 @@ class MeshGPTCase:
     """meshgpt-pytorch's MeshAutoencoder with its ResidualVQ path: shared codebook of 64 codes, 2 layers,
     rotation trick, stochastic sampling, k-means init, dead codes at 2, quantize dropout, masked pad vertex."""
 
+    use_residual_lfq = False
+
     def __init__(self):
         _without_text_conditioning()
         self.module = _import_module_only("meshgpt_pytorch", "meshgpt_pytorch")
         self.model = self.module.MeshAutoencoder(
             num_discrete_coors=32, dim_coor_embed=16, dim_area_embed=8, dim_normal_embed=16, dim_angle_embed=8,
             encoder_dims_through_depth=(32, 64), decoder_dims_through_depth=(32, 32), dim_codebook=32,
-            num_quantizers=2, codebook_size=64, use_residual_lfq=False, attn_encoder_depth=1, attn_decoder_depth=1,
-            local_attn_kwargs=dict(dim_head=16, heads=2), use_linear_attn=False)
+            num_quantizers=2, codebook_size=64, use_residual_lfq=self.use_residual_lfq, attn_encoder_depth=1,
+            attn_decoder_depth=1, local_attn_kwargs=dict(dim_head=16, heads=2), use_linear_attn=False)
         self.quantizer = self.model.quantizer
 
     def parameters(self):
@@ -201,15 +203,7 @@ class MeshGPTLFQCase(MeshGPTCase):
     """meshgpt-pytorch's default quantizer: ResidualLFQ of 2 layers of 2^6 codes with its rlfq_kwargs (the
     softplus entropy loss, soft_clamp_input_value=10), commitment weight 1 and quantize dropout."""
 
-    def __init__(self):
-        _without_text_conditioning()
-        self.module = _import_module_only("meshgpt_pytorch", "meshgpt_pytorch")
-        self.model = self.module.MeshAutoencoder(
-            num_discrete_coors=32, dim_coor_embed=16, dim_area_embed=8, dim_normal_embed=16, dim_angle_embed=8,
-            encoder_dims_through_depth=(32, 64), decoder_dims_through_depth=(32, 32), dim_codebook=32,
-            num_quantizers=2, codebook_size=64, attn_encoder_depth=1, attn_decoder_depth=1,
-            local_attn_kwargs=dict(dim_head=16, heads=2), use_linear_attn=False)
-        self.quantizer = self.model.quantizer
+    use_residual_lfq = True  # meshgpt's default
 
 
 class Magvit2Case:
