@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--cases", nargs="+", default=["fsq", "rfsq", "lfq16", "lfq18", "bsq16", "latent"])
-    parser.add_argument("--references", nargs="+", default=["reference", "1.32.0"],
+    parser.add_argument("--references", nargs="*", default=["reference", "1.32.0"],
                         help="reference (1.14.17) and/or 1.32.0")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
