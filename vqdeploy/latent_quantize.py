@@ -235,7 +235,8 @@ class LatentQuantize(GridQuantizer):
         """z: channel-first (b, dim, n) or images/video (b, dim, *spatial); under 1.14.17's defaults sequences
         come (b, n, dim).  Returns ``(quantized, indices, loss)``; the loss is 0 in eval."""
         tokens, layout = self._tokens(z)
-        tokens = tokens.contiguous()  # channel-first input: one copy, then the loss's passes run on rows in order
+        if self.training:  # channel-first input: one copy, then the loss's passes read rows in order
+            tokens = tokens.contiguous()
         rows = self._split_codebooks(tokens)
         if self.in_place_codebook_optimizer is not None and self.training:
             self._in_place_values_step(rows)
