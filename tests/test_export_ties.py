@@ -231,8 +231,8 @@ def test_the_other_side_of_a_boundary_is_a_near_tie():
     table = lq.value_table().detach()
     x = ((table[:, 1] + table[:, 2]) / 2).expand(2, 32, 2).transpose(1, 2).contiguous()  # (b, dim, n)
     expected = lq.encode(x)
-    digits = lq._levels_from_indices(expected)
-    other = lq._mixed_radix(torch.where(digits == 1, 2, 1)).long()
+    digits = lq.indices_to_level_indices(expected)
+    other = lq.level_indices_to_indices(torch.where(digits == 1, 2, 1)).long()
     assert compare_indices(lq, x, expected, other).near_ties == 64
 
 

@@ -20,7 +20,6 @@ from torch import nn
 from .config import records_config
 from .fsq import check_levels
 from .grid import GridQuantizer
-from .layout import check_indices_dtype
 from .primitives import draw_uniform
 from .vector_quantize import _number
 
@@ -104,9 +103,7 @@ class FSP(GridQuantizer):
         self.quantize_rate = float(quantize_rate)
         self.need_inv_act = bool(need_inv_act)
         self.vector_norm = VectorNorm(**VECTOR_NORM_PRESETS[vector_norm])
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
-        basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0, dtype=torch.int32)
-        self.register_buffer("_basis", basis, persistent=False)
+        self._init_levels(levels)
         # every channel's decoded bin centres (codebook_dim, max level), so that decoding is a lookup (the inverse
         # CDFs need not be in an exported graph; erfinv has no ONNX op)
         width = max(levels)
@@ -126,8 +123,10 @@ class FSP(GridQuantizer):
 
     def level_position(self, z: torch.Tensor, eps: float | None = None) -> torch.Tensor:
         """Where the activation of z (..., codebook_dim) falls on each channel's bins: bin = floor(position)."""
-        eps = torch.finfo(z.dtype).eps if eps is None else eps
-        return self.act_func(z).clamp_max(1.0 - eps) * self._levels
+        return self._bin_position(self.act_func(z), torch.finfo(z.dtype).eps if eps is None else eps)
+
+    def _bin_position(self, act: torch.Tensor, eps: float) -> torch.Tensor:
+        return act.clamp_max(1.0 - eps) * self._levels
 
     def bin_centres(self, level_indices: torch.Tensor) -> torch.Tensor:
         return (level_indices + 0.5) / self._levels
@@ -138,12 +137,6 @@ class FSP(GridQuantizer):
         if self.need_inv_act:
             return self.inv_act_func(act.clamp(eps, 1.0 - eps))
         return (act - 0.5) / UNIT_VARIANCE
-
-    def level_indices_to_indices(self, level_indices: torch.Tensor) -> torch.Tensor:
-        return (level_indices * self._basis).sum(dim=-1).to(torch.int32)
-
-    def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return (indices.unsqueeze(-1) // self._basis) % self._levels
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices -> features before ``project_out``: each channel's decoded bin centre (1.32.0's
@@ -186,7 +179,7 @@ class FSP(GridQuantizer):
         z = self.project_in(rows)
         norm_loss, norm_info = self.vector_norm(z)
         act = self.act_func(z)
-        level_indices = (act.clamp_max(1.0 - eps) * self._levels).floor().detach()
+        level_indices = self._bin_position(act, eps).floor().detach()
         centres = self.bin_centres(level_indices)
         q_act = act + (centres - act).detach()  # straight through
         info = {}
@@ -222,5 +215,4 @@ class FSP(GridQuantizer):
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """``indices_to_codes`` (the export decoder)."""
-        check_indices_dtype(indices)
         return self.indices_to_codes(indices)

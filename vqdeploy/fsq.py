@@ -79,10 +79,7 @@ class FSQ(GridQuantizer):
         self.channel_first = channel_first
         self.codebook_size = math.prod(levels)
 
-        # non-persistent, as in the reference: checkpoints hold only the projections
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
-        basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0, dtype=torch.int32)
-        self.register_buffer("_basis", basis, persistent=False)
+        self._init_levels(levels)
         self.register_buffer("implicit_codebook", self._indices_to_codes(torch.arange(self.codebook_size)),
                              persistent=False)
         if orthogonal_rotation and len(set(levels)) > 1:
@@ -144,10 +141,6 @@ class FSQ(GridQuantizer):
         if zhat.shape[-1] != self.codebook_dim:
             raise ValueError(f"codes must end with {self.codebook_dim} channels, got shape {tuple(zhat.shape)}")
         return (self._scale_and_shift(zhat) * self._basis).sum(dim=-1).round().to(torch.int32)
-
-    def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices (...) -> each channel's level index (..., codebook_dim)."""
-        return (indices.unsqueeze(-1) // self._basis) % self._levels
 
     def _indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         return self._scale_and_shift_inverse(self.indices_to_level_indices(indices))

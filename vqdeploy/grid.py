@@ -63,6 +63,21 @@ class GridQuantizer(nn.Module):
         self.project_out = nn.Linear(self.effective_codebook_dim, self.dim, bias=projection_has_bias) \
             if self.has_projections else nn.Identity()
 
+    def _init_levels(self, levels: list[int]) -> None:
+        """Per-channel level counts and the mixed-radix basis that numbers a code (non-persistent, as in the
+        reference: checkpoints hold only the projections)."""
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
+        basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0, dtype=torch.int32)
+        self.register_buffer("_basis", basis, persistent=False)
+
+    def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (...) -> each channel's level index (..., codebook_dim)."""
+        return (indices.unsqueeze(-1) // self._basis) % self._levels
+
+    def level_indices_to_indices(self, level_indices: torch.Tensor) -> torch.Tensor:
+        """Level indices (..., codebook_dim) -> int32 indices (...), the mixed-radix number."""
+        return (level_indices * self._basis).sum(dim=-1).to(torch.int32)
+
     def _init_rotation(self, enabled: bool) -> None:
         """A persistent random orthogonal rotation of each group's channels (arXiv 2307.13304), as 1.32.0."""
         self.orthogonal_rotation = bool(enabled)

@@ -113,9 +113,7 @@ class LatentQuantize(GridQuantizer):
         # 1.32.0 reads every input channel-first: (b, dim, n) sequences too
         self.channel_first = behaves_as_latest(release, "LatentQuantize", "layout of (b, x, y) input")
 
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
-        basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0, dtype=torch.int32)
-        self.register_buffer("_basis", basis, persistent=False)
+        self._init_levels(levels)
         max_level = max(levels)
         self.register_buffer("_level_valid", torch.arange(max_level) < self._levels.unsqueeze(-1), persistent=False)
 
@@ -200,29 +198,23 @@ class LatentQuantize(GridQuantizer):
         """Codes (..., codebook_dim) -> int32 indices of the nearest grid point of the current values."""
         if zhat.shape[-1] != self.codebook_dim:
             raise ValueError(f"codes must end with {self.codebook_dim} channels, got shape {tuple(zhat.shape)}")
-        return self._mixed_radix(self.level_indices(zhat))
-
-    def _mixed_radix(self, level_indices: torch.Tensor) -> torch.Tensor:
-        return (level_indices * self._basis).sum(dim=-1).to(torch.int32)
+        return self.level_indices_to_indices(self.level_indices(zhat))
 
     def _indices_from_levels(self, level_indices: torch.Tensor) -> torch.Tensor:
         """Level indices (b, n, c, codebook_dim) -> int32 indices (b, n, c), or (b, n) unless c is kept."""
-        indices = self._mixed_radix(level_indices)
+        indices = self.level_indices_to_indices(level_indices)
         return indices if self.keep_num_codebooks_dim else indices[..., 0]
-
-    def _levels_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return (indices.unsqueeze(-1) // self._basis) % self._levels
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes (..., num_codebooks * codebook_dim) for indices, before ``project_out``."""
-        codes = self.level_values(self._levels_from_indices(indices))
+        codes = self.level_values(self.indices_to_level_indices(indices))
         return rearrange(codes, "... c d -> ... (c d)") if self.keep_num_codebooks_dim else codes
 
     @property
     def implicit_codebook(self) -> torch.Tensor:
         """Every code of one codebook (codebook_size, codebook_dim), from the current values."""
         indices = torch.arange(self.codebook_size, device=self._levels.device)
-        return self.level_values(self._levels_from_indices(indices)).detach()
+        return self.level_values(self.indices_to_level_indices(indices)).detach()
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Indices -> the codes ``forward`` returns for them (after ``project_out`` unless told otherwise),

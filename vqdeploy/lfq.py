@@ -30,7 +30,7 @@ from .config import records_config
 from .defaults import default_for, release_for
 from .distributed import all_reduce_sum_differentiable
 from .grid import GridQuantizer
-from .primitives import bit_table, factorized_code_entropies, l2norm
+from .primitives import bit_table, factorized_code_entropies, l2norm, soft_clamp
 from .vector_quantize import QuantizeOutput, _number, _positive_int
 
 
@@ -209,9 +209,7 @@ class LFQ(GridQuantizer):
 
     def soft_clamp(self, x: torch.Tensor) -> torch.Tensor:
         """``tanh(x / v) * v`` with v = ``soft_clamp_input_value``, when set."""
-        if self.soft_clamp_input_value is None:
-            return x
-        return (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
+        return x if self.soft_clamp_input_value is None else soft_clamp(x, self.soft_clamp_input_value)
 
     def _indices(self, quantized: torch.Tensor) -> torch.Tensor:
         indices = ((quantized > 0).long() * self.mask).sum(dim=-1)

@@ -21,6 +21,11 @@ def l2norm(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return F.normalize(t, p=2, dim=dim)
 
 
+def soft_clamp(x: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
+    """``tanh(x / value) * value``: x squashed into (-value, value), about the identity near 0."""
+    return (x / value).tanh() * value
+
+
 def rotate_to(x: torch.Tensor, codes: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The rotation trick (Fifty et al. 2024, arXiv 2410.06424, section 4.2): ``codes`` in the forward pass, while
     the gradient reaches ``x`` through the rotation and rescaling that carries x onto its code (held constant),

@@ -22,6 +22,7 @@ from .config import records_config
 from .defaults import behaves_as_latest, default_for, release_for
 from .fsq import FSQ, check_levels
 from .grouped import GroupedResidualQuantizer
+from .primitives import soft_clamp
 from .residual import ResidualQuantizer
 from .vector_quantize import _positive_int
 
@@ -95,7 +96,6 @@ class ResidualFSQ(ResidualQuantizer):
                          channel_last and not is_channel_first)
         self.levels = levels
         self.is_channel_first = bool(is_channel_first)
-        self.bound_hard_clamp = bound_hard_clamp
         # releases 1.18.5 to 1.25 quantize the unbounded input (bound_input_once=False)
         self.bounds_input_once = not symmetric_layers and bound_input_once is not False
         levels_tensor = torch.tensor(levels, dtype=torch.float32)
@@ -111,8 +111,7 @@ class ResidualFSQ(ResidualQuantizer):
             return self.layers[0].bound(x)
         if self.soft_clamp_input_value is None:
             return x
-        clamp = self.soft_clamp_input_value.to(x.dtype)
-        return (x / clamp).tanh() * clamp
+        return soft_clamp(x, self.soft_clamp_input_value.to(x.dtype))
 
     def layer_scale(self, index: int) -> torch.Tensor:
         return self.scales[index]

@@ -362,7 +362,7 @@ def _fsp_bin(fsp: FSP, z, magnitude, expected, got):
 
 def _latent_value(lq: LatentQuantize, z, magnitude, expected, got):
     table = lq.value_table()
-    ours, theirs = lq._levels_from_indices(expected), lq._levels_from_indices(got)
+    ours, theirs = lq.indices_to_level_indices(expected), lq.indices_to_level_indices(got)
     values, other = lq.level_values(ours, table), lq.level_values(theirs, table)
     margin = ((z - other).abs() - (z - values).abs()) / 2
     size = magnitude + table.abs().amax(dim=-1)
