@@ -18,11 +18,12 @@ import torch
 from ..config import config_from_json
 
 FORMAT = "vqdeploy-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional code frequencies and audio entry (a bundle without them is written as 1)
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 WEIGHTS_FILE = "weights.safetensors"
+FREQUENCIES_FILE = "code_frequencies.safetensors"  # per-layer code counts for entropy-coded streams (optional)
 
 
 class BundleError(ValueError):
@@ -103,8 +104,32 @@ def _check_fields(path: Path, manifest: dict) -> None:
             if not isinstance(entry, dict) or any(key not in entry for key in GRAPH_KEYS) or entry["file"] != file:
                 raise BundleError(f"{path}: the {graph} entry must name {file} and hold {', '.join(GRAPH_KEYS)}")
     expected = {ENCODER_FILE, WEIGHTS_FILE} | ({DECODER_FILE} if "decoder" in manifest else set())
-    if set(manifest["files"]) != expected or not all(isinstance(v, str) for v in manifest["files"].values()):
-        raise BundleError(f"{path}: 'files' must hash exactly {sorted(expected)}, got {sorted(manifest['files'])}")
+    listed = set(manifest["files"]) - {FREQUENCIES_FILE}
+    if listed != expected or not all(isinstance(v, str) for v in manifest["files"].values()):
+        raise BundleError(f"{path}: 'files' must hash exactly {sorted(expected)} (and optionally "
+                          f"{FREQUENCIES_FILE}), got {sorted(manifest['files'])}")
+    if "audio" in manifest:
+        _check_audio(path, manifest["audio"])
+
+
+MAX_CONTEXT_TOKENS = 1 << 20
+
+
+def _check_audio(path: Path, audio) -> None:
+    """The audio entry a codec runtime reads: positive sizes, contexts of two bounded counts or null."""
+    def positive(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    def context(value):
+        return value is None or (isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CONTEXT_TOKENS for v in value))
+
+    fine = isinstance(audio, dict) and all(positive(audio.get(k)) for k in ("sample_rate", "channels", "hop")) \
+        and isinstance(audio.get("frame_rate"), (int, float)) and context(audio.get("encoder_context")) \
+        and context(audio.get("decoder_context", None))
+    if not fine:
+        raise BundleError(f"{path}: the 'audio' entry must hold positive ints sample_rate, channels, hop, a "
+                          "frame_rate and encoder/decoder contexts of [left, right] tokens (or null)")
 
 
 def value_info(value) -> dict:

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from ..config import config_to_json
-from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS_FILE, BundleError, load,
-                     quantizer_classes, read_manifest, value_info, write_manifest)
+from .audio import audio_entry
+from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, FREQUENCIES_FILE, MANIFEST, WEIGHTS_FILE,
+                     BundleError, load, quantizer_classes, read_manifest, value_info, write_manifest)
 from .checks import VerifyReport, check_inputs, check_onnx_file, verify_graphs
 from .folding import fold_code_transforms
 from .graphs import (INDEX_DTYPES, DecoderGraph, EncoderGraph, default_example, dynamic_input_axes,
@@ -36,7 +37,8 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
            decoder: torch.nn.Module | None = None, example: torch.Tensor | None = None,
            dynamic_axes: list[int] | None = None, index_dtype: str = "int64", num_quantizers: int | None = None,
            opset: int = DEFAULT_OPSET, float16: bool = False, verify: bool = True, provider: str = "cpu",
-           overwrite: bool = False) -> ExportResult:
+           overwrite: bool = False, calibration: torch.Tensor | list[torch.Tensor] | None = None,
+           audio: dict | None = None) -> ExportResult:
     """Write the bundle for ``quantizer`` (wrapped between ``encoder`` and ``decoder`` when given) to ``path``.
 
     example: an encoder input (required with a user ``encoder``; batch >= 2); dynamic_axes: the example's
@@ -44,6 +46,10 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
     or "int32"; num_quantizers: residual bandwidth (encode and decode with the first k quantizers); float16:
     half-precision graphs (weights, inputs and outputs), whose agreement with the float32 PyTorch model is
     reported rather than required.
+    calibration: encoder inputs (a tensor or a list) whose per-layer code frequencies the bundle stores for
+    entropy-coded code streams (``vqdeploy.codestream``); audio: ``{"sample_rate": ..., "channels": ...}`` for a
+    codec wrapping waveform networks (example: (batch, channels, samples)); the encoder's stride and both
+    networks' receptive fields are measured and recorded for chunked processing of long inputs.
     A ``vqdeploy.Sequential`` may stand for the quantizer: its modules before and after the quantizer become the
     encoder and decoder networks.
     Raises ``ExportParityError`` when onnxruntime disagrees with PyTorch (the bundle is left for inspection)."""
@@ -68,6 +74,17 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
         example_indices = encoder_graph(example)
     index_axes = dynamic_output_axes(encoder_graph, example, input_axes)
     manifest = _manifest(quantizer, index_dtype, num_quantizers, opset)
+    extra_files = {}
+    if audio is not None:
+        manifest["audio"] = _audio_entry(audio, quantizer, encoder, decoder, example, example_indices, num_quantizers)
+    if calibration is not None:
+        from ..codestream.layout import CodeLayout
+
+        layout = CodeLayout.from_indices(example_indices.shape, index_axes, manifest["codebook_sizes"],
+                                         manifest["codebook_size"])
+        extra_files[FREQUENCIES_FILE] = _code_frequencies(encoder_graph, calibration, example, input_axes, layout)
+    if extra_files or audio is not None:
+        manifest["format_version"] = FORMAT_VERSION
     directory = _fresh_directory(Path(path), overwrite)  # only now: a call that fails above changes no file
     manifest.update(wrapped=encoder is not None or decoder is not None, encoder_network=encoder is not None,
                     decoder_network=decoder is not None)
@@ -88,6 +105,11 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
 
     save_model(quantizer, str(directory / WEIGHTS_FILE))
     manifest["files"] = [ENCODER_FILE, WEIGHTS_FILE] + ([DECODER_FILE] if decoder_graph is not None else [])
+    for name, counts in extra_files.items():
+        from ..codestream.entropy import save_frequencies
+
+        save_frequencies(counts, directory / name)
+        manifest["files"].append(name)
     write_manifest(directory, manifest)
     for name in manifest["files"]:
         if name.endswith(".onnx"):
@@ -156,7 +178,38 @@ def _frozen_copies(quantizer, encoder, decoder):
     return copies
 
 
-BUNDLE_FILES = (MANIFEST, ENCODER_FILE, DECODER_FILE, WEIGHTS_FILE)
+BUNDLE_FILES = (MANIFEST, ENCODER_FILE, DECODER_FILE, WEIGHTS_FILE, FREQUENCIES_FILE)
+
+
+def _audio_entry(audio: dict, quantizer, encoder, decoder, example, example_indices, num_quantizers) -> dict:
+    if not isinstance(audio, dict) or set(audio) - {"sample_rate", "channels"} or "sample_rate" not in audio:
+        raise ValueError(f"audio must be a dict of sample_rate and channels, got {audio!r}")
+    features = None
+    if decoder is not None:
+        with torch.no_grad():
+            features = DecoderGraph(quantizer, None, num_quantizers)(example_indices)
+    return audio_entry(audio["sample_rate"], audio.get("channels", example.shape[1]), encoder, decoder, example,
+                       features)
+
+
+def _code_frequencies(encoder_graph, calibration, example, input_axes, layout):
+    """Per-layer code counts of the calibration inputs, encoded by the PyTorch encoder graph."""
+    from ..codestream.entropy import measure_frequencies
+
+    inputs = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    if not inputs:
+        raise ValueError("calibration needs at least one input tensor")
+    pattern = ["*" if axis in input_axes else size for axis, size in enumerate(example.shape)]
+    indices = []
+    for tensor in inputs:
+        fits = isinstance(tensor, torch.Tensor) and tensor.dtype.is_floating_point and tensor.ndim == example.ndim \
+            and all(p == "*" or p == s for p, s in zip(pattern, tensor.shape))
+        if not fits:
+            raise ValueError(f"calibration inputs must be float tensors of shape ({', '.join(map(str, pattern))}) "
+                             f"(* = any size), got {getattr(tensor, 'shape', type(tensor).__name__)}")
+        with torch.no_grad():
+            indices.append(encoder_graph(tensor.detach().float().cpu()))
+    return measure_frequencies(indices, layout)
 
 
 def _fresh_directory(directory: Path, overwrite: bool) -> Path:
@@ -188,7 +241,7 @@ def _manifest(quantizer, index_dtype: str, num_quantizers: int | None, opset: in
     config, dropped = config_to_json(quantizer.init_config)
     json.dumps(config)  # a config that cannot be written fails here, before any file is
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT, "format_version": 1,  # 1 until the bundle holds what version 2 added
         "class": type(quantizer).__name__, "config": config, "dropped_training_arguments": dropped,
         "index_dtype": index_dtype, "num_quantizers": num_quantizers,
         "codebook_size": quantizer.codebook_size,

@@ -1,0 +1,101 @@
+"""Static entropy coding of code streams: per-layer code frequencies measured on calibration data at export, and
+a range coder (constriction's) driven by them.
+
+Every code keeps a nonzero probability (counts + 1/2), so codes unseen in calibration still code, at about
+log2(2 * calibration tokens) bits.  Encoder and decoder build their models from the same integer counts stored
+in the bundle, so they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..export.bundle import FREQUENCIES_FILE, BundleError  # noqa: F401  (FREQUENCIES_FILE re-exported)
+
+MAX_CODED_SIZE = 1 << 20  # larger codebooks are packed: a range coder's model is one table entry per code
+
+
+def measure_frequencies(indices: list[torch.Tensor], layout) -> list[np.ndarray]:
+    """Per-layer code counts of a list of index tensors (of the bundle's layout)."""
+    counts = [np.zeros(size, dtype=np.int64) for size in layout.layer_sizes]
+    for tensor in indices:
+        layout.check(tensor)
+        for layer, codes in enumerate(layout.split_layers(tensor.long().cpu(), layout.layers)):
+            codes = codes[codes >= 0]  # a dropped layer (-1) is not a code
+            counts[layer] += np.bincount(codes.numpy(), minlength=len(counts[layer]))[:len(counts[layer])]
+    return counts
+
+
+def save_frequencies(counts: list[np.ndarray], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({f"layer.{i}": torch.from_numpy(np.asarray(c, dtype=np.int64)) for i, c in enumerate(counts)},
+              str(path))
+
+
+def load_frequencies(path: Path, layer_sizes: tuple[int, ...]) -> list[np.ndarray]:
+    """The counts a bundle stores (safetensors: nothing is unpickled), checked against its layers."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    expected = {f"layer.{i}" for i in range(len(layer_sizes))}
+    if set(tensors) != expected:
+        raise BundleError(f"{path} must hold {sorted(expected)}, holds {sorted(tensors)}")
+    counts = []
+    for layer, size in enumerate(layer_sizes):
+        tensor = tensors[f"layer.{layer}"]
+        if tensor.dtype != torch.int64 or tuple(tensor.shape) != (size,) or bool((tensor < 0).any()):
+            raise BundleError(f"{path}: layer.{layer} must be {size} non-negative int64 counts, got "
+                              f"{tensor.dtype}{tuple(tensor.shape)}")
+        counts.append(tensor.numpy())
+    return counts
+
+
+def _constriction():
+    try:
+        import constriction
+    except ImportError:  # pragma: no cover - a dependency of vqdeploy
+        raise ImportError("entropy coding needs constriction (pip install constriction)") from None
+    return constriction
+
+
+class RangeCoder:
+    """Encode and decode one layer's codes with a static categorical model of that layer's counts."""
+
+    def __init__(self, counts: list[np.ndarray]):
+        self.counts = counts
+        self._models: dict[int, object] = {}
+
+    def codes_layer(self, layer: int) -> bool:
+        return len(self.counts[layer]) <= MAX_CODED_SIZE and len(self.counts[layer]) > 1
+
+    def model(self, layer: int):
+        if layer not in self._models:
+            probabilities = self.counts[layer].astype(np.float64) + 0.5
+            self._models[layer] = _constriction().stream.model.Categorical(probabilities / probabilities.sum(),
+                                                                           perfect=False)
+        return self._models[layer]
+
+    def encode(self, layer: int, codes: np.ndarray) -> bytes:
+        encoder = _constriction().stream.queue.RangeEncoder()
+        if codes.size:
+            encoder.encode(np.ascontiguousarray(codes, dtype=np.int32), self.model(layer))
+        return encoder.get_compressed().astype("<u4").tobytes()
+
+    def decode(self, layer: int, data: bytes, count: int) -> np.ndarray:
+        if len(data) % 4:
+            raise ValueError(f"a range-coded segment is whole 32-bit words, got {len(data)} bytes")
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        decoder = _constriction().stream.queue.RangeDecoder(words)
+        return np.asarray(decoder.decode(self.model(layer), count), dtype=np.int64)
+
+    def expected_bits(self, layer: int) -> float:
+        """The model's entropy in bits per code (what coding data like the calibration costs)."""
+        p = self.counts[layer].astype(np.float64) + 0.5
+        p /= p.sum()
+        return float(-(p * np.log2(p)).sum())

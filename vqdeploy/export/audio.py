@@ -1,0 +1,99 @@
+"""What a codec runtime needs to know of an audio bundle, measured at export: sample rate and channels (given),
+the encoder's stride (samples per token), and how far each network sees (its receptive field), so that long
+inputs can be cut into chunks whose results equal whole-input processing.
+
+The receptive fields are read off gradients in float64: the input samples a token's features depend on (encoder)
+and the tokens an output sample depends on (decoder), united over a few random inputs so that an activation
+that happens to be flat somewhere does not hide a dependency.  A network that sees its whole input (a recurrent
+layer, global pooling) is recorded as unbounded: chunked processing then only approximates whole-input results.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+PROBES = 3
+
+
+def audio_entry(sample_rate: int, channels: int, encoder: torch.nn.Module, decoder: torch.nn.Module | None,
+                example: torch.Tensor, example_features: torch.Tensor | None) -> dict:
+    """The manifest's ``audio`` entry.  example: an encoder input (batch, channels, samples);
+    example_features: the decoder network's input for it (the quantizer's decode of its indices)."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
+        raise ValueError(f"audio sample_rate must be a positive int, got {sample_rate!r}")
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"audio channels must be a positive int, got {channels!r}")
+    if encoder is None:
+        raise ValueError("an audio bundle wraps an encoder network (waveform -> features)")
+    if example.ndim != 3 or example.shape[1] != channels:
+        raise ValueError(f"an audio example must be (batch, channels={channels}, samples), got "
+                         f"{tuple(example.shape)}")
+    samples = example.shape[-1]
+    with torch.no_grad():
+        short, long = encoder(example[:1].float()), encoder(example[:1].float().repeat(1, 1, 2))
+    time_axes = [a for a in range(short.ndim) if short.shape[a] != long.shape[a]]
+    tokens = short.shape[time_axes[0]] if len(time_axes) == 1 else 0
+    hop = samples // tokens if tokens else 0
+    if tokens < 4 or hop * tokens != samples:
+        raise ValueError(f"the encoder maps {samples} samples to features of shape {tuple(short.shape)}: an audio "
+                         "bundle needs one time axis and an example whose length is a multiple of the encoder's "
+                         "stride, at least 4 tokens long")
+    entry = {"sample_rate": sample_rate, "channels": channels, "hop": hop, "frame_rate": sample_rate / hop,
+             "encoder_context": encoder_context(encoder, channels, hop, time_axes[0])}
+    if decoder is not None and example_features is not None:
+        feature_axes = [a for a in range(example_features.ndim) if example_features.shape[a] == tokens]
+        entry["decoder_context"] = decoder_context(decoder, example_features[:1], feature_axes[-1], hop)
+    return entry
+
+
+def _support(gradient: torch.Tensor, axis: int) -> tuple[int, int]:
+    others = tuple(a for a in range(gradient.ndim) if a != axis)
+    nonzero = torch.nonzero(gradient.abs().sum(dim=others) > 0).flatten()
+    return int(nonzero.min()), int(nonzero.max())
+
+
+def encoder_context(encoder: torch.nn.Module, channels: int, hop: int, time_axis: int,
+                    tokens: int = 64) -> list[int] | None:
+    """[left, right]: how many tokens of context a chunk needs either side for its tokens' features to see every
+    input sample they depend on; None when the dependency reaches the input's ends (unbounded)."""
+    network = copy.deepcopy(encoder).double().eval()
+    left = right = 0
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(PROBES):
+        x = torch.randn(1, channels, tokens * hop, dtype=torch.float64, generator=generator, requires_grad=True)
+        y = network(x).movedim(time_axis, -1)
+        token = tokens // 2
+        weights = torch.randn(y[..., token].shape, dtype=torch.float64, generator=generator)
+        (gradient,) = torch.autograd.grad((y[..., token] * weights).sum(), x)
+        first, last = _support(gradient, 2)
+        if first == 0 or last == x.shape[-1] - 1:
+            return None
+        left = max(left, token * hop - first)
+        right = max(right, last - (token * hop + hop - 1))
+    return [math.ceil(left / hop), math.ceil(right / hop)]
+
+
+def decoder_context(decoder: torch.nn.Module, example_features: torch.Tensor, time_axis: int, hop: int,
+                    tokens: int = 64) -> list[int] | None:
+    """[left, right]: how many tokens either side of a token its output samples depend on; None when
+    unbounded."""
+    network = copy.deepcopy(decoder).double().eval()
+    shape = list(example_features.shape)
+    shape[time_axis] = tokens
+    left = right = 0
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(PROBES):
+        z = torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+        y = network(z)
+        token = tokens // 2
+        span = y[..., token * hop:(token + 1) * hop]
+        weights = torch.randn(span.shape, dtype=torch.float64, generator=generator)
+        (gradient,) = torch.autograd.grad((span * weights).sum(), z)
+        first, last = _support(gradient, time_axis)
+        if first == 0 or last == tokens - 1:
+            return None
+        left, right = max(left, token - first), max(right, last - token)
+    return [left, right]
