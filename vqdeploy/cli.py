@@ -1,10 +1,12 @@
-"""The ``vqdeploy`` command: export | verify | info | bench.
+"""The ``vqdeploy`` command: export | verify | info | bench | compress | decompress.
 
     vqdeploy export --class ResidualVQ --config '{"dim": 256, "codebook_size": 1024, "num_quantizers": 8}' \\
         --weights rvq.safetensors --out bundle/      # a state_dict from vqdeploy or vector-quantize-pytorch 1.14.17
     vqdeploy verify bundle/ [--provider cuda]
     vqdeploy info bundle/
     vqdeploy bench bundle/ [--batch 16 --tokens 1024]
+    vqdeploy compress codec_bundle/ in.wav out.vqc [--bandwidth 2 | --bandwidth 12kbps] [--entropy-coding]
+    vqdeploy decompress codec_bundle/ in.vqc out.wav [--bandwidth 1]
 
 Weights are read from safetensors only (nothing is unpickled); a reference checkpoint saved with torch.save
 converts with ``safetensors.torch.save_file(state_dict, "rvq.safetensors")`` where it was trained.
@@ -71,6 +73,11 @@ def _info(args) -> int:
             ("user networks", f"encoder {manifest['encoder_network']}, decoder {manifest['decoder_network']}"), ("index dtype", manifest["index_dtype"]),
             ("num_quantizers", manifest["num_quantizers"]), ("codebook size", manifest["codebook_size"]),
             ("opset", manifest["opset"])]
+    if "audio" in manifest:
+        audio = manifest["audio"]
+        rows.append(("audio", f"{audio['sample_rate']} Hz, {audio['channels']} channel(s), {audio['hop']} samples a "
+                              f"token, context (tokens) encoder {audio['encoder_context']}, decoder "
+                              f"{audio.get('decoder_context')}"))
     for graph in ("encoder", "decoder"):
         if graph in manifest:
             spec = manifest[graph]
@@ -122,6 +129,62 @@ def _bench(args) -> int:
     return 0
 
 
+def parse_bandwidth(value: str | None, spec) -> int | None:
+    """--bandwidth: a layer count ("2"), or a bitrate ("12kbps": the most layers whose packed rate fits)."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text.isdigit():
+        return spec.layers_for(int(text))
+    if text.endswith("kbps"):
+        try:
+            limit = float(text[:-4])
+        except ValueError:
+            limit = None
+        if limit is not None and spec.frame_rate:
+            fitting = [k for k in range(1, spec.layout.layers + 1)
+                       if spec.frame_rate * spec.bits_per_frame_token(k) / 1000 <= limit + 1e-9]
+            if not fitting:
+                lowest = spec.frame_rate * spec.bits_per_frame_token(1) / 1000
+                raise ValueError(f"--bandwidth {value}: one layer already takes {lowest:g} kbit/s")
+            return fitting[-1]
+    raise ValueError(f"--bandwidth must be a layer count (e.g. 2) or a bitrate (e.g. 12kbps), got {value!r}")
+
+
+def _codec_run(args, run) -> int:
+    """compress/decompress: errors a user can fix are one line, not a traceback."""
+    from .codestream import StreamError, StreamSpec
+    from .export.bundle import BundleError
+
+    try:
+        spec = StreamSpec.from_bundle(args.bundle)
+        layers = parse_bandwidth(args.bandwidth, spec)
+        result = run(layers)
+    except (ValueError, BundleError, StreamError, OSError, RuntimeError) as error:
+        print(f"vqdeploy {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    kbps = f", {result.kbps:.2f} kbit/s" if args.command == "compress" else ""
+    print(f"{args.command}: {result.seconds:.2f} s of audio, {result.layers} layer(s), {result.stream_bytes:,} "
+          f"stream bytes{kbps}, {result.real_time_factor:.1f}x real time")
+    return 0
+
+
+def _compress(args) -> int:
+    from .audio import compress
+
+    return _codec_run(args, lambda layers: compress(
+        args.bundle, args.input, args.output, layers=layers, entropy_coding=args.entropy_coding,
+        chunk_seconds=args.chunk_seconds, provider=args.provider, progress=not args.quiet))
+
+
+def _decompress(args) -> int:
+    from .audio import decompress
+
+    return _codec_run(args, lambda layers: decompress(
+        args.bundle, args.input, args.output, layers=layers, chunk_seconds=args.chunk_seconds,
+        provider=args.provider, progress=not args.quiet, subtype=args.subtype))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vqdeploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +215,22 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--iters", type=int, default=20)
     p.set_defaults(run=_bench)
+    for name, run, text in (("compress", _compress, "an audio file -> a code stream, through an audio bundle"),
+                            ("decompress", _decompress, "a code stream -> an audio file")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("bundle")
+        p.add_argument("input")
+        p.add_argument("output")
+        p.add_argument("--bandwidth", help="residual layers to write/read (e.g. 2), or a bitrate (e.g. 12kbps)")
+        if name == "compress":
+            p.add_argument("--entropy-coding", action="store_true",
+                           help="range-code with the bundle's code frequencies (else fixed-width packing)")
+        else:
+            p.add_argument("--subtype", help="audio sample format, e.g. PCM_16 or FLOAT (default: the format's)")
+        p.add_argument("--chunk-seconds", type=float, default=10.0, help="audio per network call (memory bound)")
+        p.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(run=run)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -21,7 +21,7 @@ class Progress:
         share = min(done / self.total, 1.0)
         elapsed = time.perf_counter() - self.started
         speed = f", {done / elapsed:.1f} {rate_label}" if rate_label and elapsed > 0 else ""
-        line = f"{self.label} [{'#' * int(share * 30):<30}] {share:6.1%} {done:,.1f} of {self.total:,.1f} " \
+        line = f"{self.label} [{'#' * round(share * 30):<30}] {share:6.1%} {done:,.1f} of {self.total:,.1f} " \
                f"{self.unit}{speed}"
         if self.tty:
             print("\r" + line, end="", file=self.stream, flush=True)

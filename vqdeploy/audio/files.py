@@ -135,6 +135,7 @@ def compress(bundle: str | Path, source: str | Path, destination, *, layers: int
                     writer.write(indices)
                     meter.update(min(writer.tokens / audio["frame_rate"], seconds), "x real time")
             writer.samples = sound.frames
+        meter.update(seconds, "x real time")
         meter.close()
     return CodecRun(seconds, writer.bytes_written, writer.layers, time.perf_counter() - started)
 
@@ -157,13 +158,13 @@ def decompress(bundle: str | Path, source, destination: str | Path, *, layers: i
     with _open(source, "rb") as stream:
         reader = spec.reader(stream, layers)
         total = _size(stream)
-        meter = Progress(f"decompress {getattr(stream, 'name', 'stream')}", total / 1e6 if total else 0, "MB",
-                         enabled=progress)
+        name = Path(str(getattr(stream, "name", "stream"))).name
+        meter = Progress(f"decompress {name}", total / 1e3 if total else 0, "kB", enabled=progress)
 
         def frames():
             try:
                 for frame in reader:
-                    meter.update(reader.records.offset / 1e6, "MB/s")
+                    meter.update(reader.records.offset / 1e3, "kB/s")
                     yield frame
             except StreamError as error:  # keep what came before the damage
                 damage.append(error)
@@ -179,6 +180,8 @@ def decompress(bundle: str | Path, source, destination: str | Path, *, layers: i
             if pending is not None:  # the hop padding of the last block ends here: trim it to the sample count
                 samples = reader.end["samples"] if reader.end and not damage else None
                 written += _write(sound, pending, None if samples is None else samples - written)
+        if not damage:
+            meter.update(reader.records.offset / 1e3, "kB/s")
         meter.close()
     run = CodecRun(written / audio["sample_rate"], reader.records.offset, reader.layers, time.perf_counter() - started)
     if damage:
