@@ -20,7 +20,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,10 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from harness import peak_rss, reset_peak_rss  # noqa: E402
+
 IMPLEMENTATIONS = {"vq": ("1.14.17", "1.32.0", "vqdeploy", "vqdeploy compiled"),
                    "simvq": ("1.32.0", "vqdeploy", "vqdeploy compiled")}
 
@@ -75,40 +78,17 @@ def _step(impl: str, work: str, args: dict, queue) -> None:
 
         run()  # warm-up (and compile)
         model.zero_grad(set_to_none=True)
-        rss_before = _reset_peak_rss()
+        rss_before = reset_peak_rss()
         times = []
         for _ in range(args["iters"]):
             begin = time.perf_counter()
             indices = run()
             times.append(time.perf_counter() - begin)
-        peak_mb = (_peak_rss() - rss_before) / 1024
+        peak_mb = (peak_rss() - rss_before) / 1024
         save_file({"indices": indices.contiguous()}, os.path.join(work, f"{impl.replace(' ', '_')}.safetensors"))
         queue.put(dict(seconds=statistics.median(times), peak_mb=peak_mb))
     except Exception as error:  # reported, not fatal
         queue.put(dict(error=f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"))
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
-def _reset_peak_rss() -> int:
-    """Reset the process's peak RSS to its current RSS (Linux: clear_refs 5), so that the peak measured next
-    is the steps', not the warm-up's or the compiler's; returns the current RSS in KiB."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        return _status_kb("VmRSS")
-    except OSError:  # elsewhere: the peak so far (the steps then show no growth beyond the warm-up)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_rss() -> int:
-    try:
-        return _status_kb("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _run(impl: str, work: str, args: dict) -> dict:

@@ -143,3 +143,26 @@ def write_json(path: str | None, device: str, shape, rows, **extra) -> None:
     with open(path, "w") as f:
         json.dump(dict(device=hardware(device), torch=torch.__version__, shape=list(shape), rows=rows, **extra), f,
                   indent=2)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux: clear_refs 5), so that the peak measured next
+    is the steps', not the warm-up's or the compiler's; returns the current RSS in KiB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return _status_kb("VmRSS")
+    except OSError:  # elsewhere: the peak so far (the steps then show no growth beyond the warm-up)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss() -> int:
+    try:
+        return _status_kb("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

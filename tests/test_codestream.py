@@ -211,7 +211,7 @@ def test_bad_writes_raise_clear_errors():
         spec.dumps(torch.zeros(1, 5, 3, dtype=torch.long), entropy_coding=True)
     with pytest.raises(ValueError, match=r"layers must be an int in \[1, 3\]"):
         spec.dumps(torch.zeros(1, 5, 3, dtype=torch.long), layers=4)
-    with pytest.raises(ValueError, match="the stream holds 1 layers; 2 were asked for"):
+    with pytest.raises(ValueError, match=r"the stream holds 1 layer\(s\); 2 were asked for"):
         spec.loads(spec.dumps(torch.zeros(1, 5, 3, dtype=torch.long), layers=1), layers=2)
     with spec.writer(io.BytesIO()) as writer:
         writer.write(torch.zeros(1, 5, 3, dtype=torch.long))

@@ -19,6 +19,12 @@ def test_codec_recipe(tmp_path, capsys):
     _recipe("codec").main(["--steps", "3", "--batch", "4", "--out", str(tmp_path / "codec")])
     out = capsys.readouterr().out
     assert "reconstruction SNR" in out and "kbit/s" in out and "onnxruntime (CPU)" in out
+    table = out[out.index("code streams of the held-out audio"):].splitlines()
+    rows = [line.split() for line in table[2:6]]
+    assert [row[0] for row in rows] == ["1", "2", "3", "4"]  # every bandwidth
+    # entropy-coded never above packed: each segment falls back to packing (the header's "entropy" is one byte
+    # longer than "packed": 0.001 kbit/s over the 8 s)
+    assert all(float(row[2]) <= float(row[1]) + 0.01 for row in rows)
     assert (tmp_path / "codec" / "encoder.onnx").is_file() and (tmp_path / "codec" / "decoder.onnx").is_file()
 
 

@@ -67,6 +67,7 @@ def _verify(args) -> int:
 
 def _info(args) -> int:
     from .export import read_manifest
+    from .export.bundle import FREQUENCIES_FILE, manifest_sha256
 
     manifest = read_manifest(args.bundle)
     rows = [("class", manifest["class"]), ("config", json.dumps(manifest["config"])),
@@ -84,6 +85,9 @@ def _info(args) -> int:
             rows.append((graph, f"{spec['input']['name']} {spec['input']['dtype']}{spec['input']['shape']} -> "
                                 f"{spec['output']['name']} {spec['output']['dtype']}{spec['output']['shape']}"))
     rows += [(f"sha256 {name}", digest[:16] + "...") for name, digest in manifest["files"].items()]
+    rows.append(("code streams", "entropy-coded or packed (code frequencies stored)" if FREQUENCIES_FILE in
+                 manifest["files"] else "packed (no code frequencies: export with calibration= to entropy-code)"))
+    rows.append(("stream id (sha256 manifest.json)", manifest_sha256(args.bundle)[:16] + "..."))
     rows += [(f"{package} version", version) for package, version in manifest["versions"].items()]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:

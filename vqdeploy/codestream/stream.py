@@ -12,7 +12,6 @@ identity (the sha256 of its manifest, which hashes every file) make a ``StreamSp
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ class StreamSpec:
 
     @classmethod
     def from_bundle(cls, path: str | Path, manifest: dict | None = None) -> StreamSpec:
-        from ..export.bundle import MANIFEST, read_manifest
+        from ..export.bundle import manifest_sha256, read_manifest
 
         path = Path(path)
         manifest = read_manifest(path) if manifest is None else manifest
@@ -56,7 +55,7 @@ class StreamSpec:
         if FREQUENCIES_FILE in manifest["files"]:
             frequencies = load_frequencies(path / FREQUENCIES_FILE, layout.layer_sizes)
         audio = manifest.get("audio") or {}
-        return cls(layout, hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest(), manifest["class"],
+        return cls(layout, manifest_sha256(path), manifest["class"],
                    frequencies, audio.get("frame_rate"), audio.get("sample_rate"), audio.get("channels"))
 
     @property
@@ -207,7 +206,7 @@ class StreamReader:
         self._check_header()
         self.stream_layers = self.header["layers"]
         if layers is not None and spec.layers_for(layers) > self.stream_layers:
-            raise ValueError(f"the stream holds {self.stream_layers} layers; {layers} were asked for")
+            raise ValueError(f"the stream holds {self.stream_layers} layer(s); {layers} were asked for")
         self.layers = self.stream_layers if layers is None else layers
         self.fill_dropped = fill_dropped and spec.layout.layer_axis is not None
         self.end: dict | None = None

@@ -38,6 +38,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_sha256(directory: str | Path) -> str:
+    """A bundle's identity: the sha256 of its manifest.json, which hashes every other file.  Code streams carry
+    it, so a stream is only ever decoded by the bundle that wrote it."""
+    return hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest()
+
+
 def quantizer_classes() -> dict[str, type]:
     """The classes a bundle may name; nothing else is ever constructed from a manifest."""
     import vqdeploy

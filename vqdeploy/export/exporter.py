@@ -74,16 +74,13 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
         example_indices = encoder_graph(example)
     index_axes = dynamic_output_axes(encoder_graph, example, input_axes)
     manifest = _manifest(quantizer, index_dtype, num_quantizers, opset)
-    extra_files = {}
     if audio is not None:
         manifest["audio"] = _audio_entry(audio, quantizer, encoder, decoder, example, example_indices, num_quantizers)
+    frequencies = None
     if calibration is not None:
-        from ..codestream.layout import CodeLayout
-
-        layout = CodeLayout.from_indices(example_indices.shape, index_axes, manifest["codebook_sizes"],
-                                         manifest["codebook_size"])
-        extra_files[FREQUENCIES_FILE] = _code_frequencies(encoder_graph, calibration, example, input_axes, layout)
-    if extra_files or audio is not None:
+        frequencies = _code_frequencies(encoder_graph, calibration, example, input_axes, example_indices, index_axes,
+                                        manifest)
+    if frequencies is not None or audio is not None:
         manifest["format_version"] = FORMAT_VERSION
     directory = _fresh_directory(Path(path), overwrite)  # only now: a call that fails above changes no file
     manifest.update(wrapped=encoder is not None or decoder is not None, encoder_network=encoder is not None,
@@ -105,11 +102,11 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
 
     save_model(quantizer, str(directory / WEIGHTS_FILE))
     manifest["files"] = [ENCODER_FILE, WEIGHTS_FILE] + ([DECODER_FILE] if decoder_graph is not None else [])
-    for name, counts in extra_files.items():
+    if frequencies is not None:
         from ..codestream.entropy import save_frequencies
 
-        save_frequencies(counts, directory / name)
-        manifest["files"].append(name)
+        save_frequencies(frequencies, directory / FREQUENCIES_FILE)
+        manifest["files"].append(FREQUENCIES_FILE)
     write_manifest(directory, manifest)
     for name in manifest["files"]:
         if name.endswith(".onnx"):
@@ -192,9 +189,13 @@ def _audio_entry(audio: dict, quantizer, encoder, decoder, example, example_indi
                        features)
 
 
-def _code_frequencies(encoder_graph, calibration, example, input_axes, layout):
+def _code_frequencies(encoder_graph, calibration, example, input_axes, example_indices, index_axes, manifest):
     """Per-layer code counts of the calibration inputs, encoded by the PyTorch encoder graph."""
     from ..codestream.entropy import measure_frequencies
+    from ..codestream.layout import CodeLayout
+
+    layout = CodeLayout.from_indices(example_indices.shape, index_axes, manifest["codebook_sizes"],
+                                     manifest["codebook_size"])
 
     inputs = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     if not inputs:
