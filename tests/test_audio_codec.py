@@ -88,6 +88,12 @@ def test_receptive_fields_of_known_networks():
             return y + y.mean(dim=-1, keepdim=True)
 
     assert encoder_context(GlobalMean(), 1, 4, 2) is None
+
+    class Dead(GlobalMean):  # no probe sees a dependency: recorded as unbounded, the safe side
+        def forward(self, x):
+            return self.local(x) * 0
+
+    assert encoder_context(Dead(), 1, 4, 2) is None
     up = nn.Sequential(nn.Conv1d(3, 3, 3, padding=1), nn.ConvTranspose1d(3, 1, 4, stride=4))
     assert decoder_context(up, torch.zeros(1, 3, 8), 2, 4) == [1, 1]
 
@@ -231,3 +237,11 @@ def test_frequencies_and_audio_entries_are_checked_like_every_file(codec, tmp_pa
     (copy / "manifest.json").write_text(json.dumps(manifest))  # an edited manifest: another bundle
     with pytest.raises(StreamError, match="written by another bundle"):
         StreamSpec.from_bundle(copy).loads(stream)
+
+
+def test_silence_of_no_length_round_trips(codec, tmp_path):
+    _, path, session, _ = codec
+    run = compress(path, _wav(tmp_path, np.zeros(0, dtype=np.float32)), tmp_path / "empty.vqc", session=session)
+    assert run.seconds == 0 and StreamSpec.from_bundle(path).loads((tmp_path / "empty.vqc").read_bytes()).numel() == 0
+    decompress(path, tmp_path / "empty.vqc", tmp_path / "empty.wav", session=session)
+    assert soundfile.info(str(tmp_path / "empty.wav")).frames == 0

@@ -20,7 +20,7 @@ FRAME_TAG = b"F"
 END_TAG = b"E"
 PACKED, RANGE_CODED = 0, 1
 MAX_HEADER_BYTES = 1 << 20
-MAX_FRAME_CODES = 1 << 27  # codes in one frame: a damaged size must not allocate gigabytes
+MAX_FRAME_CODES = 1 << 24  # codes of one layer in one frame: a forged size must not allocate gigabytes
 
 _PREFIX = struct.Struct("<4sHI")
 _CRC = struct.Struct("<I")

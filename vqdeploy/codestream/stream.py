@@ -152,6 +152,16 @@ class StreamWriter:
         self._pending = indices.narrow(layout.frame_axis, whole, indices.shape[layout.frame_axis] - whole)
 
     def _write_frame(self, frame: torch.Tensor) -> None:
+        layout = self.spec.layout
+        steps = frame.shape[layout.frame_axis]
+        per_step = layout.codes_per_layer(list(frame.shape)) // max(steps, 1)
+        if per_step * steps > records.MAX_FRAME_CODES:  # readers refuse larger frames: split this one
+            if per_step > records.MAX_FRAME_CODES:
+                raise ValueError(f"one step of the frame axis holds {per_step:,} codes a layer, more than a frame "
+                                 f"may ({records.MAX_FRAME_CODES:,})")
+            for part in frame.split(records.MAX_FRAME_CODES // per_step, dim=layout.frame_axis):
+                self._write_frame(part)
+            return
         segments = []
         for layer, codes in enumerate(self.spec.layout.split_layers(frame, self.layers)):
             size = self.spec.layout.layer_sizes[layer]
@@ -297,18 +307,19 @@ class StreamReader:
         return codes
 
     def read_all(self) -> torch.Tensor:
-        """Every frame, joined along the frame axis; on damage the StreamError carries the frames before it."""
+        """Every frame, joined along the frame axis (a stream of no frames gives an empty tensor, 0 on every
+        dynamic axis); on damage the StreamError carries the frames before it (None if there were none)."""
         frames = []
         try:
             for frame in self:
                 frames.append(frame)
         except StreamError as error:
-            error.partial = self._join(frames)
+            error.partial = torch.cat(frames, dim=self.spec.layout.frame_axis) if frames else None
             error.frames_read = len(frames)
             raise
-        return self._join(frames)
-
-    def _join(self, frames: list[torch.Tensor]) -> torch.Tensor | None:
         if not frames:
-            return None
+            layout = self.spec.layout
+            layers = layout.layers if self.fill_dropped else self.layers
+            others = tuple(0 for a, size in enumerate(layout.shape) if size is None and a != layout.frame_axis)
+            return torch.empty(layout.frame_shape(0, others, layers), dtype=torch.long)
         return torch.cat(frames, dim=self.spec.layout.frame_axis)

@@ -6,6 +6,8 @@ The receptive fields are read off gradients in float64: the input samples a toke
 and the tokens an output sample depends on (decoder), united over a few random inputs so that an activation
 that happens to be flat somewhere does not hide a dependency.  A network that sees its whole input (a recurrent
 layer, global pooling) is recorded as unbounded: chunked processing then only approximates whole-input results.
+A probe whose gradient is zero everywhere (every unit on the path inactive) is skipped; if all are, the field is
+recorded as unbounded too, the safe side.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ def audio_entry(sample_rate: int, channels: int, encoder: torch.nn.Module, decod
     return entry
 
 
-def _support(gradient: torch.Tensor, axis: int) -> tuple[int, int]:
+def _support(gradient: torch.Tensor, axis: int) -> tuple[int, int] | None:
+    """The first and last position along ``axis`` with a nonzero gradient (None: none, a dead probe)."""
     others = tuple(a for a in range(gradient.ndim) if a != axis)
     nonzero = torch.nonzero(gradient.abs().sum(dim=others) > 0).flatten()
-    return int(nonzero.min()), int(nonzero.max())
+    return (int(nonzero.min()), int(nonzero.max())) if nonzero.numel() else None
 
 
 def encoder_context(encoder: torch.nn.Module, channels: int, hop: int, time_axis: int,
@@ -61,6 +64,7 @@ def encoder_context(encoder: torch.nn.Module, channels: int, hop: int, time_axis
     input sample they depend on; None when the dependency reaches the input's ends (unbounded)."""
     network = copy.deepcopy(encoder).double().eval()
     left = right = 0
+    seen = False
     generator = torch.Generator().manual_seed(0)
     for _ in range(PROBES):
         x = torch.randn(1, channels, tokens * hop, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -68,12 +72,16 @@ def encoder_context(encoder: torch.nn.Module, channels: int, hop: int, time_axis
         token = tokens // 2
         weights = torch.randn(y[..., token].shape, dtype=torch.float64, generator=generator)
         (gradient,) = torch.autograd.grad((y[..., token] * weights).sum(), x)
-        first, last = _support(gradient, 2)
+        support = _support(gradient, 2)
+        if support is None:  # every unit on the path inactive for this input: another probe will see it
+            continue
+        first, last = support
+        seen = True
         if first == 0 or last == x.shape[-1] - 1:
             return None
         left = max(left, token * hop - first)
         right = max(right, last - (token * hop + hop - 1))
-    return [math.ceil(left / hop), math.ceil(right / hop)]
+    return [math.ceil(left / hop), math.ceil(right / hop)] if seen else None
 
 
 def decoder_context(decoder: torch.nn.Module, example_features: torch.Tensor, time_axis: int, hop: int,
@@ -84,6 +92,7 @@ def decoder_context(decoder: torch.nn.Module, example_features: torch.Tensor, ti
     shape = list(example_features.shape)
     shape[time_axis] = tokens
     left = right = 0
+    seen = False
     generator = torch.Generator().manual_seed(1)
     for _ in range(PROBES):
         z = torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -92,8 +101,12 @@ def decoder_context(decoder: torch.nn.Module, example_features: torch.Tensor, ti
         span = y[..., token * hop:(token + 1) * hop]
         weights = torch.randn(span.shape, dtype=torch.float64, generator=generator)
         (gradient,) = torch.autograd.grad((span * weights).sum(), z)
-        first, last = _support(gradient, time_axis)
+        support = _support(gradient, time_axis)
+        if support is None:
+            continue
+        first, last = support
+        seen = True
         if first == 0 or last == tokens - 1:
             return None
         left, right = max(left, token - first), max(right, last - token)
-    return [left, right]
+    return [left, right] if seen else None
