@@ -48,15 +48,15 @@ class CodecRun:
         return self.seconds / self.elapsed if self.elapsed else math.inf
 
 
-def audio_manifest(bundle: str | Path, manifest: dict | None = None) -> dict:
-    """A bundle's audio entry; ValueError for bundles that are not audio codecs."""
-    manifest = read_manifest(bundle) if manifest is None else manifest
+def audio_bundle(bundle: str | Path) -> tuple[dict, StreamSpec]:
+    """A bundle's audio entry and stream spec; ValueError for bundles that are not audio codecs."""
+    manifest = read_manifest(bundle)
     if "audio" not in manifest:
         raise ValueError(f"{bundle} is not an audio bundle: its manifest records no sample rate and channels "
                          "(export it with audio={'sample_rate': ..., 'channels': ...})")
     if "decoder" not in manifest:
         raise ValueError(f"{bundle} has no decoder graph")
-    return manifest["audio"]
+    return manifest["audio"], StreamSpec.from_bundle(bundle, manifest)
 
 
 def _context(audio: dict, key: str) -> tuple[int, int]:
@@ -116,9 +116,7 @@ def compress(bundle: str | Path, source: str | Path, destination, *, layers: int
     write (all by default); session: a ``vqdeploy.runtime.Session`` to reuse."""
     import soundfile
 
-    manifest = read_manifest(bundle)
-    audio = audio_manifest(bundle, manifest)
-    spec = StreamSpec.from_bundle(bundle, manifest)
+    audio, spec = audio_bundle(bundle)
     started = time.perf_counter()
     with soundfile.SoundFile(str(source)) as sound:
         if sound.samplerate != audio["sample_rate"] or sound.channels != audio["channels"]:
@@ -149,9 +147,7 @@ def decompress(bundle: str | Path, source, destination: str | Path, *, layers: i
     is written up to it, then ``StreamError`` is raised."""
     import soundfile
 
-    manifest = read_manifest(bundle)
-    audio = audio_manifest(bundle, manifest)
-    spec = StreamSpec.from_bundle(bundle, manifest)
+    audio, spec = audio_bundle(bundle)
     started = time.perf_counter()
     decode = _session(bundle, session, provider).decode
     damage: list[StreamError] = []

@@ -163,8 +163,8 @@ class StreamWriter:
                 self._write_frame(part)
             return
         segments = []
-        for layer, codes in enumerate(self.spec.layout.split_layers(frame, self.layers)):
-            size = self.spec.layout.layer_sizes[layer]
+        for layer, codes in enumerate(layout.split_layers(frame, self.layers)):
+            size = layout.layer_sizes[layer]
             codes = codes.numpy()
             if codes.size and (codes.min() < 0 or codes.max() >= size):
                 kind = "a dropped layer (-1) cannot be written: write fewer layers" if codes.min() == -1 else \
@@ -173,7 +173,7 @@ class StreamWriter:
             segments.append(self._segment(layer, codes))
         self._put(records.frame_bytes(list(frame.shape), segments))
         self.frames += 1
-        self.tokens += frame.shape[self.spec.layout.frame_axis]
+        self.tokens += steps
 
     def _segment(self, layer: int, codes: np.ndarray) -> tuple[int, bytes]:
         packed = pack(codes, self.spec.layout.layer_bits[layer])

@@ -51,62 +51,48 @@ def audio_entry(sample_rate: int, channels: int, encoder: torch.nn.Module, decod
     return entry
 
 
-def _support(gradient: torch.Tensor, axis: int) -> tuple[int, int] | None:
-    """The first and last position along ``axis`` with a nonzero gradient (None: none, a dead probe)."""
-    others = tuple(a for a in range(gradient.ndim) if a != axis)
-    nonzero = torch.nonzero(gradient.abs().sum(dim=others) > 0).flatten()
-    return (int(nonzero.min()), int(nonzero.max())) if nonzero.numel() else None
+def _dependency(network: torch.nn.Module, shape: list[int], axis: int, pick, seed: int) -> tuple[int, int] | None:
+    """The widest span [first, last] along ``axis`` of a random float64 input of ``shape`` that ``pick(output)``
+    depends on, over ``PROBES`` inputs (a probe whose gradient is zero everywhere, every unit on the path
+    inactive, is skipped); None when no probe sees a dependency or one reaches the input's ends (unbounded)."""
+    network = copy.deepcopy(network).double().eval()
+    generator = torch.Generator().manual_seed(seed)
+    first, last = shape[axis], -1
+    for _ in range(PROBES):
+        x = torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+        target = pick(network(x))
+        weights = torch.randn(target.shape, dtype=torch.float64, generator=generator)
+        (gradient,) = torch.autograd.grad((target * weights).sum(), x)
+        others = tuple(a for a in range(gradient.ndim) if a != axis)
+        nonzero = torch.nonzero(gradient.abs().sum(dim=others) > 0).flatten()
+        if nonzero.numel():
+            first, last = min(first, int(nonzero.min())), max(last, int(nonzero.max()))
+    if last < 0 or first == 0 or last == shape[axis] - 1:
+        return None
+    return first, last
 
 
 def encoder_context(encoder: torch.nn.Module, channels: int, hop: int, time_axis: int,
                     tokens: int = 64) -> list[int] | None:
     """[left, right]: how many tokens of context a chunk needs either side for its tokens' features to see every
-    input sample they depend on; None when the dependency reaches the input's ends (unbounded)."""
-    network = copy.deepcopy(encoder).double().eval()
-    left = right = 0
-    seen = False
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(PROBES):
-        x = torch.randn(1, channels, tokens * hop, dtype=torch.float64, generator=generator, requires_grad=True)
-        y = network(x).movedim(time_axis, -1)
-        token = tokens // 2
-        weights = torch.randn(y[..., token].shape, dtype=torch.float64, generator=generator)
-        (gradient,) = torch.autograd.grad((y[..., token] * weights).sum(), x)
-        support = _support(gradient, 2)
-        if support is None:  # every unit on the path inactive for this input: another probe will see it
-            continue
-        first, last = support
-        seen = True
-        if first == 0 or last == x.shape[-1] - 1:
-            return None
-        left = max(left, token * hop - first)
-        right = max(right, last - (token * hop + hop - 1))
-    return [math.ceil(left / hop), math.ceil(right / hop)] if seen else None
+    input sample they depend on; None when unbounded."""
+    token = tokens // 2
+    span = _dependency(encoder, [1, channels, tokens * hop], 2, lambda y: y.movedim(time_axis, -1)[..., token], 0)
+    if span is None:
+        return None
+    first, last = span
+    return [max(0, math.ceil((token * hop - first) / hop)), max(0, math.ceil((last - (token * hop + hop - 1)) / hop))]
 
 
 def decoder_context(decoder: torch.nn.Module, example_features: torch.Tensor, time_axis: int, hop: int,
                     tokens: int = 64) -> list[int] | None:
     """[left, right]: how many tokens either side of a token its output samples depend on; None when
     unbounded."""
-    network = copy.deepcopy(decoder).double().eval()
+    token = tokens // 2
     shape = list(example_features.shape)
     shape[time_axis] = tokens
-    left = right = 0
-    seen = False
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(PROBES):
-        z = torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
-        y = network(z)
-        token = tokens // 2
-        span = y[..., token * hop:(token + 1) * hop]
-        weights = torch.randn(span.shape, dtype=torch.float64, generator=generator)
-        (gradient,) = torch.autograd.grad((span * weights).sum(), z)
-        support = _support(gradient, time_axis)
-        if support is None:
-            continue
-        first, last = support
-        seen = True
-        if first == 0 or last == tokens - 1:
-            return None
-        left, right = max(left, token - first), max(right, last - token)
-    return [left, right] if seen else None
+    span = _dependency(decoder, shape, time_axis, lambda y: y[..., token * hop:(token + 1) * hop], 1)
+    if span is None:
+        return None
+    first, last = span
+    return [max(0, token - first), max(0, last - token)]

@@ -158,19 +158,24 @@ def verify_shapes(example_shape: tuple, dynamic_axes: list[int]) -> list[tuple]:
 
 def check_inputs(inputs, manifest: dict) -> list[torch.Tensor]:
     """A user's own encoder inputs for a check: float tensors shaped like the export example on its fixed axes."""
+    return encoder_inputs(inputs, manifest["encoder"]["example_shape"], manifest["encoder"]["dynamic_axes"])
+
+
+def encoder_inputs(inputs, example_shape, dynamic_axes, what: str = "inputs") -> list[torch.Tensor]:
+    """``inputs`` (a tensor or a list) as float32 CPU tensors, each shaped like ``example_shape`` on every axis
+    but ``dynamic_axes`` and finite; a clear error naming ``what`` otherwise."""
     inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    example, axes = manifest["encoder"]["example_shape"], manifest["encoder"]["dynamic_axes"]
-    pattern = ["*" if axis in axes else size for axis, size in enumerate(example)]
+    pattern = ["*" if axis in dynamic_axes else size for axis, size in enumerate(example_shape)]
     for tensor in inputs:
         if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point:
-            raise TypeError(f"inputs must be floating-point torch tensors, got {tensor!r:.80}")
-        fits = tensor.ndim == len(example) and all(p == "*" or p == s for p, s in zip(pattern, tensor.shape))
+            raise TypeError(f"{what} must be floating-point torch tensors, got {tensor!r:.80}")
+        fits = tensor.ndim == len(pattern) and all(p == "*" or p == s for p, s in zip(pattern, tensor.shape))
         if not fits:
             readable = ", ".join(map(str, pattern))
-            raise ValueError(f"inputs must have shape ({readable}) (* = any size) like the export example, got "
+            raise ValueError(f"{what} must have shape ({readable}) (* = any size) like the export example, got "
                              f"{tuple(tensor.shape)}")
         if not bool(torch.isfinite(tensor).all()):
-            raise ValueError("inputs must be finite (NaN or Inf gives no defined indices to compare)")
+            raise ValueError(f"{what} must be finite (NaN or Inf gives no defined indices)")
     return [tensor.detach().cpu().float() for tensor in inputs]
 
 

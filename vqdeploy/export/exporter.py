@@ -18,7 +18,7 @@ from ..config import config_to_json
 from .audio import audio_entry
 from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, FREQUENCIES_FILE, MANIFEST, WEIGHTS_FILE,
                      BundleError, load, quantizer_classes, read_manifest, value_info, write_manifest)
-from .checks import VerifyReport, check_inputs, check_onnx_file, verify_graphs
+from .checks import VerifyReport, check_inputs, check_onnx_file, encoder_inputs, verify_graphs
 from .folding import fold_code_transforms
 from .graphs import (INDEX_DTYPES, DecoderGraph, EncoderGraph, default_example, dynamic_input_axes,
                      dynamic_output_axes, has_decoder, is_residual)
@@ -196,21 +196,11 @@ def _code_frequencies(encoder_graph, calibration, example, input_axes, example_i
 
     layout = CodeLayout.from_indices(example_indices.shape, index_axes, manifest["codebook_sizes"],
                                      manifest["codebook_size"])
-
-    inputs = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    inputs = encoder_inputs(calibration, example.shape, input_axes, "calibration inputs")
     if not inputs:
         raise ValueError("calibration needs at least one input tensor")
-    pattern = ["*" if axis in input_axes else size for axis, size in enumerate(example.shape)]
-    indices = []
-    for tensor in inputs:
-        fits = isinstance(tensor, torch.Tensor) and tensor.dtype.is_floating_point and tensor.ndim == example.ndim \
-            and all(p == "*" or p == s for p, s in zip(pattern, tensor.shape))
-        if not fits:
-            raise ValueError(f"calibration inputs must be float tensors of shape ({', '.join(map(str, pattern))}) "
-                             f"(* = any size), got {getattr(tensor, 'shape', type(tensor).__name__)}")
-        with torch.no_grad():
-            indices.append(encoder_graph(tensor.detach().float().cpu()))
-    return measure_frequencies(indices, layout)
+    with torch.no_grad():
+        return measure_frequencies([encoder_graph(tensor) for tensor in inputs], layout)
 
 
 def _fresh_directory(directory: Path, overwrite: bool) -> Path:
