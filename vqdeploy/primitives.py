@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .search.dispatch import fused_search_used, search_nearest
+
 # ---------------------------------------------------------------------------
 # small numerics
 
@@ -231,6 +233,16 @@ SCORE_BLOCK_ELEMENTS = 1 << 25  # rows x codes scores computed at once (128 MiB 
 
 def nearest_codes(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = False) -> torch.Tensor:
     """Index of the nearest code for every row: (h, n, d), (h, k, d) -> (h, n).
+
+    On CUDA (float32, Triton installed) the fused kernel of :mod:`vqdeploy.search` does it: exact against
+    float64, with no rows x codes matrix in memory.  Elsewhere, :func:`nearest_codes_torch`."""
+    if fused_search_used(x, codes):
+        return search_nearest(x, codes, use_cosine_sim)
+    return nearest_codes_torch(x, codes, use_cosine_sim)
+
+
+def nearest_codes_torch(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = False) -> torch.Tensor:
+    """``nearest_codes`` in float32 torch ops (CPU, export, and the fused kernel's reference and fallback).
 
     Rows are matched in blocks of at most ``SCORE_BLOCK_ELEMENTS`` scores, a static loop over row slices, so a
     large codebook (2^16 codes and more) never needs the whole rows x codes matrix.  An export (whose row count

@@ -1,0 +1,188 @@
+"""The Triton kernel behind the fused search, and its launcher.
+
+One program takes ``BLOCK_N`` rows of one codebook and walks the codes ``BLOCK_K`` at a time:
+1. scores on tensor cores (bf16 or TF32 operands, float32 accumulation), never an N x K matrix in memory;
+2. keeps, per row, the ``CANDIDATES`` codes with the smallest lower bounds (:mod:`.bounds`) in registers, the
+   smallest upper bound, and the smallest lower bound it dropped;
+3. rescores the kept codes in float64 from the float32 rows and codes;
+4. when a row's candidates are not certified (a dropped lower bound at or below the best upper bound: near-
+   duplicate codes, many near-ties, huge norms), searches that block again over every code in float64.
+
+On CPU tensors the same kernel runs in Triton's interpreter (slow: for tests without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .bounds import CENTERING_ERROR, round_operand, score_error_factor
+
+from .dispatch import MAX_FUSED_DIM
+
+
+def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr, code_sq_ptr, code_norm_ptr,
+                    out_ptr, certified_ptr, n, k, d, eta, eta_centering,
+                    COSINE: tl.constexpr, EMULATED: tl.constexpr, INPUT_PRECISION: tl.constexpr, CANDIDATES: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    head = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < d
+    tile = row_ok[:, None] & dim_ok[None, :]
+    x_ptrs = x_ptr + head * n * d + rows.to(tl.int64)[:, None] * d + dims[None, :]
+    x = tl.load(x_ptrs, mask=tile, other=0.0)
+    if not COSINE:  # distances do not change when rows and codes move together: score about the codes' mean
+        x = x - tl.load(center_ptr + head * d + dims, mask=dim_ok, other=0.0)[None, :]
+        x = tl.where(tile, x, 0.0)
+    x_sq = tl.sum(x * x, axis=1)
+    x_norm = tl.sqrt(x_sq)
+    if EMULATED:  # the interpreter: operands rounded by torch (its own bf16 casts do not round to nearest)
+        x_scored = tl.load(x_scored_ptr + head * n * d + rows.to(tl.int64)[:, None] * d + dims[None, :],
+                           mask=tile, other=0.0)
+    else:
+        x_scored = x.to(score_codes_ptr.dtype.element_ty)
+
+    slots = tl.arange(0, CANDIDATES)
+    tile_cols = tl.arange(0, BLOCK_K)
+    kept = tl.full((BLOCK_N, CANDIDATES), float("inf"), tl.float32)  # lower bounds of the kept codes
+    kept_idx = tl.zeros((BLOCK_N, CANDIDATES), tl.int32)
+    upper = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    dropped = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    for start in range(0, k, BLOCK_K):
+        cols = start + tile_cols
+        col_ok = cols < k
+        c_ptrs = score_codes_ptr + head * k * d + cols.to(tl.int64)[None, :] * d + dims[:, None]
+        c = tl.load(c_ptrs, mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
+        dot = tl.dot(x_scored, c, input_precision=INPUT_PRECISION)
+        c_norm = tl.load(code_norm_ptr + head * k + cols, mask=col_ok, other=0.0)
+        spread = x_norm[:, None] * c_norm[None, :]
+        if COSINE:
+            approx = -dot
+            err = eta * spread
+        else:
+            c_sq = tl.load(code_sq_ptr + head * k + cols, mask=col_ok, other=0.0)
+            approx = c_sq[None, :] - 2.0 * dot
+            err = eta * (2.0 * spread + c_sq[None, :]) + eta_centering * x_sq[:, None]
+        lower = tl.where(col_ok[None, :], approx - err, float("inf"))
+        upper = tl.minimum(upper, tl.min(tl.where(col_ok[None, :], approx + err, float("inf")), axis=1))
+        tile_best = tl.min(lower, axis=1)
+        if tl.sum((tile_best < tl.max(kept, axis=1)).to(tl.int32), axis=0) > 0:
+            for _ in tl.static_range(CANDIDATES):  # move the tile's smallest lower bounds into the kept slots
+                value = tl.min(lower, axis=1)
+                col = tl.argmin(lower, axis=1)
+                lower = tl.where(tile_cols[None, :] == col[:, None], float("inf"), lower)
+                worst = tl.max(kept, axis=1)
+                worst_slot = tl.argmax(kept, axis=1)
+                take = value < worst
+                dropped = tl.minimum(dropped, tl.where(take, worst, value))
+                replace = (slots[None, :] == worst_slot[:, None]) & take[:, None]
+                kept = tl.where(replace, value[:, None], kept)
+                kept_idx = tl.where(replace, (start + col)[:, None], kept_idx)
+            dropped = tl.minimum(dropped, tl.min(lower, axis=1))
+        else:
+            dropped = tl.minimum(dropped, tile_best)
+
+    x64 = tl.load(x_ptrs, mask=tile, other=0.0).to(tl.float64)
+    codes_base = codes_ptr + head * k * d
+    best_score = tl.full((BLOCK_N,), float("inf"), tl.float64)
+    best = tl.zeros((BLOCK_N,), tl.int32)
+    for slot in tl.static_range(CANDIDATES):
+        in_slot = slots[None, :] == slot
+        idx = tl.sum(tl.where(in_slot, kept_idx, 0), axis=1)
+        valid = tl.min(tl.where(in_slot, kept, float("inf")), axis=1) < float("inf")
+        c = tl.load(codes_base + idx.to(tl.int64)[:, None] * d + dims[None, :], mask=tile & valid[:, None],
+                    other=0.0).to(tl.float64)
+        if COSINE:
+            score = -tl.sum(x64 * c, axis=1)
+        else:
+            diff = x64 - c
+            score = tl.sum(diff * diff, axis=1)
+        score = tl.where(valid, score, float("inf"))
+        better = (score < best_score) | ((score == best_score) & (idx < best))
+        best_score = tl.where(better, score, best_score)
+        best = tl.where(better, idx, best)
+
+    certified = dropped > upper
+    if tl.sum((row_ok & (certified == 0)).to(tl.int32), axis=0) > 0:  # rare: every code, in float64
+        best_score = tl.full((BLOCK_N,), float("inf"), tl.float64)
+        for j in range(0, k):
+            c = tl.load(codes_base + j * d + dims, mask=dim_ok, other=0.0).to(tl.float64)
+            if COSINE:
+                score = -tl.sum(x64 * c[None, :], axis=1)
+            else:
+                diff = x64 - c[None, :]
+                score = tl.sum(diff * diff, axis=1)
+            better = score < best_score
+            best_score = tl.where(better, score, best_score)
+            best = tl.where(better, j, best)
+    tl.store(out_ptr + head * n + rows, best.to(tl.int64), mask=row_ok)
+    tl.store(certified_ptr + head * n + rows, certified.to(tl.int8), mask=row_ok)
+
+
+@functools.cache
+def _compiled():
+    return triton.jit(_nearest_kernel)  # the interpreter's when TRITON_INTERPRET=1 was set before Triton loaded
+
+
+def _interpreting() -> bool:
+    try:
+        from triton import knobs
+    except ImportError:  # Triton before 3.4
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return bool(knobs.runtime.interpret)
+
+
+def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = False, precision: str = "bf16",
+                  candidates: int = 8, block_n: int = 64, block_k: int = 64, num_warps: int = 4
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest code per row, exact (see :mod:`.bounds`): (h, n, d), (h, k, d) float32 -> indices (h, n) int64
+    and ``certified`` (h, n) bool: True where the kept candidates were proven to hold the nearest code (False
+    rows were searched again in float64; their index is as exact)."""
+    if x.dim() != 3 or codes.dim() != 3 or x.shape[0] != codes.shape[0] or x.shape[2] != codes.shape[2]:
+        raise ValueError(f"expected rows (h, n, d) and codes (h, k, d), got {tuple(x.shape)} and "
+                         f"{tuple(codes.shape)}")
+    if x.dtype != torch.float32 or codes.dtype != torch.float32:
+        raise TypeError(f"the fused search takes float32 rows and codes, got {x.dtype} and {codes.dtype}")
+    if x.device != codes.device:
+        raise ValueError(f"rows on {x.device} and codes on {codes.device}")
+    h, n, d = x.shape
+    k = codes.shape[1]
+    if d > MAX_FUSED_DIM:
+        raise ValueError(f"the fused search takes code dimensions up to {MAX_FUSED_DIM}, got {d}")
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the fused search runs on CUDA tensors (got {x.device}); on the CPU only in Triton's "
+                         "interpreter (TRITON_INTERPRET=1 set before Triton is imported)")
+    if candidates < 1 or candidates & (candidates - 1):
+        raise ValueError(f"candidates must be a power of two, got {candidates}")
+    x = x.contiguous()
+    codes = codes.contiguous()
+    # Euclidean scores are taken about the codes' mean (see bounds.py); the float64 rescoring uses x and codes
+    center = torch.zeros(h, d, device=x.device) if use_cosine_sim else codes.mean(dim=1)
+    centered_codes = codes - center.unsqueeze(1)
+    code_sq = centered_codes.square().sum(dim=-1)
+    code_norm = code_sq.sqrt()
+    emulated = _interpreting()
+    if emulated:
+        x_scored = round_operand(x - center.unsqueeze(1), precision)
+        score_codes = round_operand(centered_codes, precision)
+    else:
+        x_scored = x
+        score_codes = centered_codes.to(torch.bfloat16) if precision == "bf16" else centered_codes
+    indices = torch.empty(h, n, dtype=torch.int64, device=x.device)
+    certified = torch.empty(h, n, dtype=torch.int8, device=x.device)
+    if n and k:
+        grid = (triton.cdiv(n, block_n), h)
+        block_d = max(16, triton.next_power_of_2(d))
+        _compiled()[grid](
+            x, x_scored, center, codes, score_codes, code_sq, code_norm, indices, certified, n, k, d,
+            score_error_factor(precision, d), CENTERING_ERROR,
+            COSINE=use_cosine_sim, EMULATED=emulated,
+            INPUT_PRECISION="tf32" if precision == "tf32" and not emulated else "ieee",
+            CANDIDATES=candidates, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
+    return indices, certified.bool()
