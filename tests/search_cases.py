@@ -21,7 +21,7 @@ def _gaussian(g, h, n, k, d):
 
 def gaussian(g):
     """Two codebooks, sizes that fill no block evenly."""
-    return (*_gaussian(g, 2, 150, 300, 48), False)
+    return (*_gaussian(g, 2, 100, 200, 48), False)
 
 
 def cosine(g):
@@ -31,9 +31,9 @@ def cosine(g):
 
 def near_duplicates(g):
     """Clusters of 16 codes 1e-6 apart (more than the kept candidates): rows must fall back, and still be exact."""
-    base = torch.randn(1, 20, 32, generator=g)
-    codes = (base.repeat_interleave(16, dim=1) + 1e-6 * torch.randn(1, 320, 32, generator=g))
-    x = base.repeat_interleave(4, dim=1) + 1e-3 * torch.randn(1, 80, 32, generator=g)
+    base = torch.randn(1, 12, 32, generator=g)
+    codes = (base.repeat_interleave(16, dim=1) + 1e-6 * torch.randn(1, 192, 32, generator=g))
+    x = base.repeat_interleave(5, dim=1) + 1e-3 * torch.randn(1, 60, 32, generator=g)
     return x, codes, False
 
 

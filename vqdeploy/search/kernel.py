@@ -28,7 +28,8 @@ from .dispatch import MAX_FUSED_DIM
 def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr, code_sq_ptr, code_norm_ptr,
                     out_ptr, certified_ptr, n, k, d, eta, eta_centering,
                     COSINE: tl.constexpr, EMULATED: tl.constexpr, INPUT_PRECISION: tl.constexpr, CANDIDATES: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    RESCORE_D: tl.constexpr):
     head = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
@@ -88,7 +89,8 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
         else:
             dropped = tl.minimum(dropped, tile_best)
 
-    x64 = tl.load(x_ptrs, mask=tile, other=0.0).to(tl.float64)
+    # float64 rescoring of the kept codes, RESCORE_D dimensions at a time (rows reread from cache)
+    rows64 = rows.to(tl.int64)
     codes_base = codes_ptr + head * k * d
     best_score = tl.full((BLOCK_N,), float("inf"), tl.float64)
     best = tl.zeros((BLOCK_N,), tl.int32)
@@ -96,13 +98,18 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
         in_slot = slots[None, :] == slot
         idx = tl.sum(tl.where(in_slot, kept_idx, 0), axis=1)
         valid = tl.min(tl.where(in_slot, kept, float("inf")), axis=1) < float("inf")
-        c = tl.load(codes_base + idx.to(tl.int64)[:, None] * d + dims[None, :], mask=tile & valid[:, None],
-                    other=0.0).to(tl.float64)
-        if COSINE:
-            score = -tl.sum(x64 * c, axis=1)
-        else:
-            diff = x64 - c
-            score = tl.sum(diff * diff, axis=1)
+        score = tl.zeros((BLOCK_N,), tl.float64)
+        for part in range(0, d, RESCORE_D):
+            part_dims = part + tl.arange(0, RESCORE_D)
+            part_tile = row_ok[:, None] & (part_dims < d)[None, :]
+            xs = tl.load(x_ptr + head * n * d + rows64[:, None] * d + part_dims[None, :], mask=part_tile,
+                         other=0.0).to(tl.float64)
+            cs = tl.load(codes_base + idx.to(tl.int64)[:, None] * d + part_dims[None, :],
+                         mask=part_tile & valid[:, None], other=0.0).to(tl.float64)
+            if COSINE:
+                score -= tl.sum(xs * cs, axis=1)
+            else:
+                score += tl.sum((xs - cs) * (xs - cs), axis=1)
         score = tl.where(valid, score, float("inf"))
         better = (score < best_score) | ((score == best_score) & (idx < best))
         best_score = tl.where(better, score, best_score)
@@ -112,22 +119,47 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
     if tl.sum((row_ok & (certified == 0)).to(tl.int32), axis=0) > 0:  # rare: every code, in float64
         best_score = tl.full((BLOCK_N,), float("inf"), tl.float64)
         for j in range(0, k):
-            c = tl.load(codes_base + j * d + dims, mask=dim_ok, other=0.0).to(tl.float64)
-            if COSINE:
-                score = -tl.sum(x64 * c[None, :], axis=1)
-            else:
-                diff = x64 - c[None, :]
-                score = tl.sum(diff * diff, axis=1)
-            better = score < best_score
-            best_score = tl.where(better, score, best_score)
-            best = tl.where(better, j, best)
+            exact = tl.zeros((BLOCK_N,), tl.float64)
+            for part in range(0, d, RESCORE_D):
+                part_dims = part + tl.arange(0, RESCORE_D)
+                part_ok = part_dims < d
+                xs = tl.load(x_ptr + head * n * d + rows64[:, None] * d + part_dims[None, :],
+                             mask=row_ok[:, None] & part_ok[None, :], other=0.0).to(tl.float64)
+                code = tl.load(codes_base + j * d + part_dims, mask=part_ok, other=0.0).to(tl.float64)
+                if COSINE:
+                    exact -= tl.sum(xs * code[None, :], axis=1)
+                else:
+                    exact += tl.sum((xs - code[None, :]) * (xs - code[None, :]), axis=1)
+            closer = exact < best_score
+            best_score = tl.where(closer, exact, best_score)
+            best = tl.where(closer, j, best)
     tl.store(out_ptr + head * n + rows, best.to(tl.int64), mask=row_ok)
     tl.store(certified_ptr + head * n + rows, certified.to(tl.int8), mask=row_ok)
 
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries per precision; each builds for sm_90 with (almost)
+# no register spills (128-row blocks spill ~0.6 KB) and within the 227 KiB of shared memory (benchmarks/search_build.py checks that on a CPU)
+TUNING_CONFIGS = {
+    "bf16": [(64, 32, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3)],
+    "tf32": [(64, 32, 4, 2), (64, 32, 8, 2)],
+    "ieee": [(64, 32, 8, 2)],
+}
+INTERPRETER_CONFIG = (64, 64, 4, 1)
+# fused multiply-adds round once where a product and a sum round twice, so the bound (bounds.py) holds either way;
+# said explicitly, as Triton 3.9 asks (its default changes in 3.10)
+FP_FUSION = True
+
+
 @functools.cache
-def _compiled():
+def _jit():
     return triton.jit(_nearest_kernel)  # the interpreter's when TRITON_INTERPRET=1 was set before Triton loaded
+
+
+@functools.cache
+def _tuned(precision: str):
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+               for bn, bk, warps, stages in TUNING_CONFIGS[precision]]
+    return triton.autotune(configs, key=["k", "d", "COSINE", "CANDIDATES"])(_jit())
 
 
 def _interpreting() -> bool:
@@ -139,11 +171,12 @@ def _interpreting() -> bool:
 
 
 def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = False, precision: str = "bf16",
-                  candidates: int = 8, block_n: int = 64, block_k: int = 64, num_warps: int = 4
+                  candidates: int = 8, config: tuple[int, int, int, int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest code per row, exact (see :mod:`.bounds`): (h, n, d), (h, k, d) float32 -> indices (h, n) int64
     and ``certified`` (h, n) bool: True where the kept candidates were proven to hold the nearest code (False
-    rows were searched again in float64; their index is as exact)."""
+    rows were searched again in float64; their index is as exact).  ``config``: (BLOCK_N, BLOCK_K, num_warps,
+    num_stages) instead of the autotuner's choice among ``TUNING_CONFIGS``."""
     if x.dim() != 3 or codes.dim() != 3 or x.shape[0] != codes.shape[0] or x.shape[2] != codes.shape[2]:
         raise ValueError(f"expected rows (h, n, d) and codes (h, k, d), got {tuple(x.shape)} and "
                          f"{tuple(codes.shape)}")
@@ -155,11 +188,13 @@ def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = F
     k = codes.shape[1]
     if d > MAX_FUSED_DIM:
         raise ValueError(f"the fused search takes code dimensions up to {MAX_FUSED_DIM}, got {d}")
-    if x.device.type != "cuda" and not _interpreting():
+    emulated = _interpreting()
+    if x.device.type != "cuda" and not emulated:
         raise ValueError(f"the fused search runs on CUDA tensors (got {x.device}); on the CPU only in Triton's "
                          "interpreter (TRITON_INTERPRET=1 set before Triton is imported)")
     if candidates < 1 or candidates & (candidates - 1):
         raise ValueError(f"candidates must be a power of two, got {candidates}")
+    eta = score_error_factor(precision, d)
     x = x.contiguous()
     codes = codes.contiguous()
     # Euclidean scores are taken about the codes' mean (see bounds.py); the float64 rescoring uses x and codes
@@ -167,7 +202,6 @@ def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = F
     centered_codes = codes - center.unsqueeze(1)
     code_sq = centered_codes.square().sum(dim=-1)
     code_norm = code_sq.sqrt()
-    emulated = _interpreting()
     if emulated:
         x_scored = round_operand(x - center.unsqueeze(1), precision)
         score_codes = round_operand(centered_codes, precision)
@@ -176,13 +210,19 @@ def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = F
         score_codes = centered_codes.to(torch.bfloat16) if precision == "bf16" else centered_codes
     indices = torch.empty(h, n, dtype=torch.int64, device=x.device)
     certified = torch.empty(h, n, dtype=torch.int8, device=x.device)
-    if n and k:
-        grid = (triton.cdiv(n, block_n), h)
-        block_d = max(16, triton.next_power_of_2(d))
-        _compiled()[grid](
-            x, x_scored, center, codes, score_codes, code_sq, code_norm, indices, certified, n, k, d,
-            score_error_factor(precision, d), CENTERING_ERROR,
-            COSINE=use_cosine_sim, EMULATED=emulated,
-            INPUT_PRECISION="tf32" if precision == "tf32" and not emulated else "ieee",
-            CANDIDATES=candidates, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
+    if n == 0 or k == 0:
+        return indices, certified.bool()
+    block_d = max(16, triton.next_power_of_2(d))
+    args = (x, x_scored, center, codes, score_codes, code_sq, code_norm, indices, certified, n, k, d, eta,
+            CENTERING_ERROR)
+    constants = dict(COSINE=use_cosine_sim, EMULATED=emulated, CANDIDATES=candidates, BLOCK_D=block_d,
+                     RESCORE_D=min(32, block_d),
+                     INPUT_PRECISION="tf32" if precision == "tf32" and not emulated else "ieee",
+                     enable_fp_fusion=FP_FUSION)
+    if config is None and not emulated:
+        _tuned(precision)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), h)](*args, **constants)
+    else:
+        block_n, block_k, warps, stages = config or INTERPRETER_CONFIG
+        _jit()[(triton.cdiv(n, block_n), h)](*args, **constants, BLOCK_N=block_n, BLOCK_K=block_k,
+                                              num_warps=warps, num_stages=stages)
     return indices, certified.bool()

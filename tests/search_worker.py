@@ -1,0 +1,83 @@
+"""Runs the fused search in Triton's interpreter (TRITON_INTERPRET=1, set by the parent before anything imports
+Triton) and prints one JSON object of results for tests/test_search.py.
+
+Each entry: the share of rows whose index equals the float64 argmin, the share the kernel certified without
+its float64 fallback, and the float32 torch path's share for comparison."""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import search_cases  # noqa: E402
+
+from vqdeploy.primitives import nearest_codes_torch  # noqa: E402
+from vqdeploy.search.kernel import fused_nearest  # noqa: E402
+
+RUNS = [(name, "bf16", 8) for name in search_cases.CASES] + [
+    ("gaussian", "tf32", 4), ("large_norms", "tf32", 4), ("cosine", "tf32", 4),
+    ("near_ties", "bf16", 1), ("exact_duplicates", "bf16", 1)]
+
+
+def _share(a, b):
+    return (a == b).double().mean().item()
+
+
+def searches() -> dict:
+    results = {}
+    for name, precision, candidates in RUNS:
+        x, codes, cosine = search_cases.build(name)
+        truth = search_cases.float64_nearest(x, codes, cosine)
+        indices, certified = fused_nearest(x, codes, cosine, precision, candidates)
+        results[f"{name}-{precision}-{candidates}"] = dict(
+            exact=_share(indices, truth), certified=certified.double().mean().item(),
+            torch_float32=_share(nearest_codes_torch(x, codes, cosine), truth))
+    return results
+
+
+def compiled_graph() -> dict:
+    """The custom op inside torch.compile(fullgraph=True): one graph, the same indices as eager."""
+    from vqdeploy.search.dispatch import search_nearest
+
+    def match(x, codes):
+        return search_nearest(x * 1.0, codes, False) + 0
+
+    x, codes, _ = search_cases.build("tiny_shapes")
+    eager = match(x, codes)
+    compiled = torch.compile(match, fullgraph=True)(x, codes)
+    return dict(equal=bool(torch.equal(eager, compiled)),
+                exact=_share(compiled, search_cases.float64_nearest(x, codes, False)))
+
+
+def quantizer_steps() -> dict:
+    """A VectorQuantize eval forward and training step with the fused search forced on (CPU: interpreter)
+    give the indices and codebook of the float32 torch path on well-separated data."""
+    import vqdeploy.primitives as primitives
+    from vqdeploy import VectorQuantize
+
+    torch.manual_seed(0)
+    reference = VectorQuantize(dim=32, codebook_size=64, decay=0.8)
+    fused = VectorQuantize(dim=32, codebook_size=64, decay=0.8)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 40, 32)
+    results = {}
+    for mode in ("eval", "train"):
+        reference.train(mode == "train")
+        fused.train(mode == "train")
+        _, ref_indices, _ = reference(x)
+        original = primitives.fused_search_used
+        primitives.fused_search_used = lambda rows, codes: True
+        try:
+            _, fused_indices, _ = fused(x)
+        finally:
+            primitives.fused_search_used = original
+        results[mode] = bool(torch.equal(ref_indices, fused_indices))
+    results["codebook"] = bool(torch.equal(reference.state_dict()["_codebook.embed"], fused.state_dict()["_codebook.embed"]))
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(dict(searches=searches(), compiled=compiled_graph(), quantizer=quantizer_steps())))

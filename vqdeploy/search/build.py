@@ -1,0 +1,99 @@
+"""Build the search kernel for a GPU architecture on any machine, GPU or not: does it compile, and what does it
+use (shared memory; registers and spills where Triton's ptxas can read the PTX)?
+
+    python -m vqdeploy.search.build [--arch 90] [--dim 256]
+
+Triton's interpreter checks what the kernel computes; this checks what only the GPU compiler sees (types of
+loop-carried values, resources).  It builds every configuration the autotuner tries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+from pathlib import Path
+
+SHARED_MEMORY_LIMIT = 227 * 1024  # per block on sm_90
+
+
+def _signature(precision: str) -> dict:
+    pointers = ["x_ptr", "x_scored_ptr", "center_ptr", "codes_ptr", "score_codes_ptr", "code_sq_ptr",
+                "code_norm_ptr"]
+    signature = {name: "*fp32" for name in pointers}
+    signature["score_codes_ptr"] = "*bf16" if precision == "bf16" else "*fp32"
+    signature.update(out_ptr="*i64", certified_ptr="*i8", n="i32", k="i32", d="i32", eta="fp32",
+                     eta_centering="fp32")
+    for name in ("COSINE", "EMULATED", "INPUT_PRECISION", "CANDIDATES", "BLOCK_N", "BLOCK_K", "BLOCK_D",
+                 "RESCORE_D"):
+        signature[name] = "constexpr"
+    return signature
+
+
+def build(precision: str = "bf16", use_cosine_sim: bool = False, dim: int = 256, candidates: int = 8,
+          config: tuple[int, int, int, int] = (64, 32, 4, 3), arch: int = 90):
+    """The compiled kernel (Triton's CompiledKernel, with ``asm`` and ``metadata``) for one configuration."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .kernel import FP_FUSION, _jit
+
+    block_n, block_k, warps, stages = config
+    block_d = max(16, triton.next_power_of_2(dim))
+    constants = dict(COSINE=use_cosine_sim, EMULATED=False, CANDIDATES=candidates, BLOCK_N=block_n,
+                     BLOCK_K=block_k, BLOCK_D=block_d, RESCORE_D=min(32, block_d),
+                     INPUT_PRECISION="tf32" if precision == "tf32" else "ieee")
+    source = ASTSource(fn=_jit(), signature=_signature(precision), constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps, num_stages=stages,
+                                                                           enable_fp_fusion=FP_FUSION))
+
+
+def register_report(ptx: str, arch: int) -> str:
+    """ptxas -v's registers and spills, from the first ptxas shipped with Triton that reads this PTX."""
+    import triton
+
+    tools = sorted((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*"), reverse=True)
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "kernel.ptx"
+        path.write_text(ptx)
+        for tool in tools:
+            run = subprocess.run([str(tool), f"-arch=sm_{arch}a", "-v", str(path), "-o", str(Path(work) / "k.o")],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                lines = [line.split("info    :")[-1].strip() for line in run.stderr.splitlines()
+                         if "registers" in line or "spill" in line]
+                return "; ".join(lines)
+    return "no ptxas here reads this PTX"
+
+
+def main(argv=None) -> None:
+    from .kernel import TUNING_CONFIGS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--candidates", type=int, default=8)
+    args = parser.parse_args(argv)
+    failures = 0
+    for precision, configs in TUNING_CONFIGS.items():
+        for use_cosine_sim in (False, True):
+            for config in configs:
+                label = f"{precision:>4} {'cosine' if use_cosine_sim else 'euclid'} {config}"
+                try:
+                    kernel = build(precision, use_cosine_sim, args.dim, args.candidates, config, args.arch)
+                except Exception as error:  # report every configuration, then fail
+                    failures += 1
+                    print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+                    continue
+                shared = kernel.metadata.shared
+                fits = "ok" if shared <= SHARED_MEMORY_LIMIT else "OVER THE LIMIT"
+                failures += shared > SHARED_MEMORY_LIMIT
+                print(f"{label}: shared {shared / 1024:.0f} KiB ({fits}); "
+                      f"{register_report(kernel.asm['ptx'], args.arch)}", flush=True)
+    raise SystemExit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
