@@ -7,6 +7,8 @@ Cases: VectorQuantize (dim 256, 1024 codes) and ResidualVQ (dim 256, 8 x 1024 co
 verified) to a temporary bundle; then PyTorch eager, PyTorch compiled (fullgraph) and onnxruntime (CPU provider,
 or CUDA with IO binding of torch tensors) time encode (features -> indices) and decode (indices -> features),
 median of --iters calls after warm-up. Indices from onnxruntime are compared with PyTorch's on the same input.
+On CUDA the compiled encoder is also timed with the float32 torch search in place of the fused kernel
+(vqdeploy.search), the computation the ONNX graph holds.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def run_case(name: str, device: str, batch: int, tokens: int, iters: int) -> lis
     from vqdeploy.export.graphs import DecoderGraph, EncoderGraph
     from vqdeploy.export.ties import compare_indices
     from vqdeploy.runtime import Session
+    from vqdeploy.search import fused_search_settings
     from vqdeploy.timing import median_ms
 
     torch.manual_seed(0)
@@ -59,6 +62,10 @@ def run_case(name: str, device: str, batch: int, tokens: int, iters: int) -> lis
             agreement_counts = f"{agreement.identical}/{agreement.near_ties}/{agreement.real}"
             index_feed = indices if device == "cuda" else indices.cpu().numpy()
             rows = []
+            if device == "cuda":  # the compiled encoder again, with the float32 torch search instead of the fused one
+                with fused_search_settings(enabled=False):
+                    torch_search_encoder = torch.compile(EncoderGraph(quantizer).to(device), fullgraph=True)
+                    torch_search_ms = median_ms(lambda: torch_search_encoder(x), iters, warmup=3, sync=sync)
             for graph, eager, compiled, ort_call in (
                     ("encode", lambda: encoder(x), lambda: compiled_encoder(x), lambda: session.encode(feed)),
                     ("decode", lambda: decoder(indices), lambda: compiled_decoder(indices),
@@ -68,6 +75,8 @@ def run_case(name: str, device: str, batch: int, tokens: int, iters: int) -> lis
                 ort_ms = median_ms(ort_call, iters, warmup=3, sync=sync)
                 rows.append(dict(case=name, graph=graph, eager_ms=eager_ms, compiled_ms=compiled_ms, ort_ms=ort_ms,
                                  providers=session.providers[0], tokens_identical_near_tie_real=agreement_counts))
+                if graph == "encode" and device == "cuda":
+                    rows[-1]["compiled_torch_search_ms"] = torch_search_ms
     return rows
 
 
@@ -100,6 +109,10 @@ def main(argv=None) -> None:
                   f"{row['ort_ms'] / row['compiled_ms']:11.2f}x | {row['tokens_identical_near_tie_real']} "
                   f"({row['providers']})",
                   flush=True)
+            if "compiled_torch_search_ms" in row:
+                print(f"{'':>5} {'':>7} | compiled with the float32 torch search (no fused kernel): "
+                      f"{row['compiled_torch_search_ms']:.2f} ms, ort/that "
+                      f"{row['ort_ms'] / row['compiled_torch_search_ms']:.2f}x", flush=True)
     write_json(args.json, device, (batch, args.tokens, 256), all_rows)
 
 

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import compare, hardware, write_json  # noqa: E402
+from harness import add_execution_arguments, compare, hardware, write_json  # noqa: E402
 
 
 def build(impl: str, dim: int, num_quantizers: int, codebook_size: int, quantize_dropout: bool):
@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--quantize-dropout", action="store_true", help="also time a case with quantize dropout")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    add_execution_arguments(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -58,7 +59,8 @@ def main(argv=None) -> None:
     cases = [dict(name="plain", quantize_dropout=False, **base)]
     if args.quantize_dropout:
         cases.append(dict(name="dropout", quantize_dropout=True, **base))
-    rows = compare("bench_residual_vq:build", cases, shape, device, iters, label="case")
+    rows = compare("bench_residual_vq:build", cases, shape, device, iters, label="case",
+                    executions=args.executions, reference_executions=args.reference_executions)
     write_json(args.json, device, shape, rows, num_quantizers=args.num_quantizers, codebook_size=args.codebook_size)
 
 

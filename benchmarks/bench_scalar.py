@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from harness import compare, hardware, write_json  # noqa: E402
+from harness import add_execution_arguments, compare, hardware, write_json  # noqa: E402
 
 
 def build(impl: str, kind: str, **options):
@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     parser.add_argument("--references", nargs="*", default=["reference", "1.32.0"],
                         help="reference (1.14.17) and/or 1.32.0")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    add_execution_arguments(parser)
     args = parser.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,7 +83,8 @@ def main(argv=None) -> None:
     for case in cases:  # bsq16: 1.32.0 only (1.14.17 has no spherical LFQ)
         references = [r for r in args.references if r in case.pop("only", args.references)]
         rows += compare("bench_scalar:build", [case], (batch, args.tokens, 16), device, iters, label="case",
-                        references=tuple(references))
+                        references=tuple(references), executions=args.executions,
+                        reference_executions=args.reference_executions)
     write_json(args.json, device, (batch, args.tokens), rows)
 
 

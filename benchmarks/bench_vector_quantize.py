@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import compare, hardware, write_json  # noqa: E402
+from harness import add_execution_arguments, compare, hardware, write_json  # noqa: E402
 
 DEFAULT_DIM = 256
 
@@ -41,6 +41,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    add_execution_arguments(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -54,7 +55,8 @@ def main(argv=None) -> None:
     print(f"# VectorQuantize; torch {torch.__version__}, {hardware(device)}; dim {args.dim}, "
           f"{batch} x {args.tokens} tokens, median of {iters}")
     cases = [dict(name=f"{size} codes", dim=args.dim, codebook_size=size) for size in sizes]
-    rows = compare("bench_vector_quantize:build", cases, shape, device, iters, label="codebook")
+    rows = compare("bench_vector_quantize:build", cases, shape, device, iters, label="codebook",
+                    executions=args.executions, reference_executions=args.reference_executions)
     write_json(args.json, device, shape, rows)
 
 

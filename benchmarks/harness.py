@@ -90,12 +90,25 @@ def hardware(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
 
 
+EXECUTIONS = ("eager", "compile")
+
+
+def add_execution_arguments(parser) -> None:
+    """``--exec`` and ``--reference-exec``: which executions to time for vqdeploy and for the references
+    (the GPU check times vqdeploy compiled and the references eager, to keep its device time short)."""
+    parser.add_argument("--exec", dest="executions", nargs="*", choices=EXECUTIONS, default=list(EXECUTIONS))
+    parser.add_argument("--reference-exec", dest="reference_executions", nargs="*", choices=EXECUTIONS,
+                        default=list(EXECUTIONS), help="none (an empty list) times vqdeploy alone")
+
+
 def compare(builder: str, cases: list[dict], shape: tuple[int, ...], device: str, iters: int,
-            label: str, references: tuple[str, ...] = ("reference",)) -> list[dict]:
+            label: str, references: tuple[str, ...] = ("reference",), executions=EXECUTIONS,
+            reference_executions=EXECUTIONS) -> list[dict]:
     """Time every case (``params`` for the builder plus a ``name``; optionally its own ``shape``, ``modes``, and
-    ``skip_reference`` with the reason) in eval/train x eager/compile, for vqdeploy and each of ``references``
-    ("reference" is 1.14.17, "1.32.0" the newest release), print a table of medians, speed-ups and memory ratios
-    (one line per reference), and return the rows."""
+    ``skip_reference`` with the reason) in eval/train x eager/compile (those of ``executions`` for vqdeploy,
+    ``reference_executions`` for the references), for vqdeploy and each of ``references`` ("reference" is
+    1.14.17, "1.32.0" the newest release), print a table of medians, speed-ups and memory ratios (one line per
+    reference), and return the rows."""
     rows = []
     header = f"{label:>10} {'mode':>5} {'exec':>8} {'vs':>9} | {'ref ms':>9} {'vqdeploy ms':>11} {'speed-up':>8} | " \
              f"{'ref peak MB':>11} {'vqd peak MB':>11} {'mem ratio':>9}"
@@ -106,18 +119,26 @@ def compare(builder: str, cases: list[dict], shape: tuple[int, ...], device: str
         case_shape = case.get("shape", shape)
         for mode in case.get("modes", ("eval", "train")):
             for compiled in (False, True):
-                results = {impl: run_case(builder=builder, params=params, impl=impl, mode=mode, compiled=compiled,
-                                          shape=case_shape, device=device, iters=iters)
-                           if impl == "vqdeploy" or not case.get("skip_reference") else
-                           dict(error=case["skip_reference"])
-                           for impl in (*references, "vqdeploy")}
+                execution = EXECUTIONS[compiled]
+                if execution not in executions and execution not in reference_executions:
+                    continue
+                results = {}
+                for impl in (*references, "vqdeploy"):
+                    chosen = executions if impl == "vqdeploy" else reference_executions
+                    if execution not in chosen:
+                        results[impl] = dict(error="not run")
+                    elif impl != "vqdeploy" and case.get("skip_reference"):
+                        results[impl] = dict(error=case["skip_reference"])
+                    else:
+                        results[impl] = run_case(builder=builder, params=params, impl=impl, mode=mode,
+                                                 compiled=compiled, shape=case_shape, device=device, iters=iters)
                 ours = results["vqdeploy"]
                 rows.append(dict(case=case["name"], mode=mode, compiled=compiled, **results))
                 for impl in references:
                     _print_line(case["name"], mode, compiled, "1.14.17" if impl == "reference" else impl,
                                 results[impl], ours)
                 for impl, r in results.items():
-                    if "error" in r:
+                    if "error" in r and r["error"] != "not run":
                         print(f"    {impl}: {r['error']}")
                 sys.stdout.flush()
     return rows

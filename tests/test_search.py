@@ -149,6 +149,8 @@ def test_kernel_rejects_bad_input():
         fused_nearest(torch.randn(4, 8), torch.randn(1, 4, 8))
     with pytest.raises(TypeError, match="float32"):
         fused_nearest(torch.randn(1, 4, 8, dtype=torch.float64), torch.randn(1, 4, 8))
+    with pytest.raises(ValueError, match="empty"):
+        fused_nearest(torch.randn(1, 4, 8), torch.randn(1, 0, 8))
     with pytest.raises(ValueError, match="CUDA"):  # the interpreter is not on in this process
         fused_nearest(torch.randn(1, 4, 8), torch.randn(1, 4, 8))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import importlib.util
 import os
 import warnings
 
@@ -53,20 +53,15 @@ def fused_search_settings(**changes):
             setattr(SETTINGS, field.name, getattr(saved, field.name))
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# decided once, without importing Triton (a constant for torch.compile to trace through)
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def fused_search_used(x: torch.Tensor, codes: torch.Tensor) -> bool:
     """Whether ``nearest_codes(x, codes)`` runs the fused kernel (decided from devices, dtypes and shapes)."""
     return (SETTINGS.enabled and not _BROKEN and x.is_cuda and x.dtype == torch.float32
             and codes.dtype == torch.float32 and x.shape[-1] <= MAX_FUSED_DIM
-            and not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()) and triton_available())
+            and not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()) and TRITON_AVAILABLE)
 
 
 def search_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool) -> torch.Tensor:
@@ -77,11 +72,13 @@ def search_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool) -
 @torch.library.custom_op("vqdeploy::fused_nearest_codes", mutates_args=())
 def fused_nearest_codes(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool, precision: str,
                         candidates: int) -> torch.Tensor:
-    from .kernel import fused_nearest
+    from .kernel import launch
 
     if not _BROKEN:
         try:
-            return fused_nearest(x, codes, use_cosine_sim, precision, candidates)[0]
+            return launch(x, codes, use_cosine_sim, precision, candidates)[0]
+        except (ValueError, TypeError):  # bad input: the caller's error, not a broken kernel
+            raise
         except Exception as error:  # a Triton that cannot build the kernel here: the torch path, said once
             _BROKEN.append(f"{type(error).__name__}: {error}")
             warnings.warn(f"vqdeploy: the fused nearest-code kernel failed ({_BROKEN[0][:200]}); "

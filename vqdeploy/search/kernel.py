@@ -72,22 +72,22 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
             err = eta * (2.0 * spread + c_sq[None, :]) + eta_centering * x_sq[:, None]
         lower = tl.where(col_ok[None, :], approx - err, float("inf"))
         upper = tl.minimum(upper, tl.min(tl.where(col_ok[None, :], approx + err, float("inf")), axis=1))
-        tile_best = tl.min(lower, axis=1)
-        if tl.sum((tile_best < tl.max(kept, axis=1)).to(tl.int32), axis=0) > 0:
-            for _ in tl.static_range(CANDIDATES):  # move the tile's smallest lower bounds into the kept slots
-                value = tl.min(lower, axis=1)
+        # move the tile's smallest lower bounds into the kept slots, one at a time, while any row of the block
+        # has one below the largest it keeps (after the first tiles, one or two steps)
+        value = tl.min(lower, axis=1)
+        worst = tl.max(kept, axis=1)
+        for _ in tl.static_range(CANDIDATES):
+            if tl.sum((value < worst).to(tl.int32), axis=0) > 0:
                 col = tl.argmin(lower, axis=1)
                 lower = tl.where(tile_cols[None, :] == col[:, None], float("inf"), lower)
-                worst = tl.max(kept, axis=1)
-                worst_slot = tl.argmax(kept, axis=1)
                 take = value < worst
                 dropped = tl.minimum(dropped, tl.where(take, worst, value))
-                replace = (slots[None, :] == worst_slot[:, None]) & take[:, None]
+                replace = (slots[None, :] == tl.argmax(kept, axis=1)[:, None]) & take[:, None]
                 kept = tl.where(replace, value[:, None], kept)
                 kept_idx = tl.where(replace, (start + col)[:, None], kept_idx)
-            dropped = tl.minimum(dropped, tl.min(lower, axis=1))
-        else:
-            dropped = tl.minimum(dropped, tile_best)
+                value = tl.min(lower, axis=1)
+                worst = tl.max(kept, axis=1)
+        dropped = tl.minimum(dropped, value)  # the rest of the tile
 
     # float64 rescoring of the kept codes, RESCORE_D dimensions at a time (rows reread from cache)
     rows64 = rows.to(tl.int64)
@@ -177,6 +177,13 @@ def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = F
     and ``certified`` (h, n) bool: True where the kept candidates were proven to hold the nearest code (False
     rows were searched again in float64; their index is as exact).  ``config``: (BLOCK_N, BLOCK_K, num_warps,
     num_stages) instead of the autotuner's choice among ``TUNING_CONFIGS``."""
+    indices, certified = launch(x, codes, use_cosine_sim, precision, candidates, config)
+    return indices, certified.bool()
+
+
+def launch(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool, precision: str, candidates: int,
+           config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_nearest` with ``certified`` left as the kernel writes it (int8): no conversion kernel."""
     if x.dim() != 3 or codes.dim() != 3 or x.shape[0] != codes.shape[0] or x.shape[2] != codes.shape[2]:
         raise ValueError(f"expected rows (h, n, d) and codes (h, k, d), got {tuple(x.shape)} and "
                          f"{tuple(codes.shape)}")
@@ -186,6 +193,8 @@ def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = F
         raise ValueError(f"rows on {x.device} and codes on {codes.device}")
     h, n, d = x.shape
     k = codes.shape[1]
+    if k == 0:
+        raise ValueError("the codebook is empty: there is no nearest code")
     if d > MAX_FUSED_DIM:
         raise ValueError(f"the fused search takes code dimensions up to {MAX_FUSED_DIM}, got {d}")
     emulated = _interpreting()
@@ -210,8 +219,8 @@ def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = F
         score_codes = centered_codes.to(torch.bfloat16) if precision == "bf16" else centered_codes
     indices = torch.empty(h, n, dtype=torch.int64, device=x.device)
     certified = torch.empty(h, n, dtype=torch.int8, device=x.device)
-    if n == 0 or k == 0:
-        return indices, certified.bool()
+    if n == 0:
+        return indices, certified
     block_d = max(16, triton.next_power_of_2(d))
     args = (x, x_scored, center, codes, score_codes, code_sq, code_norm, indices, certified, n, k, d, eta,
             CENTERING_ERROR)
@@ -225,4 +234,4 @@ def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = F
         block_n, block_k, warps, stages = config or INTERPRETER_CONFIG
         _jit()[(triton.cdiv(n, block_n), h)](*args, **constants, BLOCK_N=block_n, BLOCK_K=block_k,
                                               num_warps=warps, num_stages=stages)
-    return indices, certified.bool()
+    return indices, certified
