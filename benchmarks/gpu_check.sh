@@ -33,6 +33,9 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...
   save
 }
 
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || {
+  echo "no CUDA device here: gpu_check.sh is for the GPU machine"; exit 2; }
+
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 
@@ -49,14 +52,14 @@ except ImportError:
 print(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                       triton=tv, onnxruntime=ov, providers=providers, python=platform.python_version())))"
 cp "$RESULTS/versions.log" "$RESULTS/versions.json"
-section search 420 $PY benchmarks/bench_nearest.py --json "$RESULTS/search.json"
-section tests 420 $PY -m pytest tests/test_cuda.py -q -o addopts="" "${XDIST[@]}" --junitxml "$RESULTS/tests.xml"
-section vq 300 $PY benchmarks/bench_vector_quantize.py --device cuda --codebook-sizes 1024 --iters 30 \
+section search 240 $PY benchmarks/bench_nearest.py --json "$RESULTS/search.json"
+section tests 300 $PY -m pytest tests/test_cuda.py -q -o addopts="" "${XDIST[@]}" --junitxml "$RESULTS/tests.xml"
+section vq 180 $PY benchmarks/bench_vector_quantize.py --device cuda --codebook-sizes 1024 --iters 30 \
   --exec compile --reference-exec eager --json "$RESULTS/vq.json"
-section rvq 420 $PY benchmarks/bench_residual_vq.py --device cuda --iters 20 --exec compile \
+section rvq 240 $PY benchmarks/bench_residual_vq.py --device cuda --iters 20 --exec compile \
   --reference-exec eager --json "$RESULTS/rvq.json"
-section lfq 300 $PY benchmarks/bench_scalar.py --device cuda --cases lfq16 --batch 16 --iters 30 \
+section lfq 180 $PY benchmarks/bench_scalar.py --device cuda --cases lfq16 --batch 16 --iters 30 \
   --exec compile --reference-exec eager --references reference --json "$RESULTS/lfq.json"
-section export 420 $PY benchmarks/bench_export.py --device cuda --iters 30 --json "$RESULTS/export.json"
+section export 240 $PY benchmarks/bench_export.py --device cuda --iters 30 --json "$RESULTS/export.json"
 $PY benchmarks/gpu_table.py "$RESULTS" | tee "$RESULTS/table.md"
 save
