@@ -68,15 +68,21 @@ def quantizer_steps() -> dict:
     for mode in ("eval", "train"):
         reference.train(mode == "train")
         fused.train(mode == "train")
-        _, ref_indices, _ = reference(x)
+        training = mode == "train"
+        ref_out, ref_indices, ref_loss = reference(x.clone().requires_grad_(training))
         original = primitives.fused_search_used
         primitives.fused_search_used = lambda rows, codes: True
         try:
-            _, fused_indices, _ = fused(x)
+            inp = x.clone().requires_grad_(training)
+            out, fused_indices, loss = fused(inp)
         finally:
             primitives.fused_search_used = original
+        if training:  # the op takes inputs that need gradients, and the backward runs around it
+            (out.sum() + loss.sum()).backward()
+            results["input_grad"] = bool(inp.grad is not None and inp.grad.isfinite().all())
         results[mode] = bool(torch.equal(ref_indices, fused_indices))
-    results["codebook"] = bool(torch.equal(reference.state_dict()["_codebook.embed"], fused.state_dict()["_codebook.embed"]))
+    embed = "_codebook.embed"
+    results["codebook"] = bool(torch.equal(reference.state_dict()[embed], fused.state_dict()[embed]))
     return results
 
 

@@ -117,7 +117,7 @@ def test_fused_search_compiles_into_one_graph(interpreted):
 
 
 def test_quantizer_with_fused_search_matches_torch_path(interpreted):
-    assert interpreted["quantizer"] == dict(eval=True, train=True, codebook=True)
+    assert interpreted["quantizer"] == dict(eval=True, train=True, input_grad=True, codebook=True)
 
 
 # ------------------------------------------------------------------------------------------ dispatch

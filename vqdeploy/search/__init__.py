@@ -10,5 +10,5 @@ from .bounds import CENTERING_ERROR, SCORE_PRECISIONS, round_operand, score_erro
 from .dispatch import (MAX_FUSED_DIM, SETTINGS, FusedSearchSettings, fused_search_settings, fused_search_used,
                        search_nearest)
 
-__all__ = ["CENTERING_ERROR", "SCORE_PRECISIONS", "round_operand", "score_error_factor", "MAX_FUSED_DIM", "SETTINGS", "FusedSearchSettings",
-           "fused_search_settings", "fused_search_used", "search_nearest"]
+__all__ = ["CENTERING_ERROR", "SCORE_PRECISIONS", "round_operand", "score_error_factor", "MAX_FUSED_DIM",
+           "SETTINGS", "FusedSearchSettings", "fused_search_settings", "fused_search_used", "search_nearest"]

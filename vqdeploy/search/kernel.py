@@ -8,7 +8,8 @@ One program takes ``BLOCK_N`` rows of one codebook and walks the codes ``BLOCK_K
 4. when a row's candidates are not certified (a dropped lower bound at or below the best upper bound: near-
    duplicate codes, many near-ties, huge norms), searches that block again over every code in float64.
 
-On CPU tensors the same kernel runs in Triton's interpreter (slow: for tests without a GPU).
+With TRITON_INTERPRET=1 set before Triton is imported, the same kernel runs on CPU tensors in Triton's
+interpreter, tensor-core rounding emulated (slow: for tests without a GPU).
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ import triton
 import triton.language as tl
 
 from .bounds import CENTERING_ERROR, round_operand, score_error_factor
-
 from .dispatch import MAX_FUSED_DIM
 
 
 def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr, code_sq_ptr, code_norm_ptr,
                     out_ptr, certified_ptr, n, k, d, eta, eta_centering,
-                    COSINE: tl.constexpr, EMULATED: tl.constexpr, INPUT_PRECISION: tl.constexpr, CANDIDATES: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    COSINE: tl.constexpr, EMULATED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    CANDIDATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                     RESCORE_D: tl.constexpr):
     head = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,8 +137,9 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
     tl.store(certified_ptr + head * n + rows, certified.to(tl.int8), mask=row_ok)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries per precision; each builds for sm_90 with (almost)
-# no register spills (128-row blocks spill ~0.6 KB) and within the 227 KiB of shared memory (benchmarks/search_build.py checks that on a CPU)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries per precision.  Built for sm_90 (``python -m
+# vqdeploy.search.build``, on any machine) every one fits in shared memory; bf16's 64-row blocks spill at most 8
+# bytes, its 128-row one and TF32's about 0.2-0.6 KB.
 TUNING_CONFIGS = {
     "bf16": [(64, 32, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3)],
     "tf32": [(64, 32, 4, 2), (64, 32, 8, 2)],
