@@ -7,7 +7,7 @@ matrix-product floors, in one run.
 For each codebook size, on two kinds of data (gaussian rows and codes; rows near the codes, as a trained
 codebook sees them):
 - the float32 torch search (addmm + argmin: what eval ran before the kernel, and what export holds);
-- the fused kernel with bf16 scores and 8 candidates (the default), and with TF32 scores and 4 candidates;
+- the fused kernel with bf16 scores and 16 candidates (the default), and with TF32 scores and 8 candidates;
 - the floors: float32, TF32 and bf16 matrix products of the same size (torch.mm alone);
 with the median time, the share of rows whose index equals the float64 argmin, and for the kernel the share
 certified without its float64 fallback.  Then a VectorQuantize (dim 256, 1024 codes) eval forward and training
@@ -62,8 +62,8 @@ def search_rows(sizes, dim: int, rows: int, iters: int) -> list[dict]:
             x3, book3 = x.unsqueeze(0), book.unsqueeze(0)
             searches = {
                 "torch float32": lambda: (nearest_codes_torch(x3, book3), None),
-                "fused bf16 x8": lambda: fused_nearest(x3, book3, False, "bf16", 8),
-                "fused tf32 x4": lambda: fused_nearest(x3, book3, False, "tf32", 4),
+                "fused bf16 x16": lambda: fused_nearest(x3, book3, False, "bf16", 16),
+                "fused tf32 x8": lambda: fused_nearest(x3, book3, False, "tf32", 8),
             }
             for name, call in searches.items():
                 indices, certified = call()

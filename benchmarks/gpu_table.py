@@ -135,7 +135,7 @@ def rows(folder: Path) -> list[tuple[str, str, str, str]]:
 
     for size, limit in ((1024, 0.4), (8192, 1.5)):
         for data in ("gaussian", "near"):
-            fused = pick(codes=size, data=data, search="fused bf16 x8")
+            fused = pick(codes=size, data=data, search="fused bf16 x16")
             torch_row = pick(codes=size, data=data, search="torch float32")
             floor = pick(codes=size, search="mm bf16")
             exact = fused.get("exact")

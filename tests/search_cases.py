@@ -30,10 +30,11 @@ def cosine(g):
 
 
 def near_duplicates(g):
-    """Clusters of 16 codes 1e-6 apart (more than the kept candidates): rows must fall back, and still be exact."""
-    base = torch.randn(1, 12, 32, generator=g)
-    codes = (base.repeat_interleave(16, dim=1) + 1e-6 * torch.randn(1, 192, 32, generator=g))
-    x = base.repeat_interleave(5, dim=1) + 1e-3 * torch.randn(1, 60, 32, generator=g)
+    """Clusters of 24 codes 1e-6 apart (more than the 16 kept candidates): rows must fall back, and still be
+    exact."""
+    base = torch.randn(1, 8, 32, generator=g)
+    codes = (base.repeat_interleave(24, dim=1) + 1e-6 * torch.randn(1, 192, 32, generator=g))
+    x = base.repeat_interleave(8, dim=1) + 1e-3 * torch.randn(1, 64, 32, generator=g)
     return x, codes, False
 
 

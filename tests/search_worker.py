@@ -17,8 +17,8 @@ import search_cases  # noqa: E402
 from vqdeploy.primitives import nearest_codes_torch  # noqa: E402
 from vqdeploy.search.kernel import fused_nearest  # noqa: E402
 
-RUNS = [(name, "bf16", 8) for name in search_cases.CASES] + [
-    ("gaussian", "tf32", 4), ("large_norms", "tf32", 4), ("cosine", "tf32", 4),
+RUNS = [(name, "bf16", 16) for name in search_cases.CASES] + [
+    ("gaussian", "tf32", 8), ("large_norms", "tf32", 8), ("cosine", "tf32", 8),
     ("near_ties", "bf16", 1), ("exact_duplicates", "bf16", 1)]
 
 

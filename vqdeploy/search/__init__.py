@@ -6,9 +6,9 @@ path, which is also the reference the kernel is measured against.  The kernel it
 Triton, so it is imported only when used.
 """
 
-from .bounds import CENTERING_ERROR, SCORE_PRECISIONS, round_operand, score_error_factor
+from .bounds import SCORE_PRECISIONS, round_operand, score_error
 from .dispatch import (MAX_FUSED_DIM, SETTINGS, FusedSearchSettings, fused_search_settings, fused_search_used,
                        search_nearest)
 
-__all__ = ["CENTERING_ERROR", "SCORE_PRECISIONS", "round_operand", "score_error_factor", "MAX_FUSED_DIM",
+__all__ = ["SCORE_PRECISIONS", "round_operand", "score_error", "MAX_FUSED_DIM",
            "SETTINGS", "FusedSearchSettings", "fused_search_settings", "fused_search_used", "search_nearest"]

@@ -18,19 +18,19 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # per block on sm_90
 
 
 def _signature(precision: str) -> dict:
-    pointers = ["x_ptr", "x_scored_ptr", "center_ptr", "codes_ptr", "score_codes_ptr", "code_sq_ptr",
-                "code_norm_ptr"]
+    pointers = ["x_ptr", "x_scored_ptr", "center_ptr", "codes_ptr", "score_codes_ptr", "code_stats_ptr"]
     signature = {name: "*fp32" for name in pointers}
     signature["score_codes_ptr"] = "*bf16" if precision == "bf16" else "*fp32"
-    signature.update(out_ptr="*i64", certified_ptr="*i8", n="i32", k="i32", d="i32", eta="fp32",
-                     eta_centering="fp32")
-    for name in ("COSINE", "EMULATED", "INPUT_PRECISION", "CANDIDATES", "BLOCK_N", "BLOCK_K", "BLOCK_D",
-                 "RESCORE_D"):
+    signature.update(out_ptr="*i64", certified_ptr="*i8", n="i32", k="i32", d="i32")
+    for name in ("safety", "acc_error", "fp_error", "centering_error", "x_sq_error"):
+        signature[name] = "fp32"
+    for name in ("COSINE", "EMULATED", "BF16", "ROUND_TF32", "INPUT_PRECISION", "CANDIDATES", "BLOCK_N", "BLOCK_K",
+                 "BLOCK_D", "RESCORE_D"):
         signature[name] = "constexpr"
     return signature
 
 
-def build(precision: str = "bf16", use_cosine_sim: bool = False, dim: int = 256, candidates: int = 8,
+def build(precision: str = "bf16", use_cosine_sim: bool = False, dim: int = 256, candidates: int = 16,
           config: tuple[int, int, int, int] = (64, 32, 4, 3), arch: int = 90):
     """The compiled kernel (Triton's CompiledKernel, with ``asm`` and ``metadata``) for one configuration."""
     import triton
@@ -41,8 +41,9 @@ def build(precision: str = "bf16", use_cosine_sim: bool = False, dim: int = 256,
 
     block_n, block_k, warps, stages = config
     block_d = max(16, triton.next_power_of_2(dim))
-    constants = dict(COSINE=use_cosine_sim, EMULATED=False, CANDIDATES=candidates, BLOCK_N=block_n,
-                     BLOCK_K=block_k, BLOCK_D=block_d, RESCORE_D=min(32, block_d),
+    constants = dict(COSINE=use_cosine_sim, EMULATED=False, BF16=precision == "bf16", ROUND_TF32=precision == "tf32",
+                     CANDIDATES=candidates, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+                     RESCORE_D=min(32, block_d),
                      INPUT_PRECISION="tf32" if precision == "tf32" else "ieee")
     source = ASTSource(fn=_jit(), signature=_signature(precision), constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--candidates", type=int, default=16)
     args = parser.parse_args(argv)
     failures = 0
     for precision, configs in TUNING_CONFIGS.items():

@@ -28,7 +28,7 @@ class FusedSearchSettings:
 
     enabled: bool = os.environ.get("VQDEPLOY_FUSED_SEARCH", "1") != "0"
     precision: str = "bf16"
-    candidates: int = 8
+    candidates: int = 16
 
 
 SETTINGS = FusedSearchSettings()

@@ -2,11 +2,12 @@
 
 One program takes ``BLOCK_N`` rows of one codebook and walks the codes ``BLOCK_K`` at a time:
 1. scores on tensor cores (bf16 or TF32 operands, float32 accumulation), never an N x K matrix in memory;
-2. keeps, per row, the ``CANDIDATES`` codes with the smallest lower bounds (:mod:`.bounds`) in registers, the
-   smallest upper bound, and the smallest lower bound it dropped;
+2. keeps, per row, the smallest upper bound (:mod:`.bounds`) and, in registers, the ``CANDIDATES`` codes with
+   the smallest lower bounds among those not above it, and the smallest such lower bound it had to drop;
 3. rescores the kept codes in float64 from the float32 rows and codes;
-4. when a row's candidates are not certified (a dropped lower bound at or below the best upper bound: near-
-   duplicate codes, many near-ties, huge norms), searches that block again over every code in float64.
+4. when a row's candidates are not certified (a dropped lower bound at or below both the best upper bound and
+   the best kept code's exact score: near-duplicate codes, many near-ties), searches that block again over
+   every code in float64.
 
 With TRITON_INTERPRET=1 set before Triton is imported, the same kernel runs on CPU tensors in Triton's
 interpreter, tensor-core rounding emulated (slow: for tests without a GPU).
@@ -21,33 +22,76 @@ import torch
 import triton
 import triton.language as tl
 
-from .bounds import CENTERING_ERROR, round_operand, score_error_factor
+from .bounds import (CENTERING_ERROR, SAFETY, accumulation_error, check_precision, round_operand, rounding_error,
+                     squared_norm_error)
 from .dispatch import MAX_FUSED_DIM
 
 
-def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr, code_sq_ptr, code_norm_ptr,
-                    out_ptr, certified_ptr, n, k, d, eta, eta_centering,
-                    COSINE: tl.constexpr, EMULATED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    CANDIDATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    RESCORE_D: tl.constexpr):
+@triton.jit
+def _centered(x_ptrs, center_ptrs, mask, dim_mask, COSINE: tl.constexpr):
+    """Rows loaded, less the codes' mean for Euclidean search (distances do not change when rows and codes move
+    together); zero outside ``mask``."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if not COSINE:
+        x = tl.where(mask, x - tl.load(center_ptrs, mask=dim_mask, other=0.0)[None, :], 0.0)
+    return x
+
+
+@triton.jit
+def _score_operand(x, BF16: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """``x`` as the tensor cores take it: bf16 (rounded to nearest even), or float32 rounded to nearest even at
+    TF32's 10 mantissa bits so that the hardware's own conversion changes nothing, or float32 as it is."""
+    if BF16:
+        operand = x.to(tl.bfloat16)
+    elif ROUND_TF32:
+        bits = x.to(tl.int32, bitcast=True)
+        operand = ((bits + 0xFFF + ((bits >> 13) & 1)) & -8192).to(tl.float32, bitcast=True)
+    else:
+        operand = x
+    return operand
+
+
+def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr, code_stats_ptr,
+                    out_ptr, certified_ptr, n, k, d, safety, acc_error, fp_error, centering_error, x_sq_error,
+                    COSINE: tl.constexpr, EMULATED: tl.constexpr, BF16: tl.constexpr, ROUND_TF32: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, CANDIDATES: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESCORE_D: tl.constexpr):
     head = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < d
     tile = row_ok[:, None] & dim_ok[None, :]
-    x_ptrs = x_ptr + head * n * d + rows.to(tl.int64)[:, None] * d + dims[None, :]
-    x = tl.load(x_ptrs, mask=tile, other=0.0)
-    if not COSINE:  # distances do not change when rows and codes move together: score about the codes' mean
-        x = x - tl.load(center_ptr + head * d + dims, mask=dim_ok, other=0.0)[None, :]
-        x = tl.where(tile, x, 0.0)
-    x_sq = tl.sum(x * x, axis=1)
+    rows64 = rows.to(tl.int64)
+    x_base = x_ptr + head * n * d
+    # the rows' side of the bound, RESCORE_D dimensions at a time (few registers): ||x'||^2, and the rounding
+    # residual and the rounded row, measured
+    x_sq = tl.zeros((BLOCK_N,), tl.float32)
+    residual_sq = tl.zeros((BLOCK_N,), tl.float32)
+    rounded_sq = tl.zeros((BLOCK_N,), tl.float32)
+    for part in range(0, d, RESCORE_D):
+        part_dims = part + tl.arange(0, RESCORE_D)
+        part_tile = row_ok[:, None] & (part_dims < d)[None, :]
+        part_x = _centered(x_base + rows64[:, None] * d + part_dims[None, :], center_ptr + head * d + part_dims,
+                           part_tile, part_dims < d, COSINE)
+        if EMULATED:
+            part_rounded = tl.load(x_scored_ptr + head * n * d + rows64[:, None] * d + part_dims[None, :],
+                                   mask=part_tile, other=0.0)
+        else:
+            part_rounded = _score_operand(part_x, BF16, ROUND_TF32).to(tl.float32)
+        x_sq += tl.sum(part_x * part_x, axis=1)
+        residual_sq += tl.sum((part_rounded - part_x) * (part_rounded - part_x), axis=1)
+        rounded_sq += tl.sum(part_rounded * part_rounded, axis=1)
     x_norm = tl.sqrt(x_sq)
+    residual_norm = tl.sqrt(residual_sq)
+    rounded_norm = tl.sqrt(rounded_sq)
+    # the whole rows as the tensor cores take them, held for the scan
     if EMULATED:  # the interpreter: operands rounded by torch (its own bf16 casts do not round to nearest)
-        x_scored = tl.load(x_scored_ptr + head * n * d + rows.to(tl.int64)[:, None] * d + dims[None, :],
-                           mask=tile, other=0.0)
+        x_scored = tl.load(x_scored_ptr + head * n * d + rows64[:, None] * d + dims[None, :], mask=tile,
+                           other=0.0)
     else:
-        x_scored = x.to(score_codes_ptr.dtype.element_ty)
+        x_scored = _score_operand(_centered(x_base + rows64[:, None] * d + dims[None, :],
+                                            center_ptr + head * d + dims, tile, dim_ok, COSINE), BF16, ROUND_TF32)
 
     slots = tl.arange(0, CANDIDATES)
     tile_cols = tl.arange(0, BLOCK_K)
@@ -61,19 +105,25 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
         c_ptrs = score_codes_ptr + head * k * d + cols.to(tl.int64)[None, :] * d + dims[:, None]
         c = tl.load(c_ptrs, mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
         dot = tl.dot(x_scored, c, input_precision=INPUT_PRECISION)
-        c_norm = tl.load(code_norm_ptr + head * k + cols, mask=col_ok, other=0.0)
+        stats = code_stats_ptr + head * 4 * k + cols  # per code: ||c'||^2, ||c'||, ||C - c'||, ||C||
+        c_sq = tl.load(stats, mask=col_ok, other=0.0)
+        c_norm = tl.load(stats + k, mask=col_ok, other=0.0)
+        dot_err = (residual_norm[:, None] * c_norm[None, :]
+                   + rounded_norm[:, None] * tl.load(stats + 2 * k, mask=col_ok, other=0.0)[None, :]
+                   + acc_error * rounded_norm[:, None] * tl.load(stats + 3 * k, mask=col_ok, other=0.0)[None, :])
         spread = x_norm[:, None] * c_norm[None, :]
         if COSINE:
             approx = -dot
-            err = eta * spread
+            err = safety * (dot_err + fp_error * spread)
         else:
-            c_sq = tl.load(code_sq_ptr + head * k + cols, mask=col_ok, other=0.0)
             approx = c_sq[None, :] - 2.0 * dot
-            err = eta * (2.0 * spread + c_sq[None, :]) + eta_centering * x_sq[:, None]
-        lower = tl.where(col_ok[None, :], approx - err, float("inf"))
+            err = (safety * (2.0 * dot_err + fp_error * (2.0 * spread + c_sq[None, :]))
+                   + centering_error * x_sq[:, None])
         upper = tl.minimum(upper, tl.min(tl.where(col_ok[None, :], approx + err, float("inf")), axis=1))
-        # move the tile's smallest lower bounds into the kept slots, one at a time, while any row of the block
-        # has one below the largest it keeps (after the first tiles, one or two steps)
+        # a code whose lower bound is above the best upper bound so far can never win: it is left out here and
+        # needs no record (it stays above the final upper bound).  The rest, usually none or one per row, move
+        # into the kept slots, one at a time while any row of the block has one below the largest it keeps.
+        lower = tl.where(col_ok[None, :] & (approx - err <= upper[:, None]), approx - err, float("inf"))
         value = tl.min(lower, axis=1)
         worst = tl.max(kept, axis=1)
         for _ in tl.static_range(CANDIDATES):
@@ -90,7 +140,6 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
         dropped = tl.minimum(dropped, value)  # the rest of the tile
 
     # float64 rescoring of the kept codes, RESCORE_D dimensions at a time (rows reread from cache)
-    rows64 = rows.to(tl.int64)
     codes_base = codes_ptr + head * k * d
     best_score = tl.full((BLOCK_N,), float("inf"), tl.float64)
     best = tl.zeros((BLOCK_N,), tl.int32)
@@ -102,7 +151,7 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
         for part in range(0, d, RESCORE_D):
             part_dims = part + tl.arange(0, RESCORE_D)
             part_tile = row_ok[:, None] & (part_dims < d)[None, :]
-            xs = tl.load(x_ptr + head * n * d + rows64[:, None] * d + part_dims[None, :], mask=part_tile,
+            xs = tl.load(x_base + rows64[:, None] * d + part_dims[None, :], mask=part_tile,
                          other=0.0).to(tl.float64)
             cs = tl.load(codes_base + idx.to(tl.int64)[:, None] * d + part_dims[None, :],
                          mask=part_tile & valid[:, None], other=0.0).to(tl.float64)
@@ -115,7 +164,14 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
         best_score = tl.where(better, score, best_score)
         best = tl.where(better, idx, best)
 
-    certified = dropped > upper
+    # certified: every code left out has a lower bound above the best upper bound, or above the exact score of
+    # the best kept code, in the scan's units (Euclidean: ||x - c||^2 - ||x'||^2, ||x'||^2 known to float32
+    # accuracy: x_sq_error; the float64 scores within 1e-12)
+    if COSINE:
+        best_shifted = best_score + tl.abs(best_score) * 1e-12
+    else:
+        best_shifted = best_score * (1.0 + 1e-12) - x_sq.to(tl.float64) * (1.0 - x_sq_error)
+    certified = (dropped > upper) | (dropped.to(tl.float64) > best_shifted)
     if tl.sum((row_ok & (certified == 0)).to(tl.int32), axis=0) > 0:  # rare: every code, in float64
         best_score = tl.full((BLOCK_N,), float("inf"), tl.float64)
         for j in range(0, k):
@@ -123,7 +179,7 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
             for part in range(0, d, RESCORE_D):
                 part_dims = part + tl.arange(0, RESCORE_D)
                 part_ok = part_dims < d
-                xs = tl.load(x_ptr + head * n * d + rows64[:, None] * d + part_dims[None, :],
+                xs = tl.load(x_base + rows64[:, None] * d + part_dims[None, :],
                              mask=row_ok[:, None] & part_ok[None, :], other=0.0).to(tl.float64)
                 code = tl.load(codes_base + j * d + part_dims, mask=part_ok, other=0.0).to(tl.float64)
                 if COSINE:
@@ -137,9 +193,9 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
     tl.store(certified_ptr + head * n + rows, certified.to(tl.int8), mask=row_ok)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries per precision.  Built for sm_90 (``python -m
-# vqdeploy.search.build``, on any machine) every one fits in shared memory; bf16's 64-row blocks spill at most 8
-# bytes, its 128-row one and TF32's about 0.2-0.6 KB.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries per precision.  Built for sm_90 with 16 kept
+# candidates (``python -m vqdeploy.search.build``, on any machine) every one fits in shared memory; the 64-row
+# ones spill at most ~0.1 KB but TF32's 4-warp one (~0.6 KB), like bf16's 128-row one.
 TUNING_CONFIGS = {
     "bf16": [(64, 32, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3)],
     "tf32": [(64, 32, 4, 2), (64, 32, 8, 2)],
@@ -172,7 +228,7 @@ def _interpreting() -> bool:
 
 
 def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = False, precision: str = "bf16",
-                  candidates: int = 8, config: tuple[int, int, int, int] | None = None
+                  candidates: int = 16, config: tuple[int, int, int, int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest code per row, exact (see :mod:`.bounds`): (h, n, d), (h, k, d) float32 -> indices (h, n) int64
     and ``certified`` (h, n) bool: True where the kept candidates were proven to hold the nearest code (False
@@ -198,35 +254,33 @@ def launch(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool, precision
         raise ValueError("the codebook is empty: there is no nearest code")
     if d > MAX_FUSED_DIM:
         raise ValueError(f"the fused search takes code dimensions up to {MAX_FUSED_DIM}, got {d}")
-    emulated = _interpreting()
-    if x.device.type != "cuda" and not emulated:
+    if x.device.type != "cuda" and not _interpreting():
         raise ValueError(f"the fused search runs on CUDA tensors (got {x.device}); on the CPU only in Triton's "
                          "interpreter (TRITON_INTERPRET=1 set before Triton is imported)")
     if candidates < 1 or candidates & (candidates - 1):
         raise ValueError(f"candidates must be a power of two, got {candidates}")
-    eta = score_error_factor(precision, d)
+    check_precision(precision)
     x = x.contiguous()
     codes = codes.contiguous()
     # Euclidean scores are taken about the codes' mean (see bounds.py); the float64 rescoring uses x and codes
     center = torch.zeros(h, d, device=x.device) if use_cosine_sim else codes.mean(dim=1)
-    centered_codes = codes - center.unsqueeze(1)
-    code_sq = centered_codes.square().sum(dim=-1)
-    code_norm = code_sq.sqrt()
-    if emulated:
-        x_scored = round_operand(x - center.unsqueeze(1), precision)
-        score_codes = round_operand(centered_codes, precision)
-    else:
-        x_scored = x
-        score_codes = centered_codes.to(torch.bfloat16) if precision == "bf16" else centered_codes
+    centered = codes - center.unsqueeze(1)
+    rounded = round_operand(centered, precision)
+    code_stats = torch.stack([centered.square().sum(dim=-1), centered.norm(dim=-1),
+                              (rounded - centered).norm(dim=-1), rounded.norm(dim=-1)], dim=1)
+    emulated = _interpreting()
+    x_scored = round_operand(x - center.unsqueeze(1), precision) if emulated else x
+    score_codes = centered.to(torch.bfloat16) if precision == "bf16" and not emulated else rounded
     indices = torch.empty(h, n, dtype=torch.int64, device=x.device)
     certified = torch.empty(h, n, dtype=torch.int8, device=x.device)
     if n == 0:
         return indices, certified
     block_d = max(16, triton.next_power_of_2(d))
-    args = (x, x_scored, center, codes, score_codes, code_sq, code_norm, indices, certified, n, k, d, eta,
-            CENTERING_ERROR)
-    constants = dict(COSINE=use_cosine_sim, EMULATED=emulated, CANDIDATES=candidates, BLOCK_D=block_d,
-                     RESCORE_D=min(32, block_d),
+    args = (x, x_scored, center, codes, score_codes, code_stats, indices, certified, n, k, d, SAFETY,
+            accumulation_error(d), rounding_error(d), CENTERING_ERROR, squared_norm_error(d))
+    constants = dict(COSINE=use_cosine_sim, EMULATED=emulated, BF16=precision == "bf16" and not emulated,
+                     ROUND_TF32=precision == "tf32" and not emulated,
+                     CANDIDATES=candidates, BLOCK_D=block_d, RESCORE_D=min(32, block_d),
                      INPUT_PRECISION="tf32" if precision == "tf32" and not emulated else "ieee",
                      enable_fp_fusion=FP_FUSION)
     if config is None and not emulated:
