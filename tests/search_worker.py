@@ -86,5 +86,25 @@ def quantizer_steps() -> dict:
     return results
 
 
+def prepared_codes() -> dict:
+    """The preparing kernel against torch: the centered codes rounded as tensor cores take them (bit for bit)
+    and the bound's per-code terms, for each precision."""
+    from vqdeploy.search.bounds import round_operand
+    from vqdeploy.search.kernel import prepare_codes
+
+    codes = search_cases.build("gaussian")[1] * 30.0
+    results = {}
+    for precision in ("bf16", "tf32", "ieee"):
+        center, score_codes, stats = prepare_codes(codes, False, precision)
+        centered = codes - codes.mean(dim=1, keepdim=True)
+        rounded = round_operand(centered, precision)
+        expected = torch.stack([centered.square().sum(dim=-1), centered.norm(dim=-1),
+                                (rounded - centered).norm(dim=-1), rounded.norm(dim=-1)], dim=1)
+        results[precision] = bool(torch.equal(center, codes.mean(dim=1)) and torch.equal(score_codes, rounded)
+                                  and torch.allclose(stats, expected, rtol=1e-5, atol=1e-6))
+    return results
+
+
 if __name__ == "__main__":
-    print(json.dumps(dict(searches=searches(), compiled=compiled_graph(), quantizer=quantizer_steps())))
+    print(json.dumps(dict(searches=searches(), compiled=compiled_graph(), quantizer=quantizer_steps(),
+                          prepared=prepared_codes())))

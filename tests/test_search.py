@@ -121,6 +121,11 @@ def test_fused_search_compiles_into_one_graph(interpreted):
     assert interpreted["compiled"] == dict(equal=True, exact=1.0)
 
 
+def test_prepared_codes_match_torch(interpreted):
+    """Codes rounded by the kernel's integer arithmetic equal torch's round-to-nearest-even casts, bit for bit."""
+    assert interpreted["prepared"] == dict(bf16=True, tf32=True, ieee=True)
+
+
 def test_quantizer_with_fused_search_matches_torch_path(interpreted):
     assert interpreted["quantizer"] == dict(eval=True, train=True, input_grad=True, codebook=True)
 
@@ -168,9 +173,10 @@ def test_kernel_builds_for_hopper():
     the interpreter does not see show up here) and fits the shared memory of a block; 2 kept candidates instead
     of 16 unroll less and build faster, the rest is the same code.  ``python -m vqdeploy.search.build`` builds
     every configuration the autotuner tries, cosine included, with 16."""
-    from vqdeploy.search.build import SHARED_MEMORY_LIMIT, build
+    from vqdeploy.search.build import SHARED_MEMORY_LIMIT, build, build_prepare
     from vqdeploy.search.kernel import TUNING_CONFIGS
 
     kernel = build("bf16", False, dim=256, candidates=2, config=TUNING_CONFIGS["bf16"][0], arch=90)
     assert kernel.asm["cubin"]
     assert 0 < kernel.metadata.shared <= SHARED_MEMORY_LIMIT
+    assert build_prepare("bf16", False, dim=256, arch=90).asm["cubin"]

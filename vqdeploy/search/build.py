@@ -1,4 +1,4 @@
-"""Build the search kernel for a GPU architecture on any machine, GPU or not: does it compile, and what does it
+"""Build the search kernels for a GPU architecture on any machine, GPU or not: does it compile, and what does it
 use (shared memory; registers and spills where Triton's ptxas can read the PTX)?
 
     python -m vqdeploy.search.build [--arch 90] [--dim 256]
@@ -18,13 +18,13 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # per block on sm_90
 
 
 def _signature(precision: str) -> dict:
-    pointers = ["x_ptr", "x_scored_ptr", "center_ptr", "codes_ptr", "score_codes_ptr", "code_stats_ptr"]
+    pointers = ["x_ptr", "center_ptr", "codes_ptr", "score_codes_ptr", "code_stats_ptr"]
     signature = {name: "*fp32" for name in pointers}
     signature["score_codes_ptr"] = "*bf16" if precision == "bf16" else "*fp32"
     signature.update(out_ptr="*i64", certified_ptr="*i8", n="i32", k="i32", d="i32")
     for name in ("safety", "acc_error", "fp_error", "centering_error", "x_sq_error"):
         signature[name] = "fp32"
-    for name in ("COSINE", "EMULATED", "BF16", "ROUND_TF32", "INPUT_PRECISION", "CANDIDATES", "BLOCK_N", "BLOCK_K",
+    for name in ("COSINE", "EMULATED", "BF16", "TF32", "INPUT_PRECISION", "CANDIDATES", "BLOCK_N", "BLOCK_K",
                  "BLOCK_D", "RESCORE_D"):
         signature[name] = "constexpr"
     return signature
@@ -37,18 +37,35 @@ def build(precision: str = "bf16", use_cosine_sim: bool = False, dim: int = 256,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernel import FP_FUSION, _jit
+    from .kernel import FP_FUSION, _nearest_kernel
 
     block_n, block_k, warps, stages = config
     block_d = max(16, triton.next_power_of_2(dim))
-    constants = dict(COSINE=use_cosine_sim, EMULATED=False, BF16=precision == "bf16", ROUND_TF32=precision == "tf32",
+    constants = dict(COSINE=use_cosine_sim, EMULATED=False, BF16=precision == "bf16", TF32=precision == "tf32",
                      CANDIDATES=candidates, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
                      RESCORE_D=min(32, block_d),
                      INPUT_PRECISION="tf32" if precision == "tf32" else "ieee")
-    source = ASTSource(fn=_jit(), signature=_signature(precision), constexprs=constants)
+    source = ASTSource(fn=_nearest_kernel, signature=_signature(precision), constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=warps, num_stages=stages,
                                                                            enable_fp_fusion=FP_FUSION))
+
+
+def build_prepare(precision: str = "bf16", use_cosine_sim: bool = False, dim: int = 256, arch: int = 90):
+    """The compiled preparing kernel (the codes' side of a search) for one precision."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .kernel import PREPARE_BLOCK, _prepare_codes_kernel
+
+    signature = dict(codes_ptr="*fp32", center_ptr="*fp32", score_codes_ptr="*bf16" if precision == "bf16" else
+                     "*fp32", code_stats_ptr="*fp32", k="i32", d="i32", COSINE="constexpr", BF16="constexpr",
+                     TF32="constexpr", EMULATED="constexpr", BLOCK_C="constexpr", BLOCK_D="constexpr")
+    constants = dict(COSINE=use_cosine_sim, BF16=precision == "bf16", TF32=precision == "tf32", EMULATED=False,
+                     BLOCK_C=PREPARE_BLOCK, BLOCK_D=max(16, triton.next_power_of_2(dim)))
+    source = ASTSource(fn=_prepare_codes_kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
 
 
 def register_report(ptx: str, arch: int) -> str:
@@ -80,6 +97,14 @@ def main(argv=None) -> None:
     failures = 0
     for precision, configs in TUNING_CONFIGS.items():
         for use_cosine_sim in (False, True):
+            label = f"{precision:>4} {'cosine' if use_cosine_sim else 'euclid'} preparing kernel"
+            try:
+                kernel = build_prepare(precision, use_cosine_sim, args.dim, args.arch)
+                print(f"{label}: shared {kernel.metadata.shared / 1024:.0f} KiB; "
+                      f"{register_report(kernel.asm['ptx'], args.arch)}", flush=True)
+            except Exception as error:  # report every kernel, then fail
+                failures += 1
+                print(f"{label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
             for config in configs:
                 label = f"{precision:>4} {'cosine' if use_cosine_sim else 'euclid'} {config}"
                 try:

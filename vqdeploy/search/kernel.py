@@ -9,8 +9,9 @@ One program takes ``BLOCK_N`` rows of one codebook and walks the codes ``BLOCK_K
    the best kept code's exact score: near-duplicate codes, many near-ties), searches that block again over
    every code in float64.
 
-With TRITON_INTERPRET=1 set before Triton is imported, the same kernel runs on CPU tensors in Triton's
-interpreter, tensor-core rounding emulated (slow: for tests without a GPU).
+With TRITON_INTERPRET=1 set before Triton is imported, the same kernels run on CPU tensors in Triton's
+interpreter (slow: for tests without a GPU); the operands are rounded by the same integer arithmetic there, and
+multiplied in float32, where products of bf16 or TF32 values are exact, as on tensor cores.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bounds import (CENTERING_ERROR, SAFETY, accumulation_error, check_precision, round_operand, rounding_error,
+from .bounds import (CENTERING_ERROR, SAFETY, accumulation_error, check_precision, rounding_error,
                      squared_norm_error)
 from .dispatch import MAX_FUSED_DIM
 
@@ -38,22 +39,59 @@ def _centered(x_ptrs, center_ptrs, mask, dim_mask, COSINE: tl.constexpr):
 
 
 @triton.jit
-def _score_operand(x, BF16: tl.constexpr, ROUND_TF32: tl.constexpr):
-    """``x`` as the tensor cores take it: bf16 (rounded to nearest even), or float32 rounded to nearest even at
-    TF32's 10 mantissa bits so that the hardware's own conversion changes nothing, or float32 as it is."""
+def _round_low_bits(x, DROP: tl.constexpr):
+    """float32 ``x`` rounded to nearest (even) with its ``DROP`` lowest mantissa bits cleared: bf16 (16) or TF32
+    (13) values, held in float32.  Integer arithmetic, so it rounds the same on every GPU and in the
+    interpreter (whose own bf16 casts truncate)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & -(1 << DROP)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _score_operand(x, BF16: tl.constexpr, TF32: tl.constexpr, EMULATED: tl.constexpr):
+    """``x`` as the tensor cores take it: rounded to nearest even at bf16's or TF32's precision (so that the
+    hardware's own conversion changes nothing), bf16 itself for bf16 scores on a GPU; float32 for "ieee" and in
+    the interpreter (whose bf16 dot products are wrong; products of bf16 values are exact in float32)."""
     if BF16:
-        operand = x.to(tl.bfloat16)
-    elif ROUND_TF32:
-        bits = x.to(tl.int32, bitcast=True)
-        operand = ((bits + 0xFFF + ((bits >> 13) & 1)) & -8192).to(tl.float32, bitcast=True)
+        operand = _round_low_bits(x, 16)
+        if not EMULATED:
+            operand = operand.to(tl.bfloat16)
+    elif TF32:
+        operand = _round_low_bits(x, 13)
     else:
         operand = x
     return operand
 
 
-def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr, code_stats_ptr,
+@triton.jit
+def _prepare_codes_kernel(codes_ptr, center_ptr, score_codes_ptr, code_stats_ptr, k, d,
+                          COSINE: tl.constexpr, BF16: tl.constexpr, TF32: tl.constexpr, EMULATED: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The codes' side of the search, in one pass: the centered codes as the tensor cores take them, and per
+    code ||c'||^2, ||c'||, ||C - c'|| and ||C|| (the bound's terms, bounds.py)."""
+    head = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < k
+    dims = tl.arange(0, BLOCK_D)
+    tile = col_ok[:, None] & (dims < d)[None, :]
+    offsets = head * k * d + cols.to(tl.int64)[:, None] * d + dims[None, :]
+    c = _centered(codes_ptr + offsets, center_ptr + head * d + dims, tile, dims < d, COSINE)
+    operand = _score_operand(c, BF16, TF32, EMULATED)
+    tl.store(score_codes_ptr + offsets, operand, mask=tile)
+    rounded = operand.to(tl.float32)
+    c_sq = tl.sum(c * c, axis=1)
+    stats = code_stats_ptr + head * 4 * k + cols
+    tl.store(stats, c_sq, mask=col_ok)
+    tl.store(stats + k, tl.sqrt(c_sq), mask=col_ok)
+    tl.store(stats + 2 * k, tl.sqrt(tl.sum((rounded - c) * (rounded - c), axis=1)), mask=col_ok)
+    tl.store(stats + 3 * k, tl.sqrt(tl.sum(rounded * rounded, axis=1)), mask=col_ok)
+
+
+@triton.jit
+def _nearest_kernel(x_ptr, center_ptr, codes_ptr, score_codes_ptr, code_stats_ptr,
                     out_ptr, certified_ptr, n, k, d, safety, acc_error, fp_error, centering_error, x_sq_error,
-                    COSINE: tl.constexpr, EMULATED: tl.constexpr, BF16: tl.constexpr, ROUND_TF32: tl.constexpr,
+                    COSINE: tl.constexpr, EMULATED: tl.constexpr, BF16: tl.constexpr, TF32: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr, CANDIDATES: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESCORE_D: tl.constexpr):
     head = tl.program_id(1).to(tl.int64)
@@ -74,11 +112,7 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
         part_tile = row_ok[:, None] & (part_dims < d)[None, :]
         part_x = _centered(x_base + rows64[:, None] * d + part_dims[None, :], center_ptr + head * d + part_dims,
                            part_tile, part_dims < d, COSINE)
-        if EMULATED:
-            part_rounded = tl.load(x_scored_ptr + head * n * d + rows64[:, None] * d + part_dims[None, :],
-                                   mask=part_tile, other=0.0)
-        else:
-            part_rounded = _score_operand(part_x, BF16, ROUND_TF32).to(tl.float32)
+        part_rounded = _score_operand(part_x, BF16, TF32, EMULATED).to(tl.float32)
         x_sq += tl.sum(part_x * part_x, axis=1)
         residual_sq += tl.sum((part_rounded - part_x) * (part_rounded - part_x), axis=1)
         rounded_sq += tl.sum(part_rounded * part_rounded, axis=1)
@@ -86,12 +120,8 @@ def _nearest_kernel(x_ptr, x_scored_ptr, center_ptr, codes_ptr, score_codes_ptr,
     residual_norm = tl.sqrt(residual_sq)
     rounded_norm = tl.sqrt(rounded_sq)
     # the whole rows as the tensor cores take them, held for the scan
-    if EMULATED:  # the interpreter: operands rounded by torch (its own bf16 casts do not round to nearest)
-        x_scored = tl.load(x_scored_ptr + head * n * d + rows64[:, None] * d + dims[None, :], mask=tile,
-                           other=0.0)
-    else:
-        x_scored = _score_operand(_centered(x_base + rows64[:, None] * d + dims[None, :],
-                                            center_ptr + head * d + dims, tile, dim_ok, COSINE), BF16, ROUND_TF32)
+    x_scored = _score_operand(_centered(x_base + rows64[:, None] * d + dims[None, :], center_ptr + head * d + dims,
+                                        tile, dim_ok, COSINE), BF16, TF32, EMULATED)
 
     slots = tl.arange(0, CANDIDATES)
     tile_cols = tl.arange(0, BLOCK_K)
@@ -202,21 +232,17 @@ TUNING_CONFIGS = {
     "ieee": [(64, 32, 8, 2)],
 }
 INTERPRETER_CONFIG = (64, 64, 4, 1)
+PREPARE_BLOCK = 16  # codes per program of the preparing kernel
 # fused multiply-adds round once where a product and a sum round twice, so the bound (bounds.py) holds either way;
 # said explicitly, as Triton 3.9 asks (its default changes in 3.10)
 FP_FUSION = True
 
 
 @functools.cache
-def _jit():
-    return triton.jit(_nearest_kernel)  # the interpreter's when TRITON_INTERPRET=1 was set before Triton loaded
-
-
-@functools.cache
 def _tuned(precision: str):
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
                for bn, bk, warps, stages in TUNING_CONFIGS[precision]]
-    return triton.autotune(configs, key=["k", "d", "COSINE", "CANDIDATES"])(_jit())
+    return triton.autotune(configs, key=["k", "d", "COSINE", "CANDIDATES"])(_nearest_kernel)
 
 
 def _interpreting() -> bool:
@@ -225,6 +251,27 @@ def _interpreting() -> bool:
     except ImportError:  # Triton before 3.4
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return bool(knobs.runtime.interpret)
+
+
+def _flags(use_cosine_sim: bool, precision: str) -> dict:
+    return dict(COSINE=use_cosine_sim, EMULATED=_interpreting(), BF16=precision == "bf16", TF32=precision == "tf32")
+
+
+def prepare_codes(codes: torch.Tensor, use_cosine_sim: bool, precision: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The codes' side of a search (h, k, d), in two launches: the center (h, d: the codes' mean, zeros for
+    cosine), the centered codes as the tensor cores take them (h, k, d: bf16 on a GPU for bf16 scores, else
+    float32) and per code ||c'||^2, ||c'||, ||C - c'||, ||C|| (h, 4, k)."""
+    h, k, d = codes.shape
+    emulated = _interpreting()
+    center = torch.zeros(h, d, device=codes.device) if use_cosine_sim else codes.mean(dim=1)
+    score_dtype = torch.bfloat16 if precision == "bf16" and not emulated else torch.float32
+    score_codes = torch.empty(h, k, d, device=codes.device, dtype=score_dtype)
+    code_stats = torch.empty(h, 4, k, device=codes.device)
+    _prepare_codes_kernel[(triton.cdiv(k, PREPARE_BLOCK), h)](
+        codes, center, score_codes, code_stats, k, d, **_flags(use_cosine_sim, precision), BLOCK_C=PREPARE_BLOCK,
+        BLOCK_D=max(16, triton.next_power_of_2(d)))
+    return center, score_codes, code_stats
 
 
 def fused_nearest(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool = False, precision: str = "bf16",
@@ -262,31 +309,22 @@ def launch(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool, precision
     check_precision(precision)
     x = x.contiguous()
     codes = codes.contiguous()
-    # Euclidean scores are taken about the codes' mean (see bounds.py); the float64 rescoring uses x and codes
-    center = torch.zeros(h, d, device=x.device) if use_cosine_sim else codes.mean(dim=1)
-    centered = codes - center.unsqueeze(1)
-    rounded = round_operand(centered, precision)
-    code_stats = torch.stack([centered.square().sum(dim=-1), centered.norm(dim=-1),
-                              (rounded - centered).norm(dim=-1), rounded.norm(dim=-1)], dim=1)
-    emulated = _interpreting()
-    x_scored = round_operand(x - center.unsqueeze(1), precision) if emulated else x
-    score_codes = centered.to(torch.bfloat16) if precision == "bf16" and not emulated else rounded
     indices = torch.empty(h, n, dtype=torch.int64, device=x.device)
     certified = torch.empty(h, n, dtype=torch.int8, device=x.device)
     if n == 0:
         return indices, certified
-    block_d = max(16, triton.next_power_of_2(d))
-    args = (x, x_scored, center, codes, score_codes, code_stats, indices, certified, n, k, d, SAFETY,
+    emulated = _interpreting()
+    center, score_codes, code_stats = prepare_codes(codes, use_cosine_sim, precision)
+    args = (x, center, codes, score_codes, code_stats, indices, certified, n, k, d, SAFETY,
             accumulation_error(d), rounding_error(d), CENTERING_ERROR, squared_norm_error(d))
-    constants = dict(COSINE=use_cosine_sim, EMULATED=emulated, BF16=precision == "bf16" and not emulated,
-                     ROUND_TF32=precision == "tf32" and not emulated,
-                     CANDIDATES=candidates, BLOCK_D=block_d, RESCORE_D=min(32, block_d),
-                     INPUT_PRECISION="tf32" if precision == "tf32" and not emulated else "ieee",
-                     enable_fp_fusion=FP_FUSION)
+    block_d = max(16, triton.next_power_of_2(d))
+    constants = dict(_flags(use_cosine_sim, precision), CANDIDATES=candidates, BLOCK_D=block_d,
+                     RESCORE_D=min(32, block_d), INPUT_PRECISION="tf32" if precision == "tf32" and not emulated
+                     else "ieee", enable_fp_fusion=FP_FUSION)
     if config is None and not emulated:
         _tuned(precision)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), h)](*args, **constants)
     else:
         block_n, block_k, warps, stages = config or INTERPRETER_CONFIG
-        _jit()[(triton.cdiv(n, block_n), h)](*args, **constants, BLOCK_N=block_n, BLOCK_K=block_k,
-                                              num_warps=warps, num_stages=stages)
+        _nearest_kernel[(triton.cdiv(n, block_n), h)](*args, **constants, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                       num_warps=warps, num_stages=stages)
     return indices, certified
