@@ -57,7 +57,7 @@ def build_prepare(precision: str = "bf16", use_cosine_sim: bool = False, dim: in
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernel import PREPARE_BLOCK, _prepare_codes_kernel
+    from .kernel import FP_FUSION, PREPARE_BLOCK, _prepare_codes_kernel
 
     signature = dict(codes_ptr="*fp32", center_ptr="*fp32", score_codes_ptr="*bf16" if precision == "bf16" else
                      "*fp32", code_stats_ptr="*fp32", k="i32", d="i32", COSINE="constexpr", BF16="constexpr",
@@ -65,7 +65,8 @@ def build_prepare(precision: str = "bf16", use_cosine_sim: bool = False, dim: in
     constants = dict(COSINE=use_cosine_sim, BF16=precision == "bf16", TF32=precision == "tf32", EMULATED=False,
                      BLOCK_C=PREPARE_BLOCK, BLOCK_D=max(16, triton.next_power_of_2(dim)))
     source = ASTSource(fn=_prepare_codes_kernel, signature=signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=4, enable_fp_fusion=FP_FUSION))
 
 
 def register_report(ptx: str, arch: int) -> str:

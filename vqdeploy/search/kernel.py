@@ -270,7 +270,7 @@ def prepare_codes(codes: torch.Tensor, use_cosine_sim: bool, precision: str
     code_stats = torch.empty(h, 4, k, device=codes.device)
     _prepare_codes_kernel[(triton.cdiv(k, PREPARE_BLOCK), h)](
         codes, center, score_codes, code_stats, k, d, **_flags(use_cosine_sim, precision), BLOCK_C=PREPARE_BLOCK,
-        BLOCK_D=max(16, triton.next_power_of_2(d)))
+        BLOCK_D=max(16, triton.next_power_of_2(d)), enable_fp_fusion=FP_FUSION)
     return center, score_codes, code_stats
 
 
