@@ -72,11 +72,14 @@ class RangeCoder:
     def codes_layer(self, layer: int) -> bool:
         return len(self.counts[layer]) <= MAX_CODED_SIZE and len(self.counts[layer]) > 1
 
+    def probabilities(self, layer: int) -> np.ndarray:
+        """The layer's model: counts + 1/2, normalised (every code codable)."""
+        p = self.counts[layer].astype(np.float64) + 0.5
+        return p / p.sum()
+
     def model(self, layer: int):
         if layer not in self._models:
-            probabilities = self.counts[layer].astype(np.float64) + 0.5
-            self._models[layer] = _constriction().stream.model.Categorical(probabilities / probabilities.sum(),
-                                                                           perfect=False)
+            self._models[layer] = _constriction().stream.model.Categorical(self.probabilities(layer), perfect=False)
         return self._models[layer]
 
     def encode(self, layer: int, codes: np.ndarray) -> bytes:
@@ -96,6 +99,5 @@ class RangeCoder:
 
     def expected_bits(self, layer: int) -> float:
         """The model's entropy in bits per code (what coding data like the calibration costs)."""
-        p = self.counts[layer].astype(np.float64) + 0.5
-        p /= p.sum()
+        p = self.probabilities(layer)
         return float(-(p * np.log2(p)).sum())

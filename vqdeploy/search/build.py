@@ -17,56 +17,52 @@ from pathlib import Path
 SHARED_MEMORY_LIMIT = 227 * 1024  # per block on sm_90
 
 
-def _signature(precision: str) -> dict:
+def _search_arguments(precision: str) -> dict:
+    """The search kernel's run-time arguments and their types."""
     pointers = ["x_ptr", "center_ptr", "codes_ptr", "score_codes_ptr", "code_stats_ptr"]
     signature = {name: "*fp32" for name in pointers}
     signature["score_codes_ptr"] = "*bf16" if precision == "bf16" else "*fp32"
     signature.update(out_ptr="*i64", certified_ptr="*i8", n="i32", k="i32", d="i32")
     for name in ("safety", "acc_error", "fp_error", "centering_error", "x_sq_error"):
         signature[name] = "fp32"
-    for name in ("COSINE", "EMULATED", "BF16", "TF32", "INPUT_PRECISION", "CANDIDATES", "BLOCK_N", "BLOCK_K",
-                 "BLOCK_D", "RESCORE_D"):
-        signature[name] = "constexpr"
     return signature
+
+
+def _compile(fn, arguments: dict, constants: dict, arch: int, **options):
+    """``fn`` compiled for ``sm_{arch}``: ``arguments`` name the run-time argument types, ``constants`` the
+    compile-time values."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .kernel import FP_FUSION
+
+    signature = dict(arguments, **{name: "constexpr" for name in constants})
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(options, enable_fp_fusion=FP_FUSION))
 
 
 def build(precision: str = "bf16", use_cosine_sim: bool = False, dim: int = 256, candidates: int = 16,
           config: tuple[int, int, int, int] = (64, 32, 4, 3), arch: int = 90):
     """The compiled kernel (Triton's CompiledKernel, with ``asm`` and ``metadata``) for one configuration."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from .kernel import FP_FUSION, _nearest_kernel
+    from .kernel import _nearest_kernel, search_constants
 
     block_n, block_k, warps, stages = config
-    block_d = max(16, triton.next_power_of_2(dim))
-    constants = dict(COSINE=use_cosine_sim, EMULATED=False, BF16=precision == "bf16", TF32=precision == "tf32",
-                     CANDIDATES=candidates, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-                     RESCORE_D=min(32, block_d),
-                     INPUT_PRECISION="tf32" if precision == "tf32" else "ieee")
-    source = ASTSource(fn=_nearest_kernel, signature=_signature(precision), constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps, num_stages=stages,
-                                                                           enable_fp_fusion=FP_FUSION))
+    constants = dict(search_constants(use_cosine_sim, precision, candidates, dim, emulated=False),
+                     BLOCK_N=block_n, BLOCK_K=block_k)
+    return _compile(_nearest_kernel, _search_arguments(precision), constants, arch, num_warps=warps,
+                    num_stages=stages)
 
 
 def build_prepare(precision: str = "bf16", use_cosine_sim: bool = False, dim: int = 256, arch: int = 90):
     """The compiled preparing kernel (the codes' side of a search) for one precision."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from .kernel import _prepare_codes_kernel, prepare_constants
 
-    from .kernel import FP_FUSION, PREPARE_BLOCK, _prepare_codes_kernel
-
-    signature = dict(codes_ptr="*fp32", center_ptr="*fp32", score_codes_ptr="*bf16" if precision == "bf16" else
-                     "*fp32", code_stats_ptr="*fp32", k="i32", d="i32", COSINE="constexpr", BF16="constexpr",
-                     TF32="constexpr", EMULATED="constexpr", BLOCK_C="constexpr", BLOCK_D="constexpr")
-    constants = dict(COSINE=use_cosine_sim, BF16=precision == "bf16", TF32=precision == "tf32", EMULATED=False,
-                     BLOCK_C=PREPARE_BLOCK, BLOCK_D=max(16, triton.next_power_of_2(dim)))
-    source = ASTSource(fn=_prepare_codes_kernel, signature=signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=4, enable_fp_fusion=FP_FUSION))
+    arguments = dict(codes_ptr="*fp32", center_ptr="*fp32", score_codes_ptr="*bf16" if precision == "bf16" else
+                     "*fp32", code_stats_ptr="*fp32", k="i32", d="i32")
+    constants = prepare_constants(use_cosine_sim, precision, dim, emulated=False)
+    return _compile(_prepare_codes_kernel, arguments, constants, arch, num_warps=4)
 
 
 def register_report(ptx: str, arch: int) -> str:

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from .bounds import SCORE_PRECISIONS
+from .bounds import check_precision
 
 MAX_FUSED_DIM = 256  # a row block's operands stay in registers up to this code dimension
 
@@ -41,8 +41,7 @@ def fused_search_settings(**changes):
     unknown = set(changes) - {f.name for f in dataclasses.fields(FusedSearchSettings)}
     if unknown:
         raise TypeError(f"unknown fused search settings {sorted(unknown)}")
-    if changes.get("precision", SETTINGS.precision) not in SCORE_PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(SCORE_PRECISIONS)}, got {changes['precision']!r}")
+    check_precision(changes.get("precision", SETTINGS.precision))
     saved = dataclasses.replace(SETTINGS)
     for name, value in changes.items():
         setattr(SETTINGS, name, value)

@@ -101,7 +101,7 @@ def _nearest_kernel(x_ptr, center_ptr, codes_ptr, score_codes_ptr, code_stats_pt
     dim_ok = dims < d
     tile = row_ok[:, None] & dim_ok[None, :]
     rows64 = rows.to(tl.int64)
-    x_base = x_ptr + head * n * d
+    row_ptrs = x_ptr + head * n * d + rows64[:, None] * d  # each row's first element, (BLOCK_N, 1)
     # the rows' side of the bound, RESCORE_D dimensions at a time (few registers): ||x'||^2, and the rounding
     # residual and the rounded row, measured
     x_sq = tl.zeros((BLOCK_N,), tl.float32)
@@ -110,7 +110,7 @@ def _nearest_kernel(x_ptr, center_ptr, codes_ptr, score_codes_ptr, code_stats_pt
     for part in range(0, d, RESCORE_D):
         part_dims = part + tl.arange(0, RESCORE_D)
         part_tile = row_ok[:, None] & (part_dims < d)[None, :]
-        part_x = _centered(x_base + rows64[:, None] * d + part_dims[None, :], center_ptr + head * d + part_dims,
+        part_x = _centered(row_ptrs + part_dims[None, :], center_ptr + head * d + part_dims,
                            part_tile, part_dims < d, COSINE)
         part_rounded = _score_operand(part_x, BF16, TF32, EMULATED).to(tl.float32)
         x_sq += tl.sum(part_x * part_x, axis=1)
@@ -120,7 +120,7 @@ def _nearest_kernel(x_ptr, center_ptr, codes_ptr, score_codes_ptr, code_stats_pt
     residual_norm = tl.sqrt(residual_sq)
     rounded_norm = tl.sqrt(rounded_sq)
     # the whole rows as the tensor cores take them, held for the scan
-    x_scored = _score_operand(_centered(x_base + rows64[:, None] * d + dims[None, :], center_ptr + head * d + dims,
+    x_scored = _score_operand(_centered(row_ptrs + dims[None, :], center_ptr + head * d + dims,
                                         tile, dim_ok, COSINE), BF16, TF32, EMULATED)
 
     slots = tl.arange(0, CANDIDATES)
@@ -181,7 +181,7 @@ def _nearest_kernel(x_ptr, center_ptr, codes_ptr, score_codes_ptr, code_stats_pt
         for part in range(0, d, RESCORE_D):
             part_dims = part + tl.arange(0, RESCORE_D)
             part_tile = row_ok[:, None] & (part_dims < d)[None, :]
-            xs = tl.load(x_base + rows64[:, None] * d + part_dims[None, :], mask=part_tile,
+            xs = tl.load(row_ptrs + part_dims[None, :], mask=part_tile,
                          other=0.0).to(tl.float64)
             cs = tl.load(codes_base + idx.to(tl.int64)[:, None] * d + part_dims[None, :],
                          mask=part_tile & valid[:, None], other=0.0).to(tl.float64)
@@ -209,7 +209,7 @@ def _nearest_kernel(x_ptr, center_ptr, codes_ptr, score_codes_ptr, code_stats_pt
             for part in range(0, d, RESCORE_D):
                 part_dims = part + tl.arange(0, RESCORE_D)
                 part_ok = part_dims < d
-                xs = tl.load(x_base + rows64[:, None] * d + part_dims[None, :],
+                xs = tl.load(row_ptrs + part_dims[None, :],
                              mask=row_ok[:, None] & part_ok[None, :], other=0.0).to(tl.float64)
                 code = tl.load(codes_base + j * d + part_dims, mask=part_ok, other=0.0).to(tl.float64)
                 if COSINE:
@@ -245,7 +245,10 @@ def _tuned(precision: str):
     return triton.autotune(configs, key=["k", "d", "COSINE", "CANDIDATES"])(_nearest_kernel)
 
 
-def _interpreting() -> bool:
+@functools.cache
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter: fixed for the process, since Triton decides it when it
+    decorates them (TRITON_INTERPRET=1 set before Triton is imported)."""
     try:
         from triton import knobs
     except ImportError:  # Triton before 3.4
@@ -253,8 +256,24 @@ def _interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
-def _flags(use_cosine_sim: bool, precision: str) -> dict:
-    return dict(COSINE=use_cosine_sim, EMULATED=_interpreting(), BF16=precision == "bf16", TF32=precision == "tf32")
+def _flags(use_cosine_sim: bool, precision: str, emulated: bool) -> dict:
+    return dict(COSINE=use_cosine_sim, EMULATED=emulated, BF16=precision == "bf16", TF32=precision == "tf32")
+
+
+def _block_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def search_constants(use_cosine_sim: bool, precision: str, candidates: int, d: int, emulated: bool) -> dict:
+    """The search kernel's compile-time arguments, but its tile sizes (shared with ``build``)."""
+    block_d = _block_dim(d)
+    return dict(_flags(use_cosine_sim, precision, emulated), CANDIDATES=candidates, BLOCK_D=block_d,
+                RESCORE_D=min(32, block_d), INPUT_PRECISION="tf32" if precision == "tf32" and not emulated else "ieee")
+
+
+def prepare_constants(use_cosine_sim: bool, precision: str, d: int, emulated: bool) -> dict:
+    """The preparing kernel's compile-time arguments (shared with ``build``)."""
+    return dict(_flags(use_cosine_sim, precision, emulated), BLOCK_C=PREPARE_BLOCK, BLOCK_D=_block_dim(d))
 
 
 def prepare_codes(codes: torch.Tensor, use_cosine_sim: bool, precision: str
@@ -263,14 +282,14 @@ def prepare_codes(codes: torch.Tensor, use_cosine_sim: bool, precision: str
     cosine), the centered codes as the tensor cores take them (h, k, d: bf16 on a GPU for bf16 scores, else
     float32) and per code ||c'||^2, ||c'||, ||C - c'||, ||C|| (h, 4, k)."""
     h, k, d = codes.shape
-    emulated = _interpreting()
+    emulated = interpreting()
     center = torch.zeros(h, d, device=codes.device) if use_cosine_sim else codes.mean(dim=1)
     score_dtype = torch.bfloat16 if precision == "bf16" and not emulated else torch.float32
     score_codes = torch.empty(h, k, d, device=codes.device, dtype=score_dtype)
     code_stats = torch.empty(h, 4, k, device=codes.device)
     _prepare_codes_kernel[(triton.cdiv(k, PREPARE_BLOCK), h)](
-        codes, center, score_codes, code_stats, k, d, **_flags(use_cosine_sim, precision), BLOCK_C=PREPARE_BLOCK,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), enable_fp_fusion=FP_FUSION)
+        codes, center, score_codes, code_stats, k, d, **prepare_constants(use_cosine_sim, precision, d, emulated),
+        enable_fp_fusion=FP_FUSION)
     return center, score_codes, code_stats
 
 
@@ -301,7 +320,8 @@ def launch(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool, precision
         raise ValueError("the codebook is empty: there is no nearest code")
     if d > MAX_FUSED_DIM:
         raise ValueError(f"the fused search takes code dimensions up to {MAX_FUSED_DIM}, got {d}")
-    if x.device.type != "cuda" and not _interpreting():
+    emulated = interpreting()
+    if x.device.type != "cuda" and not emulated:
         raise ValueError(f"the fused search runs on CUDA tensors (got {x.device}); on the CPU only in Triton's "
                          "interpreter (TRITON_INTERPRET=1 set before Triton is imported)")
     if candidates < 1 or candidates & (candidates - 1):
@@ -313,14 +333,10 @@ def launch(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bool, precision
     certified = torch.empty(h, n, dtype=torch.int8, device=x.device)
     if n == 0:
         return indices, certified
-    emulated = _interpreting()
     center, score_codes, code_stats = prepare_codes(codes, use_cosine_sim, precision)
     args = (x, center, codes, score_codes, code_stats, indices, certified, n, k, d, SAFETY,
             accumulation_error(d), rounding_error(d), CENTERING_ERROR, squared_norm_error(d))
-    block_d = max(16, triton.next_power_of_2(d))
-    constants = dict(_flags(use_cosine_sim, precision), CANDIDATES=candidates, BLOCK_D=block_d,
-                     RESCORE_D=min(32, block_d), INPUT_PRECISION="tf32" if precision == "tf32" and not emulated
-                     else "ieee", enable_fp_fusion=FP_FUSION)
+    constants = dict(search_constants(use_cosine_sim, precision, candidates, d, emulated), enable_fp_fusion=FP_FUSION)
     if config is None and not emulated:
         _tuned(precision)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), h)](*args, **constants)
     else:
