@@ -230,13 +230,15 @@ def test_frames_larger_than_readers_accept_are_split_on_writing(monkeypatch):
     indices = torch.randint(0, 2, (3, 500, 3))
     data = spec.dumps(indices, frame_tokens=200)
     shapes = [tuple(frame.shape) for frame in spec.reader(io.BytesIO(data))]
-    assert max(s[1] for s in shapes) == 33 and sum(s[1] for s in shapes) == 500  # 33 steps x 3 rows <= 100
+    # 11 steps x 3 rows x 3 layers <= 100
+    assert max(s[1] for s in shapes) == 11 and sum(s[1] for s in shapes) == 500
     assert torch.equal(spec.loads(data), indices)
     monkeypatch.setattr(records, "MAX_FRAME_CODES", 2)
-    with pytest.raises(ValueError, match="one step of the frame axis holds 3 codes a layer"):
+    with pytest.raises(ValueError, match=r"one step of the frame axis holds 9 codes \(all layers\)"):
         spec.dumps(indices)
-    with pytest.raises(StreamError, match="holds 99 codes a layer, beyond 2"):
+    with pytest.raises(StreamError, match="decodes to 99 codes, beyond max_frame_codes=2"):
         spec.loads(data)
+    assert torch.equal(spec.loads(data, max_frame_codes=99), indices)  # a caller may raise the limit
 
 
 # ---------------------------------------------------------------------------------------------- damage

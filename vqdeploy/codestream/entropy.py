@@ -16,6 +16,9 @@ import torch
 from ..export.bundle import FREQUENCIES_FILE, BundleError  # noqa: F401  (FREQUENCIES_FILE re-exported)
 
 MAX_CODED_SIZE = 1 << 20  # larger codebooks are packed: a range coder's model is one table entry per code
+PROBABILITY_BITS = 24  # constriction quantizes a categorical model to 24-bit probabilities, each at least 2^-24
+SLACK_BITS = 64  # a range coder's output never falls short of its codes' information by more than this
+MAX_FILE_HEADER = 1 << 16  # the frequencies file's safetensors header: a few names and shapes
 
 
 def measure_frequencies(indices: list[torch.Tensor], layout) -> list[np.ndarray]:
@@ -37,10 +40,23 @@ def save_frequencies(counts: list[np.ndarray], path: Path) -> None:
 
 
 def load_frequencies(path: Path, layer_sizes: tuple[int, ...]) -> list[np.ndarray]:
-    """The counts a bundle stores (safetensors: nothing is unpickled), checked against its layers."""
-    from safetensors.torch import load_file
+    """The counts a bundle stores (safetensors: nothing is unpickled), checked against its layers.  The file is
+    untrusted: its size is bounded by what the layers need before it is read, and anything unreadable is a
+    ``BundleError``."""
+    from safetensors.torch import load
 
-    tensors = load_file(str(path))
+    limit = MAX_FILE_HEADER + 8 * (8 + sum(layer_sizes))
+    try:
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)
+    except OSError as error:
+        raise BundleError(f"{path} cannot be read: {error.strerror or error}") from None
+    if len(data) > limit:
+        raise BundleError(f"{path} is larger than counts for layers of {list(layer_sizes)} codes can be")
+    try:
+        tensors = load(data)
+    except Exception as error:  # safetensors raises its own error types for every malformed file
+        raise BundleError(f"{path} is not a readable safetensors file: {error}") from None
     expected = {f"layer.{i}" for i in range(len(layer_sizes))}
     if set(tensors) != expected:
         raise BundleError(f"{path} must hold {sorted(expected)}, holds {sorted(tensors)}")
@@ -88,14 +104,34 @@ class RangeCoder:
             encoder.encode(np.ascontiguousarray(codes, dtype=np.int32), self.model(layer))
         return encoder.get_compressed().astype("<u4").tobytes()
 
+    def max_codes(self, layer: int, size: int) -> int:
+        """The most codes ``size`` range-coded bytes can hold: every code costs at least ``min_bits`` (the layer's
+        most probable code), and the coder's output is never shorter than its codes' information (less
+        ``SLACK_BITS``).  An empty segment holds none (the coder writes a word for the first code)."""
+        return 0 if size == 0 else int((8 * size + SLACK_BITS) / self.min_bits(layer))
+
+    def min_bits(self, layer: int) -> float:
+        """The fewest bits any code of the layer costs: -log2 of the largest probability the quantized model can
+        give a code (the float model's, raised by the quantization's rounding, at most 1 - (K - 1) 2^-24)."""
+        size, quantum = len(self.counts[layer]), 2.0 ** -PROBABILITY_BITS
+        largest = min(float(self.probabilities(layer).max()) + (size + 1) * quantum, 1 - (size - 1) * quantum)
+        return -np.log2(largest)
+
     def decode(self, layer: int, data: bytes, count: int) -> np.ndarray:
+        """``count`` codes of a segment (ValueError for data that is not a segment of this model holding them)."""
         if len(data) % 4:
             raise ValueError(f"a range-coded segment is whole 32-bit words, got {len(data)} bytes")
+        if count > self.max_codes(layer, len(data)):
+            raise ValueError(f"{len(data)} bytes cannot hold {count} codes under this layer's model (at most "
+                             f"{self.max_codes(layer, len(data))})")
         if count == 0:
             return np.zeros(0, dtype=np.int64)
         words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
-        decoder = _constriction().stream.queue.RangeDecoder(words)
-        return np.asarray(decoder.decode(self.model(layer), count), dtype=np.int64)
+        try:
+            decoded = _constriction().stream.queue.RangeDecoder(words).decode(self.model(layer), count)
+        except Exception as error:  # constriction asserts on data no model's encoder could have written
+            raise ValueError(f"the range coder refuses the data ({type(error).__name__}: {error})") from None
+        return np.asarray(decoded, dtype=np.int64)
 
     def expected_bits(self, layer: int) -> float:
         """The model's entropy in bits per code (what coding data like the calibration costs)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from dataclasses import dataclass
 
 MAGIC = b"VQCS"
 VERSION = 1
@@ -20,7 +21,9 @@ FRAME_TAG = b"F"
 END_TAG = b"E"
 PACKED, RANGE_CODED = 0, 1
 MAX_HEADER_BYTES = 1 << 20
-MAX_FRAME_CODES = 1 << 24  # codes of one layer in one frame: a forged size must not allocate gigabytes
+MAX_FRAME_CODES = 1 << 24  # codes one frame decodes to, all layers together (128 MiB as int64): writers split
+MAX_STREAM_CODES = 1 << 25  # codes a whole-stream read (``loads``, ``read_all``) returns, all layers together
+READ_BLOCK = 1 << 20  # reads go in blocks of this size: a forged length allocates only the bytes that exist
 
 _PREFIX = struct.Struct("<4sHI")
 _CRC = struct.Struct("<I")
@@ -36,6 +39,18 @@ class StreamError(ValueError):
         super().__init__(f"{message} (offset {offset}, field {field!r})")
         self.message = message
         self.offset, self.field, self.partial, self.frames_read = offset, field, partial, frames_read
+
+
+@dataclass(frozen=True)
+class FrameFields:
+    """A frame record's fixed fields: its offset, shape, (coding, size) per layer, and the crc32 so far and
+    the one stored."""
+
+    start: int
+    shape: list[int]
+    sizes: list[tuple[int, int]]
+    fields_crc: int
+    checksum: int
 
 
 def header_bytes(header: dict) -> bytes:
@@ -64,15 +79,18 @@ class RecordReader:
         self.offset = 0
 
     def exact(self, size: int, what: str) -> bytes:
-        data = self.file.read(size) if size else b""
-        while len(data) < size:  # a pipe or socket may return less than asked before its end
-            more = self.file.read(size - len(data))
+        """``size`` bytes, read a block at a time (a pipe or socket may return less than asked before its end,
+        and a declared size is only trusted as far as bytes arrive)."""
+        blocks, received = [], 0
+        while received < size:
+            more = self.file.read(min(size - received, READ_BLOCK))
             if not more:
-                raise StreamError(f"the stream ends inside the {what}: {len(data)} of {size} bytes", self.offset +
-                                  len(data), what)
-            data += more
+                raise StreamError(f"the stream ends inside the {what}: {received} of {size} bytes",
+                                  self.offset + received, what)
+            blocks.append(more)
+            received += len(more)
         self.offset += size
-        return data
+        return b"".join(blocks)
 
     def header(self) -> dict:
         prefix = self.exact(_PREFIX.size, "header")
@@ -90,6 +108,8 @@ class RecordReader:
             header = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise StreamError(f"the header is not valid JSON: {error}", _PREFIX.size, "header") from None
+        except RecursionError:
+            raise StreamError("the header's JSON is nested too deeply", _PREFIX.size, "header") from None
         if not isinstance(header, dict):
             raise StreamError("the header is not a JSON object", _PREFIX.size, "header")
         return header
@@ -101,21 +121,27 @@ class RecordReader:
             self.offset += 1
         return tag or None
 
-    def frame(self, ndim: int, layers: int) -> tuple[list[int], list[tuple[int, bytes]], int]:
-        """After a frame tag: (shape, [(coding, bytes)] per layer, the frame's offset)."""
+    def frame_fields(self, ndim: int, layers: int) -> FrameFields:
+        """After a frame tag: its shape and each layer's (coding, size), not yet trusted: the caller checks the
+        sizes against the shape before ``frame_payload`` reads them."""
         start = self.offset - 1
         fields = self.exact(4 * ndim + _SEGMENT.size * layers, f"frame at offset {start}")
         shape = list(struct.unpack_from(f"<{ndim}I", fields))
         sizes = [_SEGMENT.unpack_from(fields, 4 * ndim + _SEGMENT.size * i) for i in range(layers)]
         checksum = _CRC.unpack(self.exact(_CRC.size, f"frame at offset {start}"))[0]
-        payload = self.exact(sum(size for _, size in sizes), f"frame at offset {start}")
-        if zlib.crc32(payload, zlib.crc32(FRAME_TAG + fields)) != checksum:
-            raise StreamError(f"the frame at offset {start} is damaged (checksum mismatch)", start, "frame checksum")
+        return FrameFields(start, shape, sizes, zlib.crc32(fields, zlib.crc32(FRAME_TAG)), checksum)
+
+    def frame_payload(self, frame: FrameFields) -> list[tuple[int, bytes]]:
+        """The frame's segments, [(coding, bytes)] per layer, once its checksum holds."""
+        payload = self.exact(sum(size for _, size in frame.sizes), f"frame at offset {frame.start}")
+        if zlib.crc32(payload, frame.fields_crc) != frame.checksum:
+            raise StreamError(f"the frame at offset {frame.start} is damaged (checksum mismatch)", frame.start,
+                              "frame checksum")
         segments, position = [], 0
-        for coding, size in sizes:
+        for coding, size in frame.sizes:
             segments.append((coding, payload[position:position + size]))
             position += size
-        return shape, segments, start
+        return segments
 
     def end(self) -> dict:
         start = self.offset - 1

@@ -42,6 +42,7 @@ class StreamSpec:
     frame_rate: float | None = None
     sample_rate: int | None = None
     channels: int | None = None
+    frequencies_file: Path | None = None  # read on first use, so a packed stream never depends on it
     _coder: RangeCoder | None = field(default=None, repr=False)
 
     @classmethod
@@ -51,19 +52,24 @@ class StreamSpec:
         path = Path(path)
         manifest = read_manifest(path) if manifest is None else manifest
         layout = CodeLayout.from_manifest(manifest)
-        frequencies = None
-        if FREQUENCIES_FILE in manifest["files"]:
-            frequencies = load_frequencies(path / FREQUENCIES_FILE, layout.layer_sizes)
+        frequencies_file = path / FREQUENCIES_FILE if FREQUENCIES_FILE in manifest["files"] else None
         audio = manifest.get("audio") or {}
-        return cls(layout, manifest_sha256(path), manifest["class"],
-                   frequencies, audio.get("frame_rate"), audio.get("sample_rate"), audio.get("channels"))
+        return cls(layout, manifest_sha256(path), manifest["class"], None, audio.get("frame_rate"),
+                   audio.get("sample_rate"), audio.get("channels"), frequencies_file)
+
+    @property
+    def has_frequencies(self) -> bool:
+        return self.frequencies is not None or self.frequencies_file is not None
 
     @property
     def coder(self) -> RangeCoder:
-        if self.frequencies is None:
-            raise ValueError("entropy coding needs code frequencies: this bundle was exported without calibration "
-                             "data (export(..., calibration=inputs))")
+        """The range coder of the bundle's code frequencies (loaded and checked on first use: BundleError)."""
         if self._coder is None:
+            if self.frequencies is None and self.frequencies_file is not None:
+                self.frequencies = load_frequencies(self.frequencies_file, self.layout.layer_sizes)
+            if self.frequencies is None:
+                raise ValueError("entropy coding needs code frequencies: this bundle was exported without "
+                                 "calibration data (export(..., calibration=inputs))")
             self._coder = RangeCoder(self.frequencies)
         return self._coder
 
@@ -84,8 +90,10 @@ class StreamSpec:
                frame_tokens: int | None = None) -> StreamWriter:
         return StreamWriter(self, file, layers, entropy_coding, frame_tokens)
 
-    def reader(self, file, layers: int | None = None, fill_dropped: bool = True) -> StreamReader:
-        return StreamReader(self, file, layers, fill_dropped)
+    def reader(self, file, layers: int | None = None, fill_dropped: bool = True, *,
+               max_frame_codes: int | None = None, max_codes: int | None = None) -> StreamReader:
+        """A reader of ``file``; max_frame_codes / max_codes: the reader's limits (``StreamReader``)."""
+        return StreamReader(self, file, layers, fill_dropped, max_frame_codes=max_frame_codes, max_codes=max_codes)
 
     def dumps(self, indices: torch.Tensor, layers: int | None = None, entropy_coding: bool = False,
               frame_tokens: int | None = None, samples: int | None = None) -> bytes:
@@ -96,9 +104,11 @@ class StreamSpec:
             writer.samples = samples
         return buffer.getvalue()
 
-    def loads(self, data: bytes, layers: int | None = None, fill_dropped: bool = True) -> torch.Tensor:
+    def loads(self, data: bytes, layers: int | None = None, fill_dropped: bool = True, *,
+              max_frame_codes: int | None = None, max_codes: int | None = None) -> torch.Tensor:
         """The indices of a whole stream.  On damage, ``StreamError.partial`` holds the frames read before it."""
-        reader = self.reader(io.BytesIO(data), layers, fill_dropped)
+        reader = self.reader(io.BytesIO(data), layers, fill_dropped, max_frame_codes=max_frame_codes,
+                             max_codes=max_codes)
         return reader.read_all()
 
     def bits_per_frame_token(self, layers: int | None = None) -> int:
@@ -154,11 +164,13 @@ class StreamWriter:
     def _write_frame(self, frame: torch.Tensor) -> None:
         layout = self.spec.layout
         steps = frame.shape[layout.frame_axis]
-        per_step = layout.codes_per_layer(list(frame.shape)) // max(steps, 1)
+        per_step = layout.codes_per_layer(list(frame.shape)) // max(steps, 1) * layout.layers  # all layers
+        if per_step == 0:  # an empty batch: nothing to store, and readers refuse frames without codes
+            return
         if per_step * steps > records.MAX_FRAME_CODES:  # readers refuse larger frames: split this one
             if per_step > records.MAX_FRAME_CODES:
-                raise ValueError(f"one step of the frame axis holds {per_step:,} codes a layer, more than a frame "
-                                 f"may ({records.MAX_FRAME_CODES:,})")
+                raise ValueError(f"one step of the frame axis holds {per_step:,} codes (all layers), more than a "
+                                 f"frame may ({records.MAX_FRAME_CODES:,})")
             for part in frame.split(records.MAX_FRAME_CODES // per_step, dim=layout.frame_axis):
                 self._write_frame(part)
             return
@@ -207,10 +219,21 @@ class StreamReader:
     """Reads and checks the header now; iterating yields each frame's indices as it arrives (the first ``layers``
     layers; with ``fill_dropped`` the rest are -1, as a residual decoder takes them).  ``end`` holds the end
     record after a complete read.  Damage raises ``StreamError`` naming the offset and field: the frames before
-    it have been yielded already."""
+    it have been yielded already.
 
-    def __init__(self, spec: StreamSpec, file, layers: int | None = None, fill_dropped: bool = True):
+    Every byte is untrusted: a frame's declared shape and segment sizes are checked before its bytes are read
+    or anything is allocated for them.  Packed segments must be exactly their codes' size, a range-coded one
+    can hold no more codes than its bytes allow under the layer's model (``RangeCoder.max_codes``), and two
+    limits bound what one stream can make a reader allocate: ``max_frame_codes``, the codes one frame decodes
+    to (all the layers returned; default ``records.MAX_FRAME_CODES``, 2^24, what writers split frames to), and
+    ``max_codes``, the codes ``read_all`` gathers from the whole stream (default ``records.MAX_STREAM_CODES``,
+    2^25, 256 MiB as int64; iterating frame by frame keeps one frame at a time and needs no such limit)."""
+
+    def __init__(self, spec: StreamSpec, file, layers: int | None = None, fill_dropped: bool = True, *,
+                 max_frame_codes: int | None = None, max_codes: int | None = None):
         self.spec = spec
+        self.max_frame_codes = _limit("max_frame_codes", max_frame_codes, records.MAX_FRAME_CODES)
+        self.max_codes = _limit("max_codes", max_codes, records.MAX_STREAM_CODES)
         self.records = records.RecordReader(file)
         self.header = self.records.header()
         self._check_header()
@@ -220,7 +243,9 @@ class StreamReader:
         self.layers = self.stream_layers if layers is None else layers
         self.fill_dropped = fill_dropped and spec.layout.layer_axis is not None
         self.end: dict | None = None
-        self.frames = 0
+        self.frames = self.tokens = 0
+        self._others: tuple[int, ...] | None = None  # the first frame's sizes on the other dynamic axes
+        self._budget: int | None = None  # codes read_all may still gather (None: frame by frame, no total)
 
     def _check_header(self) -> None:
         header, spec = self.header, self.spec
@@ -231,13 +256,14 @@ class StreamReader:
                               f"{str(header.get('bundle'))[:16]}..., this bundle's is {spec.bundle_id[:16]}...)",
                               10, "bundle")
         if header.get("layout") != spec.layout.to_json():
-            raise StreamError(f"the stream's index layout {header.get('layout')} is not this bundle's "
+            raise StreamError(f"the stream's index layout {str(header.get('layout'))[:200]} is not this bundle's "
                               f"{spec.layout.to_json()}", 10, "layout")
         layers = header.get("layers")
-        if not isinstance(layers, int) or not 1 <= layers <= spec.layout.layers:
-            raise StreamError(f"the header's layer count {layers!r} is not in [1, {spec.layout.layers}]", 10, "layers")
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= spec.layout.layers:
+            raise StreamError(f"the header's layer count {str(layers)[:40]} is not in [1, {spec.layout.layers}]", 10,
+                              "layers")
         if header.get("coding") not in ("packed", "entropy"):
-            raise StreamError(f"unknown coding {header.get('coding')!r}", 10, "coding")
+            raise StreamError(f"unknown coding {str(header.get('coding'))[:40]!r}", 10, "coding")
 
     def __iter__(self):
         layout = self.spec.layout
@@ -251,9 +277,11 @@ class StreamReader:
                 return
             if tag != records.FRAME_TAG:
                 raise StreamError(f"unexpected record tag {tag!r}", self.records.offset - 1, "record tag")
-            shape, segments, start = self.records.frame(len(layout.shape), self.stream_layers)
-            yield self._decode_frame(shape, segments, start)
+            frame = self.records.frame_fields(len(layout.shape), self.stream_layers)
+            count = self._check_frame(frame)
+            yield self._decode_frame(frame, self.records.frame_payload(frame), count)
             self.frames += 1
+            self.tokens += frame.shape[layout.frame_axis]
 
     def _finish(self) -> None:
         end_offset = self.records.offset - 1
@@ -261,25 +289,75 @@ class StreamReader:
         if self.end["frames"] != self.frames:
             raise StreamError(f"the end record counts {self.end['frames']} frames, the stream holds {self.frames}",
                               end_offset, "end record frames")
+        if self.end["tokens"] != self.tokens:
+            raise StreamError(f"the end record counts {self.end['tokens']} steps of the frame axis, the frames hold "
+                              f"{self.tokens}", end_offset, "end record tokens")
         if self.records.tag() is not None:
             raise StreamError("unexpected bytes after the end record", self.records.offset - 1, "end of stream")
 
-    def _decode_frame(self, shape: list[int], segments: list[tuple[int, bytes]], start: int) -> torch.Tensor:
-        layout = self.spec.layout
+    def _check_frame(self, frame: records.FrameFields) -> int:
+        """The frame's codes a layer, once its shape and declared segment sizes are known to be possible (and
+        within the limits): nothing of its payload has been read yet."""
+        layout, shape, start = self.spec.layout, frame.shape, frame.start
         try:
             layout.check_shape(tuple(shape), self.stream_layers)
         except ValueError as error:
             raise StreamError(f"frame shape {shape}: {error}", start + 1, "frame shape") from None
         count = layout.codes_per_layer(shape)
-        if count > records.MAX_FRAME_CODES:
-            raise StreamError(f"frame shape {shape} holds {count:,} codes a layer, beyond "
-                              f"{records.MAX_FRAME_CODES:,}", start + 1, "frame shape")
+        if count == 0:
+            raise StreamError(f"frame shape {shape} holds no codes (writers never write such a frame)", start + 1,
+                              "frame shape")
+        others = tuple(size for axis, size in enumerate(shape)
+                       if layout.shape[axis] is None and axis != layout.frame_axis)
+        if self._others is not None and others != self._others:
+            raise StreamError(f"frame shape {shape} does not continue the stream's earlier frames (their sizes "
+                              f"{list(self._others)} on the dynamic axes other than the frame axis)", start + 1,
+                              "frame shape")
+        self._others = others
+        decoded = count * (layout.layers if self.fill_dropped else self.layers)
+        if decoded > self.max_frame_codes:
+            raise StreamError(f"frame shape {shape} decodes to {decoded:,} codes, beyond max_frame_codes="
+                              f"{self.max_frame_codes:,} (a reader argument)", start + 1, "frame shape")
+        if self._budget is not None:
+            if decoded > self._budget:
+                raise StreamError(f"the stream holds more than max_codes={self.max_codes:,} codes (a reader "
+                                  "argument; or read it frame by frame)", start, "frame shape")
+            self._budget -= decoded
+        for layer, (coding, size) in enumerate(frame.sizes):
+            self._check_segment(layer, coding, size, count, start)
+        return count
+
+    def _check_segment(self, layer: int, coding: int, size: int, count: int, start: int) -> None:
+        bits = self.spec.layout.layer_bits[layer]
+        field = f"layer {layer} of the frame at offset {start}"
+        if coding == records.PACKED:
+            if size != packed_size(count, bits):
+                raise StreamError(f"{field} holds {size} bytes, {count} codes of {bits} bits take "
+                                  f"{packed_size(count, bits)}", start, "layer size")
+        elif coding == records.RANGE_CODED:
+            if size >= packed_size(count, bits):  # writers range-code a segment only when that is smaller
+                raise StreamError(f"{field} is range-coded in {size} bytes, no fewer than packing takes "
+                                  f"({packed_size(count, bits)})", start, "layer size")
+            if layer >= self.layers:  # skipped: read for the checksum only
+                return
+            if not self.spec.has_frequencies:
+                raise StreamError(f"{field} is entropy-coded but this bundle has no code frequencies", start,
+                                  "layer coding")
+            if count > self.spec.coder.max_codes(layer, size):
+                raise StreamError(f"{field} declares {count} codes in {size} range-coded bytes, more than they can "
+                                  f"hold under the layer's model ({self.spec.coder.max_codes(layer, size)})", start,
+                                  "layer size")
+        else:
+            raise StreamError(f"{field} has unknown coding {coding}", start, "layer coding")
+
+    def _decode_frame(self, frame: records.FrameFields, segments: list[tuple[int, bytes]], count: int) -> torch.Tensor:
+        layout = self.spec.layout
         codes = []
         for layer, (coding, data) in enumerate(segments[:self.layers]):
-            codes.append(torch.from_numpy(self._decode_segment(layer, coding, data, count, start)))
+            codes.append(torch.from_numpy(self._decode_segment(layer, coding, data, count, frame.start)))
         if self.fill_dropped and self.layers < layout.layers:
             codes += [torch.full((count,), -1, dtype=torch.long)] * (layout.layers - self.layers)
-        out_shape = list(shape)
+        out_shape = list(frame.shape)
         if layout.layer_axis is not None:
             out_shape[layout.layer_axis] = len(codes)
         return layout.join_layers(codes, out_shape)
@@ -288,28 +366,22 @@ class StreamReader:
         bits, size = self.spec.layout.layer_bits[layer], self.spec.layout.layer_sizes[layer]
         field = f"layer {layer} of the frame at offset {start}"
         if coding == records.PACKED:
-            if len(data) != packed_size(count, bits):
-                raise StreamError(f"{field} holds {len(data)} bytes, {count} codes of {bits} bits take "
-                                  f"{packed_size(count, bits)}", start, "layer size")
             codes = unpack(data, bits, count)
-        elif coding == records.RANGE_CODED:
-            if self.spec.frequencies is None:
-                raise StreamError(f"{field} is entropy-coded but this bundle has no code frequencies", start,
-                                  "layer coding")
+        else:
             try:
                 codes = self.spec.coder.decode(layer, data, count)
-            except (ValueError, RuntimeError) as error:
+            except ValueError as error:
                 raise StreamError(f"{field} does not decode: {error}", start, "layer data") from None
-        else:
-            raise StreamError(f"{field} has unknown coding {coding}", start, "layer coding")
         if codes.size and (codes.min() < 0 or codes.max() >= size):
             raise StreamError(f"{field} decodes to codes outside [0, {size - 1}]", start, "layer data")
         return codes
 
     def read_all(self) -> torch.Tensor:
         """Every frame, joined along the frame axis (a stream of no frames gives an empty tensor, 0 on every
-        dynamic axis); on damage the StreamError carries the frames before it (None if there were none)."""
+        dynamic axis), at most ``max_codes`` codes; on damage the StreamError carries the frames before it
+        (None if there were none)."""
         frames = []
+        self._budget = self.max_codes
         try:
             for frame in self:
                 frames.append(frame)
@@ -317,9 +389,19 @@ class StreamReader:
             error.partial = torch.cat(frames, dim=self.spec.layout.frame_axis) if frames else None
             error.frames_read = len(frames)
             raise
+        finally:
+            self._budget = None
         if not frames:
             layout = self.spec.layout
             layers = layout.layers if self.fill_dropped else self.layers
             others = tuple(0 for a, size in enumerate(layout.shape) if size is None and a != layout.frame_axis)
             return torch.empty(layout.frame_shape(0, others, layers), dtype=torch.long)
         return torch.cat(frames, dim=self.spec.layout.frame_axis)
+
+
+def _limit(name: str, value: int | None, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
