@@ -163,8 +163,13 @@ def test_a_damaged_stream_decodes_up_to_the_damage(codec, tmp_path):
     compress(path, _wav(tmp_path, np.concatenate([clip, clip, clip[:RATE // 2]])), stream, session=session)
     data = stream.read_bytes()  # frames of 1 s, 1 s and 0.5 s
     (tmp_path / "cut.vqc").write_bytes(data[:len(data) * 3 // 4])
-    with pytest.raises(StreamError, match=r"ends inside the frame.*the 1\.00 s decoded before it were written"):
+    # by default a failed run leaves no output (nor a temporary file)
+    with pytest.raises(StreamError, match=r"ends inside the frame.*nothing was written to .*keeps the 1\.00 s"):
         decompress(path, tmp_path / "cut.vqc", tmp_path / "cut.wav", session=session, chunk_seconds=0.1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.vqc", "in.wav", "s.vqc"]
+    with pytest.raises(StreamError, match=r"ends inside the frame.*the 1\.00 s decoded before it were written"):
+        decompress(path, tmp_path / "cut.vqc", tmp_path / "cut.wav", session=session, chunk_seconds=0.1,
+                   keep_partial=True)
     assert soundfile.info(str(tmp_path / "cut.wav")).frames == RATE  # the first frame's 2000 tokens
 
 

@@ -8,10 +8,13 @@ import time
 
 
 class Progress:
-    def __init__(self, label: str, total: float, unit: str = "s", enabled: bool = True, stream=None):
+    def __init__(self, label: str, total: float, unit: str = "s", enabled: bool = True, stream=None,
+                 started: float | None = None):
+        """started: the ``time.perf_counter()`` the work began at, when that was before the bar (its speed is
+        then the work's whole speed so far, the figure a summary reports)."""
         self.label, self.total, self.unit, self.enabled = label, total, unit, enabled
         self.stream = stream or sys.stderr
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.next_tenth = 1
 

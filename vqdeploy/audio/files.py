@@ -22,16 +22,19 @@ import numpy as np
 import torch
 
 from ..codestream import StreamError, StreamSpec
-from ..export.bundle import read_manifest
+from ..export.bundle import BundleError, read_manifest
+from ..outputs import AtomicOutput, check_output
 from ..progress import Progress
 from .chunking import windowed
 
 DEFAULT_CHUNK_SECONDS = 10.0
+MAX_CHUNK_SECONDS = 3600.0  # a chunk is held in memory whole: an hour of 48 kHz stereo is 1.4 GB of samples
 
 
 @dataclass
 class CodecRun:
-    """What a compress or decompress did: seconds of audio, stream bytes, bits per second, wall time."""
+    """What a compress or decompress did: seconds of audio, stream bytes, layers, and the wall time of the
+    whole call (opening the bundle's sessions included)."""
 
     seconds: float
     stream_bytes: int
@@ -40,11 +43,13 @@ class CodecRun:
 
     @property
     def kbps(self) -> float:
+        """Stream bytes (header and records included) per second of audio, in kbit/s."""
         return self.stream_bytes * 8 / self.seconds / 1000 if self.seconds else 0.0
 
     @property
     def real_time_factor(self) -> float:
-        """Seconds of audio per second of wall time."""
+        """The one speed figure: seconds of audio per second of the call's wall time (loading included; the
+        progress bar reports the same ratio so far)."""
         return self.seconds / self.elapsed if self.elapsed else math.inf
 
 
@@ -56,7 +61,13 @@ def audio_bundle(bundle: str | Path) -> tuple[dict, StreamSpec]:
                          "(export it with audio={'sample_rate': ..., 'channels': ...})")
     if "decoder" not in manifest:
         raise ValueError(f"{bundle} has no decoder graph")
-    return manifest["audio"], StreamSpec.from_bundle(bundle, manifest)
+    audio = manifest["audio"]
+    rate = audio["frame_rate"]
+    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0
+            and math.isclose(rate, audio["sample_rate"] / audio["hop"], rel_tol=1e-9)):
+        raise BundleError(f"{bundle}: the audio entry's frame_rate {rate!r} is not its sample_rate / hop "
+                          f"({audio['sample_rate']} / {audio['hop']})")
+    return audio, StreamSpec.from_bundle(bundle, manifest)
 
 
 def _context(audio: dict, key: str) -> tuple[int, int]:
@@ -69,8 +80,10 @@ def _context(audio: dict, key: str) -> tuple[int, int]:
 
 
 def chunk_tokens(audio: dict, chunk_seconds: float) -> int:
-    if not chunk_seconds > 0:
-        raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds!r}")
+    if isinstance(chunk_seconds, bool) or not isinstance(chunk_seconds, (int, float)) \
+            or not 0 < chunk_seconds <= MAX_CHUNK_SECONDS:
+        raise ValueError(f"chunk_seconds must be a number of seconds in (0, {MAX_CHUNK_SECONDS:g}], got "
+                         f"{chunk_seconds!r}")
     return max(1, round(chunk_seconds * audio["frame_rate"]))
 
 
@@ -113,26 +126,29 @@ def compress(bundle: str | Path, source: str | Path, destination, *, layers: int
              entropy_coding: bool = False, chunk_seconds: float = DEFAULT_CHUNK_SECONDS, session=None,
              provider: str = "cpu", progress: bool = False) -> CodecRun:
     """An audio file -> a code stream (a path, or a binary file object).  layers: how many residual layers to
-    write (all by default); session: a ``vqdeploy.runtime.Session`` to reuse."""
-    import soundfile
-
-    audio, spec = audio_bundle(bundle)
+    write (all by default); session: a ``vqdeploy.runtime.Session`` to reuse.  A path is written only when the
+    whole stream is: to a temporary file beside it, renamed into place at the end (never over the input)."""
     started = time.perf_counter()
-    with soundfile.SoundFile(str(source)) as sound:
+    audio, spec = audio_bundle(bundle)
+    chunk_tokens(audio, chunk_seconds)
+    if isinstance(destination, (str, Path)):
+        destination = check_output(destination, [source, *_bundle_files(bundle)], "output stream")
+    with _read_audio(source) as sound, _Output(destination, "wb") as out:
         if sound.samplerate != audio["sample_rate"] or sound.channels != audio["channels"]:
             raise ValueError(f"{source} has {sound.channels} channel(s) at {sound.samplerate} Hz; the bundle takes "
                              f"{audio['channels']} at {audio['sample_rate']} Hz (resample or remix it first)")
         encode = _session(bundle, session, provider).encode
         seconds = sound.frames / audio["sample_rate"]
-        meter = Progress(f"compress {Path(str(source)).name}", seconds, enabled=progress)
+        meter = Progress(f"compress {Path(str(source)).name}", seconds, enabled=progress, started=started)
         block = chunk_tokens(audio, chunk_seconds) * audio["hop"]
-        with _open(destination, "wb") as out, spec.writer(out, layers, entropy_coding) as writer:
+        with spec.writer(out.file, layers, entropy_coding) as writer:
             with torch.no_grad():
                 for indices in encode_blocks(read_audio_blocks(sound, block, audio["hop"]), encode, audio,
                                              chunk_seconds):
                     writer.write(indices)
                     meter.update(min(writer.tokens / audio["frame_rate"], seconds), "x real time")
             writer.samples = sound.frames
+        out.commit()
         meter.update(seconds, "x real time")
         meter.close()
     return CodecRun(seconds, writer.bytes_written, writer.layers, time.perf_counter() - started)
@@ -140,26 +156,36 @@ def compress(bundle: str | Path, source: str | Path, destination, *, layers: int
 
 def decompress(bundle: str | Path, source, destination: str | Path, *, layers: int | None = None,
                chunk_seconds: float = DEFAULT_CHUNK_SECONDS, session=None, provider: str = "cpu",
-               progress: bool = False, subtype: str | None = None) -> CodecRun:
+               progress: bool = False, subtype: str | None = None, keep_partial: bool = False) -> CodecRun:
     """A code stream (a path, or a binary file object) -> an audio file (format from its extension; subtype:
     soundfile's, e.g. "PCM_16" or "FLOAT", its default for the format otherwise).  layers: decode the first k
-    layers only (any k up to the stream's).  A damaged stream still gives the audio before the damage: the file
-    is written up to it, then ``StreamError`` is raised."""
+    layers only (any k up to the stream's).  The file is written to a temporary file beside it and renamed into
+    place when the whole stream has decoded.  A damaged stream raises ``StreamError``; with ``keep_partial`` the
+    audio decoded before the damage is renamed into place first (the error says how many seconds)."""
     import soundfile
 
-    audio, spec = audio_bundle(bundle)
     started = time.perf_counter()
+    audio, spec = audio_bundle(bundle)
+    chunk_tokens(audio, chunk_seconds)
+    inputs = _bundle_files(bundle) + ([source] if isinstance(source, (str, Path)) else [])
+    destination = check_output(destination, inputs, "output audio file")
+    file_format = _audio_format(destination, subtype)
+    source_file = _Input(source)
     decode = _session(bundle, session, provider).decode
     damage: list[StreamError] = []
-    with _open(source, "rb") as stream:
+    with source_file as stream, AtomicOutput(destination) as out:
         reader = spec.reader(stream, layers)
         total = _size(stream)
         name = Path(str(getattr(stream, "name", "stream"))).name
-        meter = Progress(f"decompress {name}", total / 1e3 if total else 0, "kB", enabled=progress)
+        meter = Progress(f"decompress {name}", total / 1e3 if total else 0, "kB", enabled=progress, started=started)
 
         def frames():
             try:
                 for frame in reader:
+                    if frame.shape[0] != 1:
+                        raise StreamError(f"the stream holds a batch of {frame.shape[0]} items; an audio file "
+                                          "holds one (decode a batch in Python: StreamSpec.reader and "
+                                          "Session.decode, item by item)", reader.records.offset, "frame shape")
                     meter.update(reader.records.offset / 1e3, "kB/s")
                     yield frame
             except StreamError as error:  # keep what came before the damage
@@ -167,8 +193,8 @@ def decompress(bundle: str | Path, source, destination: str | Path, *, layers: i
 
         written = 0
         pending = None
-        with soundfile.SoundFile(str(destination), "w", audio["sample_rate"], audio["channels"],
-                                 subtype=subtype) as sound, torch.no_grad():
+        with soundfile.SoundFile(str(out.temporary), "w", audio["sample_rate"], audio["channels"],
+                                 subtype=subtype, format=file_format) as sound, torch.no_grad():
             for chunk in decode_blocks(frames(), decode, audio, spec.layout.frame_axis, chunk_seconds):
                 if pending is not None:
                     written += _write(sound, pending, None)
@@ -176,15 +202,64 @@ def decompress(bundle: str | Path, source, destination: str | Path, *, layers: i
             if pending is not None:  # the hop padding of the last block ends here: trim it to the sample count
                 samples = reader.end["samples"] if reader.end and not damage else None
                 written += _write(sound, pending, None if samples is None else samples - written)
-        if not damage:
-            meter.update(reader.records.offset / 1e3, "kB/s")
+        seconds = written / audio["sample_rate"]
+        if damage:
+            error = damage[0]
+            if keep_partial:
+                out.commit()
+            kept = f"the {seconds:.2f} s decoded before it were written to {destination}" if keep_partial else \
+                f"nothing was written to {destination} (keep_partial keeps the {seconds:.2f} s decoded before it)"
+            raise StreamError(f"{error.message}; {kept}", error.offset, error.field, frames_read=reader.frames)
+        out.commit()
+        meter.update(reader.records.offset / 1e3, "kB/s")
         meter.close()
-    run = CodecRun(written / audio["sample_rate"], reader.records.offset, reader.layers, time.perf_counter() - started)
-    if damage:
-        error = damage[0]
-        raise StreamError(f"{error.message}; the {written / audio['sample_rate']:.2f} s decoded before it were "
-                          f"written to {destination}", error.offset, error.field, frames_read=reader.frames)
-    return run
+    return CodecRun(seconds, reader.records.offset, reader.layers, time.perf_counter() - started)
+
+
+def _bundle_files(bundle: str | Path) -> list[Path]:
+    """The bundle's files: inputs that no output may overwrite."""
+    return [path for path in Path(bundle).iterdir() if path.is_file()]
+
+
+def _audio_format(destination: Path, subtype: str | None) -> str:
+    """soundfile's format for the destination's extension, checked with the subtype before any work."""
+    import soundfile
+
+    extension = destination.suffix[1:].upper()
+    formats = soundfile.available_formats()
+    if extension not in formats or extension == "RAW":
+        known = ", ".join(f".{f.lower()}" for f in ("WAV", "FLAC", "OGG", "AIFF", "W64", "RF64", "CAF"))
+        raise ValueError(f"cannot tell an audio format from the output name {destination.name!r}: end it in an "
+                         f"audio file extension ({known}, ...)")
+    if subtype is not None and not soundfile.check_format(extension, subtype):
+        supported = ", ".join(soundfile.available_subtypes(extension))
+        raise ValueError(f"subtype {subtype!r} does not fit the {extension} format; it takes {supported}")
+    return extension
+
+
+class _read_audio:
+    """An audio file opened for reading, with errors that name it (soundfile says 'System error.')."""
+
+    def __init__(self, source):
+        self.source, self.sound = source, None
+
+    def __enter__(self):
+        import soundfile
+
+        if isinstance(self.source, (str, Path)):
+            path = Path(self.source)
+            if not path.exists():
+                raise ValueError(f"the input audio file {path} does not exist")
+            if not path.is_file():
+                raise ValueError(f"the input {path} is not a file")
+        try:
+            self.sound = soundfile.SoundFile(self.source if hasattr(self.source, "read") else str(self.source))
+        except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+            raise ValueError(f"{self.source} cannot be read as audio: {error}") from None
+        return self.sound
+
+    def __exit__(self, *exc) -> None:
+        self.sound.close()
 
 
 def _write(sound, chunk: torch.Tensor, limit: int | None) -> int:
@@ -205,18 +280,47 @@ def _size(stream) -> int:
         return 0
 
 
-class _open:
-    """A path opened for the ``with`` block, or a caller's file object passed through (left open)."""
+class _Input:
+    """A stream path opened for reading (its absence said plainly), or a caller's file object passed through."""
 
-    def __init__(self, target, mode: str):
-        self.target, self.mode, self.file = target, mode, None
+    def __init__(self, source):
+        self.source, self.file = source, None
+        if not hasattr(source, "read") and not Path(source).is_file():
+            raise ValueError(f"the input stream {source} {'is not a file' if Path(source).exists() else 'does not exist'}")
 
     def __enter__(self):
-        if hasattr(self.target, "read" if "r" in self.mode else "write"):
-            return self.target
-        self.file = open(self.target, self.mode)
+        if hasattr(self.source, "read"):
+            return self.source
+        self.file = open(self.source, "rb")
         return self.file
 
     def __exit__(self, *exc) -> None:
         if self.file is not None:
             self.file.close()
+
+
+class _Output:
+    """A binary output for the ``with`` block: a path is written through ``AtomicOutput`` (``commit`` renames it
+    into place), a caller's file object is passed through (left open)."""
+
+    def __init__(self, target, mode: str):
+        self.target, self.mode = target, mode
+        self.file, self.atomic = None, None
+
+    def __enter__(self) -> _Output:
+        if hasattr(self.target, "write"):
+            self.file = self.target
+            return self
+        self.atomic = AtomicOutput(self.target).__enter__()
+        self.file = open(self.atomic.temporary, self.mode)
+        return self
+
+    def commit(self) -> None:
+        if self.atomic is not None:
+            self.file.close()
+            self.atomic.commit()
+
+    def __exit__(self, *exc) -> None:
+        if self.atomic is not None:
+            self.file.close()
+            self.atomic.__exit__(*exc)

@@ -58,6 +58,11 @@ class StreamSpec:
                    audio.get("sample_rate"), audio.get("channels"), frequencies_file)
 
     @property
+    def hop(self) -> int | None:
+        """An audio bundle's samples per token (None for other bundles)."""
+        return round(self.sample_rate / self.frame_rate) if self.sample_rate and self.frame_rate else None
+
+    @property
     def has_frequencies(self) -> bool:
         return self.frequencies is not None or self.frequencies_file is not None
 
@@ -292,6 +297,10 @@ class StreamReader:
         if self.end["tokens"] != self.tokens:
             raise StreamError(f"the end record counts {self.end['tokens']} steps of the frame axis, the frames hold "
                               f"{self.tokens}", end_offset, "end record tokens")
+        samples, hop = self.end["samples"], self.spec.hop
+        if samples is not None and hop and -(-samples // hop) != self.tokens:
+            raise StreamError(f"the end record counts {samples} samples, which {self.tokens} tokens of {hop} samples "
+                              "cannot hold (the last token pads less than one)", end_offset, "end record samples")
         if self.records.tag() is not None:
             raise StreamError("unexpected bytes after the end record", self.records.offset - 1, "end of stream")
 
