@@ -250,3 +250,135 @@ def test_silence_of_no_length_round_trips(codec, tmp_path):
     assert run.seconds == 0 and StreamSpec.from_bundle(path).loads((tmp_path / "empty.vqc").read_bytes()).numel() == 0
     decompress(path, tmp_path / "empty.vqc", tmp_path / "empty.wav", session=session)
     assert soundfile.info(str(tmp_path / "empty.wav")).frames == 0
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+
+def _refused(argv, capsys, message):
+    """The command exits 2 with one `error:` line naming the problem (argparse's refusals print their usage
+    line before it), and no traceback."""
+    try:
+        code = main(argv + ["--quiet"])
+    except SystemExit as exit:  # argparse refusing an option's value
+        code = exit.code
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in captured.err + captured.out, captured.err
+    assert message in errors[0], errors[0]
+    return errors[0]
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _edited_stream(spec, stream: bytes, edit) -> bytes:
+    """``stream`` taken apart, edited by ``edit(Stream)`` and put back with its checksums recomputed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hostile_streams import Stream
+
+    parsed = Stream.parse(stream, len(spec.layout.shape), spec.layout.layers)
+    edit(parsed)
+    return parsed.bytes()
+
+
+def test_the_command_line_never_writes_over_its_inputs(codec, tmp_path, capsys):
+    import os
+
+    _, path, _, clip = codec
+    wav = _wav(tmp_path, clip, name="same.wav")
+    os.link(wav, tmp_path / "hard.vqc")
+    (tmp_path / "soft.vqc").symlink_to(wav)
+    before, bundle_before = _snapshot(tmp_path), _snapshot(path)
+    for output in ("same.wav", "hard.vqc", "soft.vqc"):
+        _refused(["compress", str(path), str(wav), str(tmp_path / output)], capsys, "is the input")
+    _refused(["compress", str(path), str(wav), str(path / "weights.safetensors")], capsys, "is the input")
+    assert main(["compress", str(path), str(wav), str(tmp_path / "x.wav"), "--quiet"]) == 0  # a stream named .wav
+    stream = (tmp_path / "x.wav").read_bytes()
+    _refused(["decompress", str(path), str(tmp_path / "x.wav"), str(tmp_path / "x.wav")], capsys, "is the input")
+    assert (tmp_path / "x.wav").read_bytes() == stream
+    (tmp_path / "x.wav").unlink()
+    assert _snapshot(tmp_path) == before and _snapshot(path) == bundle_before
+
+
+def test_forged_streams_fail_in_one_line_and_leave_no_output(codec, tmp_path, capsys):
+    _, path, session, clip = codec
+    spec = StreamSpec.from_bundle(path)
+    compress(path, _wav(tmp_path, np.concatenate([clip, clip])), tmp_path / "good.vqc", session=session,
+             entropy_coding=True)
+    good = (tmp_path / "good.vqc").read_bytes()
+    codes = spec.loads(good)
+
+    def first_frame(stream, **changes):
+        for key, value in changes.items():
+            setattr(stream.frames[0], key, value)
+
+    def deep_header(stream):
+        stream.header = b"[" * 100_000 + b"]" * 100_000
+
+    def other_batch(stream):
+        frame = stream.frames[1]
+        stream.frames[1] = type(frame)([2] + frame.shape[1:], [(c, d + d) for c, d in frame.segments])
+
+    forged = {
+        "segments declared 0xFFFFFFFF bytes": (lambda s: first_frame(s, sizes=[2 ** 32 - 1] * 3), "layer size"),
+        "range-coded words the decoder refuses": (lambda s: first_frame(s, segments=[(1, b"\xff" * 1200)] +
+                                                                        s.frames[0].segments[1:]), "refuses"),
+        "a header 100,000 levels deep": (deep_header, "nested too deeply"),
+        "frames of other batch sizes": (other_batch, "does not continue the stream's earlier frames"),
+        "a frame of batch 0": (lambda s: first_frame(s, shape=[0] + s.frames[0].shape[1:]), "holds no codes"),
+        "an end record of other samples": (lambda s: setattr(s, "end", s.end[:2] + (s.end[2] + 8,)), "samples"),
+    }
+    (tmp_path / "out.wav").write_bytes(b"an earlier file the user keeps")
+    for name, (edit, message) in forged.items():
+        (tmp_path / "forged.vqc").write_bytes(_edited_stream(spec, good, edit))
+        before = _snapshot(tmp_path)
+        _refused(["decompress", str(path), str(tmp_path / "forged.vqc"), str(tmp_path / "out.wav")], capsys, message)
+        assert _snapshot(tmp_path) == before, name  # inputs and the earlier output untouched, no temporary left
+    batch = spec.dumps(torch.cat([codes, codes]), samples=2 * len(clip))  # a stream of two items
+    (tmp_path / "batch.vqc").write_bytes(batch)
+    _refused(["decompress", str(path), str(tmp_path / "batch.vqc"), str(tmp_path / "b.wav")], capsys,
+             "holds a batch of 2 items")
+    assert not (tmp_path / "b.wav").exists()
+
+
+def test_damaged_bundles_and_bad_options_fail_in_one_line(codec, tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    _, path, _, clip = codec
+    wav = _wav(tmp_path, clip)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    (damaged / FREQUENCIES_FILE).write_bytes(np.random.default_rng(0).bytes(500))
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["files"][FREQUENCIES_FILE] = hashlib.sha256((damaged / FREQUENCIES_FILE).read_bytes()).hexdigest()
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    _refused(["compress", str(damaged), str(wav), str(tmp_path / "e.vqc"), "--entropy-coding"], capsys,
+             "code_frequencies.safetensors is not a readable safetensors file")
+    assert main(["compress", str(damaged), str(wav), str(tmp_path / "p.vqc"), "--quiet"]) == 0  # packing reads none
+    assert main(["decompress", str(damaged), str(tmp_path / "p.vqc"), str(tmp_path / "p.wav"), "--quiet"]) == 0
+    for rate in (0, float("inf")):
+        manifest["audio"]["frame_rate"] = rate
+        (damaged / "manifest.json").write_text(json.dumps(manifest))
+        _refused(["compress", str(damaged), str(wav), str(tmp_path / "r.vqc")], capsys, "frame_rate")
+    assert main(["compress", str(path), str(wav), str(tmp_path / "a.vqc"), "--quiet"]) == 0
+    stream = str(tmp_path / "a.vqc")
+    cases = [(["compress", str(path), str(wav), str(tmp_path / "c.vqc"), "--chunk-seconds", "inf"], "chunk"),
+             (["compress", str(path), str(wav), str(tmp_path / "c.vqc"), "--chunk-seconds", "0"], "chunk"),
+             (["decompress", str(path), stream, str(tmp_path / "out.xyz")], "cannot tell an audio format"),
+             (["decompress", str(path), stream, str(tmp_path / "out")], "cannot tell an audio format"),
+             (["decompress", str(path), stream, str(tmp_path / "o.wav"), "--subtype", "VORBIS"], "does not fit"),
+             (["compress", str(path), str(tmp_path / "missing.wav"), str(tmp_path / "c.vqc")],
+              f"{tmp_path / 'missing.wav'} does not exist"),
+             (["decompress", str(path), str(tmp_path / "missing.vqc"), str(tmp_path / "o.wav")],
+              f"{tmp_path / 'missing.vqc'} does not exist"),
+             (["compress", str(path), str(wav), str(tmp_path / "no" / "c.vqc")], f"{tmp_path / 'no'} does not exist"),
+             (["decompress", str(path), stream, str(tmp_path / "no" / "o.wav")], f"{tmp_path / 'no'} does not exist"),
+             (["compress", str(path), str(tmp_path), str(tmp_path / "c.vqc")], "is not a file")]
+    before = _snapshot(tmp_path)
+    for argv, message in cases:
+        _refused(argv, capsys, message)
+    assert _snapshot(tmp_path) == before
