@@ -318,3 +318,21 @@ def test_foreign_streams_and_unknown_versions_are_refused(stream):
     packed_only = _spec(frequencies=False)
     with pytest.raises(StreamError, match="entropy-coded but this bundle has no code frequencies"):
         packed_only.loads(data)
+
+
+@given(size=st.sampled_from([2, 3, 64, 1024]), skew=st.sampled_from([0.0, 0.5, 0.99, 1.0]),
+       count=st.integers(1, 20_000), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_a_range_coded_segment_never_holds_more_codes_than_its_bound(size, skew, count, seed):
+    """The reader refuses a range-coded segment that declares more codes than ``max_codes`` of its bytes: a real
+    segment must always fit, even of the layer's most probable code alone under a degenerate model."""
+    from vqdeploy.codestream.entropy import RangeCoder
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 100, size=size)
+    counts[0] += int(skew * 10**9)  # 1.0: one code holds all but a billionth of the calibration
+    coder = RangeCoder([counts])
+    for codes in (np.zeros(count, dtype=np.int64), rng.choice(size, count, p=coder.probabilities(0))):
+        data = coder.encode(0, codes)
+        assert count <= coder.max_codes(0, len(data))
+        assert np.array_equal(coder.decode(0, data, count), codes)
