@@ -133,7 +133,7 @@ def compress(bundle: str | Path, source: str | Path, destination, *, layers: int
     chunk_tokens(audio, chunk_seconds)
     if isinstance(destination, (str, Path)):
         destination = check_output(destination, [source, *_bundle_files(bundle)], "output stream")
-    with _read_audio(source) as sound, _Output(destination, "wb") as out:
+    with _AudioInput(source) as sound, _Output(destination, "wb") as out:
         if sound.samplerate != audio["sample_rate"] or sound.channels != audio["channels"]:
             raise ValueError(f"{source} has {sound.channels} channel(s) at {sound.samplerate} Hz; the bundle takes "
                              f"{audio['channels']} at {audio['sample_rate']} Hz (resample or remix it first)")
@@ -170,7 +170,7 @@ def decompress(bundle: str | Path, source, destination: str | Path, *, layers: i
     inputs = _bundle_files(bundle) + ([source] if isinstance(source, (str, Path)) else [])
     destination = check_output(destination, inputs, "output audio file")
     file_format = _audio_format(destination, subtype)
-    source_file = _Input(source)
+    source_file = _StreamInput(source)
     decode = _session(bundle, session, provider).decode
     damage: list[StreamError] = []
     with source_file as stream, AtomicOutput(destination) as out:
@@ -237,7 +237,7 @@ def _audio_format(destination: Path, subtype: str | None) -> str:
     return extension
 
 
-class _read_audio:
+class _AudioInput:
     """An audio file opened for reading, with errors that name it (soundfile says 'System error.')."""
 
     def __init__(self, source):
@@ -247,11 +247,7 @@ class _read_audio:
         import soundfile
 
         if isinstance(self.source, (str, Path)):
-            path = Path(self.source)
-            if not path.exists():
-                raise ValueError(f"the input audio file {path} does not exist")
-            if not path.is_file():
-                raise ValueError(f"the input {path} is not a file")
+            _existing_file(self.source, "input audio file")
         try:
             self.sound = soundfile.SoundFile(self.source if hasattr(self.source, "read") else str(self.source))
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
@@ -280,13 +276,20 @@ def _size(stream) -> int:
         return 0
 
 
-class _Input:
-    """A stream path opened for reading (its absence said plainly), or a caller's file object passed through."""
+def _existing_file(path: str | Path, what: str) -> None:
+    """ValueError naming ``path`` unless it is an existing file (soundfile would only say 'System error.')."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"the {what} {path} {'is not a file' if path.exists() else 'does not exist'}")
+
+
+class _StreamInput:
+    """A stream path opened for reading (checked on creation), or a caller's file object passed through."""
 
     def __init__(self, source):
         self.source, self.file = source, None
-        if not hasattr(source, "read") and not Path(source).is_file():
-            raise ValueError(f"the input stream {source} {'is not a file' if Path(source).exists() else 'does not exist'}")
+        if not hasattr(source, "read"):
+            _existing_file(source, "input stream")
 
     def __enter__(self):
         if hasattr(self.source, "read"):
