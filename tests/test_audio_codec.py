@@ -64,7 +64,7 @@ def _whole(session, clip):
 def test_the_manifest_records_the_stride_and_measured_receptive_fields(codec):
     _, path, _, _ = codec
     manifest = read_manifest(path)
-    assert manifest["format_version"] == 2 and FREQUENCIES_FILE in manifest["files"]
+    assert manifest["format_version"] == 3 and FREQUENCIES_FILE in manifest["files"]  # 3: reference outputs
     audio = manifest["audio"]
     assert (audio["sample_rate"], audio["channels"], audio["hop"], audio["frame_rate"]) == (RATE, 1, 8, 2000.0)
     # the encoder: a 7-tap conv (3 samples each side), then three 4-tap stride-2 convs (padding 1): a token's
@@ -364,6 +364,8 @@ def test_damaged_bundles_and_bad_options_fail_in_one_line(codec, tmp_path, capsy
         manifest["audio"]["frame_rate"] = rate
         (damaged / "manifest.json").write_text(json.dumps(manifest))
         _refused(["compress", str(damaged), str(wav), str(tmp_path / "r.vqc")], capsys, "frame_rate")
+    (damaged / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    _refused(["compress", str(damaged), str(wav), str(tmp_path / "r.vqc")], capsys, "nested too deeply")
     assert main(["compress", str(path), str(wav), str(tmp_path / "a.vqc"), "--quiet"]) == 0
     stream = str(tmp_path / "a.vqc")
     cases = [(["compress", str(path), str(wav), str(tmp_path / "c.vqc"), "--chunk-seconds", "inf"], "chunk"),

@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -40,12 +39,16 @@ def test_reference_checkpoint_exports_verifies_and_benches_from_the_command_line
     assert "ResidualVQ" in info and "int32" in info
 
 
-def test_cli_errors_are_clear(tmp_path):
-    with pytest.raises(SystemExit, match="unknown class 'Nope'"):
-        main(["export", "--class", "Nope", "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match="not valid JSON"):
-        main(["export", "--class", "FSQ", "--config", "{levels", "--out", str(tmp_path / "b")])
+def test_cli_errors_are_clear(tmp_path, capsys):
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
-    with pytest.raises(ValueError, match="does not fit FSQ"):
-        main(["export", "--class", "FSQ", "--config", '{"levels": [5, 5], "dim": 4}', "--weights",
-              str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "c")])
+    cases = [(["export", "--class", "Nope", "--out", str(tmp_path / "a")], "unknown class 'Nope'"),
+             (["export", "--class", "FSQ", "--config", "{levels", "--out", str(tmp_path / "b")], "not valid JSON"),
+             (["export", "--class", "FSQ", "--config", '{"levels": [5, 5], "dim": 4}', "--weights",
+               str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "c")], "does not fit FSQ")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        errors = [line for line in captured.err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and errors[0].startswith("vqdeploy export: error: ") and message in errors[0]
+        assert "Traceback" not in captured.err
+    assert not any((tmp_path / name).exists() for name in "abc")

@@ -112,8 +112,9 @@ def test_wrapped_codec_exports_the_networks_inside_the_graphs(tmp_path):
         assert np.array_equal(indices, expected.numpy())
         np.testing.assert_allclose(decode.run(None, {"indices": indices})[0],
                                    decoder(quantizer.decode(expected)).numpy(), atol=1e-5, rtol=0)
+    assert verify(tmp_path / "codec").recorded  # against the reference outputs the export recorded
     with pytest.raises(ValueError, match="pass the encoder module"):
-        verify(tmp_path / "codec")
+        verify(tmp_path / "codec", decoder=decoder)
     with pytest.raises(ValueError, match=r"shape \(\*, 1, \*\)"):
         verify(tmp_path / "codec", encoder=encoder, decoder=decoder, inputs=torch.randn(2, 2, 64))
     with pytest.raises(ValueError, match="finite"):

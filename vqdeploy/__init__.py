@@ -1,30 +1,40 @@
 """vqdeploy: vector quantizers that train as one compiled graph and export to ONNX.
 
-Importing the package is cheap: onnx and onnxruntime are only imported by the
-export and runtime modules.
+Importing the package is cheap: every public name is imported from its submodule on first use (PEP 562), so
+``import vqdeploy`` (and the ``vqdeploy`` command's ``--help`` and ``info``) loads neither torch nor onnx;
+``from vqdeploy import ResidualVQ`` and ``vqdeploy.ResidualVQ`` import what they name.
 """
 
-from .binary_mapper import BinaryMapper, BinaryMapperOutput, BinaryMapperOutputWithIndices
-from .codebooks import Codebook, CodebookConfig
-from .defaults import active_defaults, use_defaults
-from .fsq import FSQ, FSQOutput
-from .fsp import FSP, FSPOutput
-from .latent_quantize import LatentQuantize, LatentQuantizeOutput
-from .evo_lfq import EvoLFQ, EvoLFQOutput, EvolutionResult
-from .lfq import LFQ, LFQOutput, LossBreakdown
-from .grouped import GroupedOutput, GroupedOutputWithCodes, GroupedResidualQuantizer
-from .random_projection import RandomProjectionQuantizer
-from .residual_fsq import GroupedResidualFSQ, ResidualFSQ, ResidualFSQOutput, ResidualFSQOutputWithCodes
-from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
-from .residual import ResidualOutput, ResidualOutputWithCodes, ResidualQuantizer
-from .residual_vq import GroupedResidualVQ, ResidualVQ
-from .hierarchical_vq import HierarchicalVQ
-from .sequential import Sequential
-from .sim_vq import ResidualSimVQ, SimVQ
-from .vector_quantize import (QuantizeLossOutput, QuantizeOutput, QuantizeOutputWithBreakdown, VectorQuantize,
-                              VQLossBreakdown)
+from __future__ import annotations
+
+import importlib
+import importlib.util
 
 __version__ = "0.1.0"
+
+# submodule -> the public names it defines
+_SUBMODULE_NAMES = {
+    "binary_mapper": ("BinaryMapper", "BinaryMapperOutput", "BinaryMapperOutputWithIndices"),
+    "codebooks": ("Codebook", "CodebookConfig"),
+    "defaults": ("active_defaults", "use_defaults"),
+    "fsq": ("FSQ", "FSQOutput"),
+    "fsp": ("FSP", "FSPOutput"),
+    "latent_quantize": ("LatentQuantize", "LatentQuantizeOutput"),
+    "evo_lfq": ("EvoLFQ", "EvoLFQOutput", "EvolutionResult"),
+    "lfq": ("LFQ", "LFQOutput", "LossBreakdown"),
+    "grouped": ("GroupedOutput", "GroupedOutputWithCodes", "GroupedResidualQuantizer"),
+    "random_projection": ("RandomProjectionQuantizer",),
+    "residual_fsq": ("GroupedResidualFSQ", "ResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes"),
+    "residual_lfq": ("GroupedResidualLFQ", "ResidualLFQ"),
+    "residual": ("ResidualOutput", "ResidualOutputWithCodes", "ResidualQuantizer"),
+    "residual_vq": ("GroupedResidualVQ", "ResidualVQ"),
+    "hierarchical_vq": ("HierarchicalVQ",),
+    "sequential": ("Sequential",),
+    "sim_vq": ("ResidualSimVQ", "SimVQ"),
+    "vector_quantize": ("QuantizeLossOutput", "QuantizeOutput", "QuantizeOutputWithBreakdown", "VectorQuantize",
+                        "VQLossBreakdown"),
+}
+_WHERE = {name: module for module, names in _SUBMODULE_NAMES.items() for name in names}
 
 
 def load(bundle, max_derived_bytes: int | None = None):
@@ -33,6 +43,22 @@ def load(bundle, max_derived_bytes: int | None = None):
     from .export.bundle import load as load_bundle
 
     return load_bundle(bundle, max_derived_bytes)
+
+
+def __getattr__(name: str):
+    """Import a public name's submodule on first use (and a submodule itself, as an eager import made it an
+    attribute of the package before)."""
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [

@@ -1,29 +1,35 @@
 """Bundle files: the manifest, file hashes, and rebuilding the PyTorch quantizer from them.
 
 A bundle is a directory: ``encoder.onnx``, ``decoder.onnx`` (not for encoder-only
-quantizers), ``weights.safetensors`` and ``manifest.json``.  The manifest names the
+quantizers), ``weights.safetensors`` and ``manifest.json``; optionally the code frequencies of
+entropy-coded streams and, for graphs holding user networks, the reference outputs PyTorch gave at
+export (so that the graphs can be verified without the networks' PyTorch code).  The manifest names the
 class and its constructor config, the graphs' inputs and outputs, the sha256 of
 every file and the versions that wrote it.  Loading goes through JSON and
-safetensors only: nothing is unpickled.
+safetensors only: nothing is unpickled.  Reading a manifest imports no torch (``vqdeploy info`` stays fast).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
-import torch
-
-from ..config import config_from_json
-
 FORMAT = "vqdeploy-bundle"
-FORMAT_VERSION = 2  # 2: optional code frequencies and audio entry (a bundle without them is written as 1)
+# 2: optional code frequencies and audio entry; 3: optional reference outputs.  A bundle is written with the
+# lowest version that describes what it holds (1 without any of them).
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 FREQUENCIES_FILE = "code_frequencies.safetensors"  # per-layer code counts for entropy-coded streams (optional)
+REFERENCE_FILE = "reference_outputs.safetensors"  # PyTorch's outputs at export, for wrapped bundles (optional)
+OPTIONAL_FILES = (FREQUENCIES_FILE, REFERENCE_FILE)
+QUANTIZER_CLASS_NAMES = ("VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ",
+                         "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ",
+                         "LatentQuantize", "SimVQ", "ResidualSimVQ", "HierarchicalVQ", "FSP")
 
 
 class BundleError(ValueError):
@@ -45,13 +51,10 @@ def manifest_sha256(directory: str | Path) -> str:
 
 
 def quantizer_classes() -> dict[str, type]:
-    """The classes a bundle may name; nothing else is ever constructed from a manifest."""
+    """The classes a bundle may name; nothing else is ever constructed from a manifest (imports them, and torch)."""
     import vqdeploy
 
-    names = ("VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "ResidualFSQ",
-             "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "LatentQuantize", "SimVQ",
-             "ResidualSimVQ", "HierarchicalVQ", "FSP")
-    return {name: getattr(vqdeploy, name) for name in names}
+    return {name: getattr(vqdeploy, name) for name in QUANTIZER_CLASS_NAMES}
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -72,21 +75,27 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> dict:
     defence against someone who rewrites it too."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.exists():
+        raise BundleError(f"no bundle at {directory}: the directory does not exist")
+    if not directory.is_dir():
+        raise BundleError(f"{directory} is not a vqdeploy bundle: a bundle is a directory, this is a file")
     if not path.is_file():
         raise BundleError(f"{directory} is not a vqdeploy bundle: {MANIFEST} is missing")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise BundleError(f"{path} is nested too deeply to be a manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not a {FORMAT} manifest")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise BundleError(f"{path} has format version {version!r}; this vqdeploy reads up to {FORMAT_VERSION} "
                           "(upgrade vqdeploy to read it)")
-    if manifest.get("class") not in quantizer_classes():
+    if manifest.get("class") not in QUANTIZER_CLASS_NAMES:
         raise BundleError(f"{path} names an unknown quantizer class {manifest.get('class')!r}; "
-                          f"known: {', '.join(quantizer_classes())}")
+                          f"known: {', '.join(QUANTIZER_CLASS_NAMES)}")
     _check_fields(path, manifest)
     if check_files:
         for name, expected in manifest["files"].items():
@@ -110,10 +119,12 @@ def _check_fields(path: Path, manifest: dict) -> None:
             if not isinstance(entry, dict) or any(key not in entry for key in GRAPH_KEYS) or entry["file"] != file:
                 raise BundleError(f"{path}: the {graph} entry must name {file} and hold {', '.join(GRAPH_KEYS)}")
     expected = {ENCODER_FILE, WEIGHTS_FILE} | ({DECODER_FILE} if "decoder" in manifest else set())
-    listed = set(manifest["files"]) - {FREQUENCIES_FILE}
+    listed = set(manifest["files"]) - set(OPTIONAL_FILES)
     if listed != expected or not all(isinstance(v, str) for v in manifest["files"].values()):
         raise BundleError(f"{path}: 'files' must hash exactly {sorted(expected)} (and optionally "
-                          f"{FREQUENCIES_FILE}), got {sorted(manifest['files'])}")
+                          f"{' and '.join(OPTIONAL_FILES)}), got {sorted(manifest['files'])}")
+    if REFERENCE_FILE in manifest["files"] and not manifest["wrapped"]:
+        raise BundleError(f"{path}: {REFERENCE_FILE} belongs to bundles whose graphs hold user networks only")
     if "audio" in manifest:
         _check_audio(path, manifest["audio"])
 
@@ -136,6 +147,11 @@ def _check_audio(path: Path, audio) -> None:
     if not fine:
         raise BundleError(f"{path}: the 'audio' entry must hold positive ints sample_rate, channels, hop, a "
                           "frame_rate and encoder/decoder contexts of [left, right] tokens (or null)")
+    rate = audio["frame_rate"]
+    if isinstance(rate, bool) or not (math.isfinite(rate) and math.isclose(rate, audio["sample_rate"] / audio["hop"],
+                                                                             rel_tol=1e-9)):
+        raise BundleError(f"{path}: the audio entry's frame_rate {rate!r} is not its sample_rate / hop "
+                          f"({audio['sample_rate']} / {audio['hop']})")
 
 
 def value_info(value) -> dict:
@@ -149,6 +165,8 @@ def value_info(value) -> dict:
 
 def build_quantizer(manifest: dict) -> torch.nn.Module:
     """An untrained quantizer of the manifest's class and config (check the config first: ``consistency``)."""
+    from ..config import config_from_json
+
     cls = quantizer_classes()[manifest["class"]]
     return cls(**config_from_json(manifest["config"]))
 

@@ -8,6 +8,10 @@ import contextlib
 import copy
 import json
 import logging
+import os
+import shutil
+import stat
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +20,10 @@ import torch
 
 from ..config import config_to_json
 from .audio import audio_entry
-from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, FREQUENCIES_FILE, MANIFEST, WEIGHTS_FILE,
+from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FREQUENCIES_FILE, MANIFEST, REFERENCE_FILE, WEIGHTS_FILE,
                      BundleError, load, quantizer_classes, read_manifest, value_info, write_manifest)
-from .checks import VerifyReport, check_inputs, check_onnx_file, encoder_inputs, verify_graphs
+from .checks import (MAX_REFERENCE_BYTES, VerifyReport, check_inputs, check_onnx_file, encoder_inputs,
+                     load_reference, record_reference, verify_graphs, verify_recorded)
 from .folding import fold_code_transforms
 from .graphs import (INDEX_DTYPES, DecoderGraph, EncoderGraph, default_example, dynamic_input_axes,
                      dynamic_output_axes, has_decoder, is_residual)
@@ -51,8 +56,12 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
     codec wrapping waveform networks (example: (batch, channels, samples)); the encoder's stride and both
     networks' receptive fields are measured and recorded for chunked processing of long inputs.
     A ``vqdeploy.Sequential`` may stand for the quantizer: its modules before and after the quantizer become the
-    encoder and decoder networks.
-    Raises ``ExportParityError`` when onnxruntime disagrees with PyTorch (the bundle is left for inspection)."""
+    encoder and decoder networks; with networks, what PyTorch gives on one seeded input of the example's shape
+    (batch 1) is recorded in the bundle (``reference_outputs.safetensors``) so that ``verify`` can check it without them.
+    The bundle is written into a directory beside ``path`` and renamed into place when complete: a failed export
+    leaves no file behind, and an old bundle (``overwrite``) is replaced only by a complete one.
+    Raises ``ExportParityError`` when onnxruntime disagrees with PyTorch; the bundle is left for inspection at
+    ``path``, or beside it when that holds an old bundle (which is then kept), as the error says."""
     quantizer, encoder, decoder = _unwrap_sequential(quantizer, encoder, decoder)
     quantizer, encoder, decoder = _frozen_copies(quantizer, encoder, decoder)
     if index_dtype not in INDEX_DTYPES:
@@ -80,42 +89,86 @@ def export(quantizer: torch.nn.Module, path: str | Path, *, encoder: torch.nn.Mo
     if calibration is not None:
         frequencies = _code_frequencies(encoder_graph, calibration, example, input_axes, example_indices, index_axes,
                                         manifest)
-    if frequencies is not None or audio is not None:
-        manifest["format_version"] = FORMAT_VERSION
-    directory = _fresh_directory(Path(path), overwrite)  # only now: a call that fails above changes no file
+    decoder_graph = DecoderGraph(quantizer, decoder, num_quantizers) if has_decoder(quantizer) else None
+    reference = None
+    if encoder is not None or decoder is not None:  # networks the bundle will not hold as PyTorch code
+        reference = _reference(encoder_graph, decoder_graph, example)
+    if reference is not None:  # the lowest format version that describes what the bundle holds
+        manifest["format_version"] = 3
+    elif frequencies is not None or audio is not None:
+        manifest["format_version"] = 2
+    check_target(Path(path), overwrite)  # only now: a call that fails above changes no file
+    target = Path(os.path.realpath(path))  # a symbolic link's directory is replaced, not the link
     manifest.update(wrapped=encoder is not None or decoder is not None, encoder_network=encoder is not None,
                     decoder_network=decoder is not None)
     manifest["float16"] = float16
-    # the exported modules: these float32 ones, or half copies (the float32 ones stay the parity reference)
-    exported = [copy.deepcopy(m).half() if float16 and m is not None else m for m in (quantizer, encoder, decoder)]
-    manifest["encoder"] = _export_graph(EncoderGraph(exported[0], exported[1], INDEX_DTYPES[index_dtype],
+    staging = _staging_directory(target)
+    try:
+        _write_graphs(staging, manifest, (quantizer, encoder, decoder), example, example_indices, input_axes,
+                      index_axes)
+        _write_data(staging, manifest, quantizer, frequencies, reference)
+        report = verify_graphs(staging, manifest, encoder_graph, decoder_graph, provider) if verify else None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if report is not None and not report.passed:
+        kept = _holds_files(target)
+        if not kept:
+            _place(staging, target, overwrite)
+        report.raise_if_failed(f" (the bundle is left for inspection in {staging if kept else target}"
+                               + (f"; the bundle at {target} was kept)" if kept else ")"))
+    _place(staging, target, overwrite)
+    return ExportResult(Path(path), manifest, report)
+
+
+def _reference(encoder_graph, decoder_graph, example: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """PyTorch's outputs on one input of the example's shape (batch 1), for ``verify`` without the networks;
+    None, with a warning, when they would pass the size a bundle may hold."""
+    record = record_reference(encoder_graph, decoder_graph, (1, *example.shape[1:]))
+    size = sum(t.numel() * t.element_size() for t in record.values())
+    if size > MAX_REFERENCE_BYTES:
+        warnings.warn(f"not recording reference outputs: they take {size:,} bytes, more than a bundle may hold "
+                      f"({MAX_REFERENCE_BYTES:,}); verify this bundle with its networks (a shorter example "
+                      "records them)", RuntimeWarning, stacklevel=3)
+        return None
+    return record
+
+
+def _write_graphs(directory: Path, manifest: dict, modules, example, example_indices, input_axes, index_axes) -> None:
+    """encoder.onnx and decoder.onnx, from float32 modules or half copies of them (float16 bundles; the float32
+    ones stay the parity reference); their entries go into the manifest."""
+    float16 = manifest["float16"]
+    quantizer, encoder, decoder = (copy.deepcopy(m).half() if float16 and m is not None else m for m in modules)
+    num_quantizers, opset = manifest["num_quantizers"], manifest["opset"]
+    manifest["encoder"] = _export_graph(EncoderGraph(quantizer, encoder, INDEX_DTYPES[manifest["index_dtype"]],
                                                      num_quantizers),
                                         example.half() if float16 else example, input_axes, directory / ENCODER_FILE,
                                         opset, "inputs", "indices")
-    decoder_graph = None
     if has_decoder(quantizer):
-        decoder_graph = DecoderGraph(quantizer, decoder, num_quantizers)
-        manifest["decoder"] = _export_graph(DecoderGraph(exported[0], exported[2], num_quantizers), example_indices,
+        manifest["decoder"] = _export_graph(DecoderGraph(quantizer, decoder, num_quantizers), example_indices,
                                             index_axes, directory / DECODER_FILE, opset, "indices", "outputs")
 
-    from safetensors.torch import save_model
+
+def _write_data(directory: Path, manifest: dict, quantizer, frequencies, reference) -> None:
+    """The weights, the optional code frequencies and reference outputs, the manifest hashing them all; every
+    file then checked (ONNX) and given the mode a new file gets (0666 less the umask)."""
+    from safetensors.torch import save_file, save_model
 
     save_model(quantizer, str(directory / WEIGHTS_FILE))
-    manifest["files"] = [ENCODER_FILE, WEIGHTS_FILE] + ([DECODER_FILE] if decoder_graph is not None else [])
+    manifest["files"] = [ENCODER_FILE, WEIGHTS_FILE] + ([DECODER_FILE] if "decoder" in manifest else [])
     if frequencies is not None:
         from ..codestream.entropy import save_frequencies
 
         save_frequencies(frequencies, directory / FREQUENCIES_FILE)
         manifest["files"].append(FREQUENCIES_FILE)
+    if reference is not None:
+        save_file(reference, str(directory / REFERENCE_FILE))
+        manifest["files"].append(REFERENCE_FILE)
     write_manifest(directory, manifest)
     for name in manifest["files"]:
         if name.endswith(".onnx"):
             check_onnx_file(directory / name)
-    report = None
-    if verify:
-        report = verify_graphs(directory, manifest, encoder_graph, decoder_graph, provider)
-        report.raise_if_failed()
-    return ExportResult(directory, manifest, report)
+    _set_modes(directory)
 
 
 def verify(path: str | Path, *, encoder: torch.nn.Module | None = None, decoder: torch.nn.Module | None = None,
@@ -124,14 +177,21 @@ def verify(path: str | Path, *, encoder: torch.nn.Module | None = None, decoder:
     """Check a bundle's graphs with onnxruntime against PyTorch: against the quantizer rebuilt from the bundle,
     and the user's networks for a wrapped bundle (which the bundle does not hold).  ``inputs``: your own encoder
     inputs (a tensor or a list, shaped like the export example on its fixed axes) instead of seeded random ones.
+    Without the networks, a wrapped bundle is checked on the input recorded at export, against the outputs
+    PyTorch gave then (bundles exported before vqdeploy recorded them need the networks).
     Returns the report; raises ``ExportParityError`` on a real disagreement (near-ties are reported)."""
     directory = Path(path)
     manifest = read_manifest(directory)
     if inputs is not None:
         inputs = check_inputs(inputs, manifest)
-    for graph, network in (("encoder", encoder), ("decoder", decoder)):
-        if manifest[f"{graph}_network"] and network is None:
-            raise ValueError(f"this bundle's {graph} graph holds a user network: pass the {graph} module to verify it")
+    networks = [graph for graph in ("encoder", "decoder") if manifest[f"{graph}_network"]]
+    missing = [graph for graph, network in (("encoder", encoder), ("decoder", decoder))
+               if graph in networks and network is None]
+    if missing and missing == networks and inputs is None:
+        return _verify_recorded(directory, manifest, provider)
+    if missing:
+        raise ValueError(f"this bundle's {missing[0]} graph holds a user network: pass the {missing[0]} module to "
+                         "verify it")
     quantizer, encoder, decoder = _frozen_copies(load(directory), encoder, decoder)
     for name in manifest["files"]:
         if name.endswith(".onnx"):
@@ -140,6 +200,24 @@ def verify(path: str | Path, *, encoder: torch.nn.Module | None = None, decoder:
     encoder_graph = EncoderGraph(quantizer, encoder, INDEX_DTYPES[manifest["index_dtype"]], num_quantizers)
     decoder_graph = DecoderGraph(quantizer, decoder, num_quantizers) if "decoder" in manifest else None
     report = verify_graphs(directory, manifest, encoder_graph, decoder_graph, provider, seed, inputs)
+    report.raise_if_failed()
+    return report
+
+
+def _verify_recorded(directory: Path, manifest: dict, provider: str) -> VerifyReport:
+    """A wrapped bundle checked without its networks: onnxruntime on the recorded input against the recorded
+    PyTorch outputs."""
+    if REFERENCE_FILE not in manifest["files"]:
+        networks = ", ".join(f"{graph}=..." for graph in ("encoder", "decoder") if manifest[f"{graph}_network"])
+        raise ValueError(f"{directory}'s graphs hold user networks, which it does not hold as PyTorch code, and it "
+                         f"records no reference outputs (it was exported before vqdeploy recorded them): verify it "
+                         f"in Python with verify(bundle, {networks}), or export it again to record them")
+    quantizer = load(directory)
+    for name in manifest["files"]:
+        if name.endswith(".onnx"):
+            check_onnx_file(directory / name)
+    report = verify_recorded(directory, manifest, quantizer, load_reference(directory, manifest, quantizer),
+                             provider)
     report.raise_if_failed()
     return report
 
@@ -175,7 +253,7 @@ def _frozen_copies(quantizer, encoder, decoder):
     return copies
 
 
-BUNDLE_FILES = (MANIFEST, ENCODER_FILE, DECODER_FILE, WEIGHTS_FILE, FREQUENCIES_FILE)
+BUNDLE_FILES = (MANIFEST, ENCODER_FILE, DECODER_FILE, WEIGHTS_FILE, FREQUENCIES_FILE, REFERENCE_FILE)
 
 
 def _audio_entry(audio: dict, quantizer, encoder, decoder, example, example_indices, num_quantizers) -> dict:
@@ -203,24 +281,72 @@ def _code_frequencies(encoder_graph, calibration, example, input_axes, example_i
         return measure_frequencies([encoder_graph(tensor) for tensor in inputs], layout)
 
 
-def _fresh_directory(directory: Path, overwrite: bool) -> Path:
-    """An empty directory, or an old bundle whose files are removed (with ``overwrite``).  A directory holding
-    anything but bundle files is never touched."""
-    if directory.exists() and any(directory.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace a bundle)")
-        others = sorted(p.name for p in directory.iterdir() if p.name not in BUNDLE_FILES or not p.is_file())
-        try:
-            read_manifest(directory, check_files=False)
-        except BundleError:
-            others = others or [MANIFEST]
-        if others:
-            raise FileExistsError(f"{directory} is not a vqdeploy bundle (it holds {others[:5]}); refusing to "
-                                  "overwrite it")
-        for name in BUNDLE_FILES:
-            (directory / name).unlink(missing_ok=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
+def check_target(directory: Path, overwrite: bool) -> None:
+    """Where a bundle may go: nowhere yet, an empty directory, or (with ``overwrite``) an old bundle.  A directory
+    holding anything but bundle files is never touched."""
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    if not _holds_files(directory):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace a bundle)")
+    others = sorted(p.name for p in directory.iterdir() if p.name not in BUNDLE_FILES or not p.is_file())
+    try:
+        read_manifest(directory, check_files=False)
+    except BundleError:
+        others = others or [MANIFEST]
+    if others:
+        raise FileExistsError(f"{directory} is not a vqdeploy bundle (it holds {others[:5]}); refusing to "
+                              "overwrite it")
+
+
+def _holds_files(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
+
+
+def _staging_directory(target: Path) -> Path:
+    """A fresh directory beside ``target`` (same file system, so that renaming it into place is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+
+
+def _place(staging: Path, target: Path, overwrite: bool) -> None:
+    """Rename the complete bundle into place.  An empty directory or old bundle there (checked again) keeps its
+    mode and is removed only once the new bundle stands in its place."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    check_target(target, overwrite)
+    os.chmod(staging, stat.S_IMODE(target.stat().st_mode))
+    old = staging.with_name(staging.name + ".old")
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _set_modes(directory: Path) -> None:
+    """Every file 0666 and the directory 0777 less the umask, as a plain ``open``/``mkdir`` makes them (safetensors
+    writes 0600 and ``mkdtemp`` makes 0700)."""
+    mask = _umask()
+    for file in directory.iterdir():
+        os.chmod(file, 0o666 & ~mask)
+    os.chmod(directory, 0o777 & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc where there is one: setting it (the portable way to read it) would
+    change it for a moment under every other thread."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _manifest(quantizer, index_dtype: str, num_quantizers: int | None, opset: int) -> dict:
@@ -232,7 +358,7 @@ def _manifest(quantizer, index_dtype: str, num_quantizers: int | None, opset: in
     config, dropped = config_to_json(quantizer.init_config)
     json.dumps(config)  # a config that cannot be written fails here, before any file is
     return {
-        "format": FORMAT, "format_version": 1,  # 1 until the bundle holds what version 2 added
+        "format": FORMAT, "format_version": 1,  # 1 until the bundle holds what versions 2 and 3 added
         "class": type(quantizer).__name__, "config": config, "dropped_training_arguments": dropped,
         "index_dtype": index_dtype, "num_quantizers": num_quantizers,
         "codebook_size": quantizer.codebook_size,
