@@ -327,6 +327,9 @@ def test_short_audio_has_no_bitrate_and_the_speed_is_said_once(codec, tmp_path, 
     assert main(["compress", str(codec[0]), str(wav), str(tmp_path / "t.vqc"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "(too short for a bitrate)" in out and "kbit/s" not in out and out.count("x real time") == 1
+    soundfile.write(str(wav), np.zeros(0, dtype=np.float32), RATE)  # empty: an empty stream, no rate or speed
+    assert main(["compress", str(codec[0]), str(wav), str(tmp_path / "e.vqc"), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("compress: no audio (0 samples), 2 layer(s), ")
     run = SimpleNamespace(seconds=2.0, stream_bytes=3000, layers=2, kbps=12.0, real_time_factor=16.54)
     assert codec_summary("compress", run) == ("compress: 2.00 s of audio, 2 layer(s), 3,000 stream bytes, 12.00 "
                                               "kbit/s, 16.5x real time (audio seconds per wall-clock second, "

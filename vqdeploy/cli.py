@@ -319,8 +319,10 @@ def _codec_run(args, run) -> int:
 
 def codec_summary(command: str, result) -> str:
     """One line: audio seconds, layers, stream bytes, the bitrate (compress; not below one second, where the
-    stream's fixed header dominates) and the real-time factor."""
+    stream's fixed header dominates) and the real-time factor (neither for empty audio)."""
     size = f"{result.stream_bytes:,} stream bytes"
+    if result.seconds == 0:  # an empty file round-trips to an empty stream: no rate or speed to speak of
+        return f"{command}: no audio (0 samples), {result.layers} layer(s), {size}"
     if command == "compress":
         size += f", {result.kbps:.2f} kbit/s" if result.seconds >= 1 else " (too short for a bitrate)"
     return (f"{command}: {result.seconds:.2f} s of audio, {result.layers} layer(s), {size}, "

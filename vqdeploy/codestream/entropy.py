@@ -84,6 +84,7 @@ class RangeCoder:
     def __init__(self, counts: list[np.ndarray]):
         self.counts = counts
         self._models: dict[int, object] = {}
+        self._min_bits: dict[int, float] = {}
 
     def codes_layer(self, layer: int) -> bool:
         return len(self.counts[layer]) <= MAX_CODED_SIZE and len(self.counts[layer]) > 1
@@ -113,17 +114,18 @@ class RangeCoder:
     def min_bits(self, layer: int) -> float:
         """The fewest bits any code of the layer costs: -log2 of the largest probability the quantized model can
         give a code (the float model's, raised by the quantization's rounding, at most 1 - (K - 1) 2^-24)."""
-        size, quantum = len(self.counts[layer]), 2.0 ** -PROBABILITY_BITS
-        largest = min(float(self.probabilities(layer).max()) + (size + 1) * quantum, 1 - (size - 1) * quantum)
-        return -np.log2(largest)
+        if layer not in self._min_bits:
+            size, quantum = len(self.counts[layer]), 2.0 ** -PROBABILITY_BITS
+            largest = min(float(self.probabilities(layer).max()) + (size + 1) * quantum, 1 - (size - 1) * quantum)
+            self._min_bits[layer] = float(-np.log2(largest))
+        return self._min_bits[layer]
 
     def decode(self, layer: int, data: bytes, count: int) -> np.ndarray:
-        """``count`` codes of a segment (ValueError for data that is not a segment of this model holding them)."""
+        """``count`` codes of a segment (ValueError for data that is not a segment of this model holding them).
+        The decoder produces codes past the end of its data, so ``count`` must first be bounded by ``max_codes``
+        of the segment's size, as ``StreamReader`` does before it reads a segment."""
         if len(data) % 4:
             raise ValueError(f"a range-coded segment is whole 32-bit words, got {len(data)} bytes")
-        if count > self.max_codes(layer, len(data)):
-            raise ValueError(f"{len(data)} bytes cannot hold {count} codes under this layer's model (at most "
-                             f"{self.max_codes(layer, len(data))})")
         if count == 0:
             return np.zeros(0, dtype=np.int64)
         words = np.frombuffer(data, dtype="<u4").astype(np.uint32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -36,7 +37,7 @@ class CodeLayout:
     def layers(self) -> int:
         return len(self.layer_sizes)
 
-    @property
+    @cached_property
     def layer_bits(self) -> tuple[int, ...]:
         """ceil(log2 K) bits per code of each layer (0 for a one-code codebook)."""
         return tuple(max(k - 1, 0).bit_length() for k in self.layer_sizes)

@@ -81,7 +81,11 @@ class RecordReader:
     def exact(self, size: int, what: str) -> bytes:
         """``size`` bytes, read a block at a time (a pipe or socket may return less than asked before its end,
         and a declared size is only trusted as far as bytes arrive)."""
-        blocks, received = [], 0
+        first = self.file.read(min(size, READ_BLOCK)) if size else b""
+        if len(first) == size:  # the usual case: all of it at once
+            self.offset += size
+            return first
+        blocks, received = [first], len(first)
         while received < size:
             more = self.file.read(min(size - received, READ_BLOCK))
             if not more:

@@ -337,27 +337,26 @@ class StreamReader:
         return count
 
     def _check_segment(self, layer: int, coding: int, size: int, count: int, start: int) -> None:
-        bits = self.spec.layout.layer_bits[layer]
-        field = f"layer {layer} of the frame at offset {start}"
+        packed = packed_size(count, self.spec.layout.layer_bits[layer])
         if coding == records.PACKED:
-            if size != packed_size(count, bits):
-                raise StreamError(f"{field} holds {size} bytes, {count} codes of {bits} bits take "
-                                  f"{packed_size(count, bits)}", start, "layer size")
+            if size != packed:
+                raise StreamError(f"{_field(layer, start)} holds {size} bytes, {count} codes of "
+                                  f"{self.spec.layout.layer_bits[layer]} bits take {packed}", start, "layer size")
         elif coding == records.RANGE_CODED:
-            if size >= packed_size(count, bits):  # writers range-code a segment only when that is smaller
-                raise StreamError(f"{field} is range-coded in {size} bytes, no fewer than packing takes "
-                                  f"({packed_size(count, bits)})", start, "layer size")
+            if size >= packed:  # writers range-code a segment only when that is smaller
+                raise StreamError(f"{_field(layer, start)} is range-coded in {size} bytes, no fewer than packing "
+                                  f"takes ({packed})", start, "layer size")
             if layer >= self.layers:  # skipped: read for the checksum only
                 return
             if not self.spec.has_frequencies:
-                raise StreamError(f"{field} is entropy-coded but this bundle has no code frequencies", start,
-                                  "layer coding")
-            if count > self.spec.coder.max_codes(layer, size):
-                raise StreamError(f"{field} declares {count} codes in {size} range-coded bytes, more than they can "
-                                  f"hold under the layer's model ({self.spec.coder.max_codes(layer, size)})", start,
-                                  "layer size")
+                raise StreamError(f"{_field(layer, start)} is entropy-coded but this bundle has no code frequencies",
+                                  start, "layer coding")
+            bound = self.spec.coder.max_codes(layer, size)
+            if count > bound:
+                raise StreamError(f"{_field(layer, start)} declares {count} codes in {size} range-coded bytes, more "
+                                  f"than they can hold under the layer's model ({bound})", start, "layer size")
         else:
-            raise StreamError(f"{field} has unknown coding {coding}", start, "layer coding")
+            raise StreamError(f"{_field(layer, start)} has unknown coding {coding}", start, "layer coding")
 
     def _decode_frame(self, frame: records.FrameFields, segments: list[tuple[int, bytes]], count: int) -> torch.Tensor:
         layout = self.spec.layout
@@ -372,17 +371,16 @@ class StreamReader:
         return layout.join_layers(codes, out_shape)
 
     def _decode_segment(self, layer: int, coding: int, data: bytes, count: int, start: int) -> np.ndarray:
-        bits, size = self.spec.layout.layer_bits[layer], self.spec.layout.layer_sizes[layer]
-        field = f"layer {layer} of the frame at offset {start}"
+        size = self.spec.layout.layer_sizes[layer]
         if coding == records.PACKED:
-            codes = unpack(data, bits, count)
+            codes = unpack(data, self.spec.layout.layer_bits[layer], count)
         else:
             try:
                 codes = self.spec.coder.decode(layer, data, count)
             except ValueError as error:
-                raise StreamError(f"{field} does not decode: {error}", start, "layer data") from None
+                raise StreamError(f"{_field(layer, start)} does not decode: {error}", start, "layer data") from None
         if codes.size and (codes.min() < 0 or codes.max() >= size):
-            raise StreamError(f"{field} decodes to codes outside [0, {size - 1}]", start, "layer data")
+            raise StreamError(f"{_field(layer, start)} decodes to codes outside [0, {size - 1}]", start, "layer data")
         return codes
 
     def read_all(self) -> torch.Tensor:
@@ -406,6 +404,10 @@ class StreamReader:
             others = tuple(0 for a, size in enumerate(layout.shape) if size is None and a != layout.frame_axis)
             return torch.empty(layout.frame_shape(0, others, layers), dtype=torch.long)
         return torch.cat(frames, dim=self.spec.layout.frame_axis)
+
+
+def _field(layer: int, start: int) -> str:
+    return f"layer {layer} of the frame at offset {start}"
 
 
 def _limit(name: str, value: int | None, default: int) -> int:
