@@ -116,7 +116,8 @@ class RangeCoder:
         give a code (the float model's, raised by the quantization's rounding, at most 1 - (K - 1) 2^-24)."""
         if layer not in self._min_bits:
             size, quantum = len(self.counts[layer]), 2.0 ** -PROBABILITY_BITS
-            largest = min(float(self.probabilities(layer).max()) + (size + 1) * quantum, 1 - (size - 1) * quantum)
+            largest = min(float(self.probabilities(layer).max()) + (size + 1) * quantum,
+                          1 - max(size - 1, 1) * quantum)  # a one-code layer, never range-coded, stays finite
             self._min_bits[layer] = float(-np.log2(largest))
         return self._min_bits[layer]
 
