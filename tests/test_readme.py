@@ -23,8 +23,8 @@ Preconditions the test makes, leaving the block as written
   once per module (the recipe's ``ConvCodec`` with 8 channels, 16 dims and 4 layers of 64 codes, stride 8,
   codebooks from one k-means step, as an audio bundle at 16 kHz with calibration frequencies) and copies it into
   the block's directory.
-- ``audiolm_pytorch`` (the substitution block): installed by ``tests/install-downstream.sh``; the block is skipped,
-  with that reason, where it is not installed. That script leaves out packages that ``audiolm_pytorch/__init__.py``
+- ``audiolm_pytorch`` (the substitution block): installed by ``tests/install-downstream.sh``, part of the README's
+  test command (as for ``test_downstream.py``). That script leaves out packages that ``audiolm_pytorch/__init__.py``
   imports but SoundStream does not use (fairseq, transformers, encodec, ...): the interpreter gets empty stand-ins
   for those of ``STAND_INS`` that are not installed (a finder placed after the real ones). After the block, the
   SoundStream module's ``GroupedResidualVQ`` must be vqdeploy's.
@@ -213,9 +213,7 @@ def test_block_runs_as_written(block, tmp_path, monkeypatch, request):
 
     if any(marker in code for marker in SUBPROCESS_MARKERS):
         prelude, check = "", ""
-        if "audiolm_pytorch" in code:
-            if importlib.util.find_spec("audiolm_pytorch") is None:
-                pytest.skip("audiolm-pytorch is not installed (tests/install-downstream.sh installs it)")
+        if "audiolm_pytorch" in code:  # installed by tests/install-downstream.sh, as test_downstream.py needs
             prelude, check = STAND_IN_PRELUDE, SUBSTITUTION_CHECK
         # the prelude is compiled apart, so that the block keeps its README line numbers
         padded = "\n" * (line - 1) + code
