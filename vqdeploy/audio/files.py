@@ -61,8 +61,7 @@ def audio_bundle(bundle: str | Path) -> tuple[dict, StreamSpec]:
                          "(export it with audio={'sample_rate': ..., 'channels': ...})")
     if "decoder" not in manifest:
         raise ValueError(f"{bundle} has no decoder graph")
-    audio = manifest["audio"]  # read_manifest checked it (frame_rate = sample_rate / hop, contexts bounded)
-    return audio, StreamSpec.from_bundle(bundle, manifest)
+    return manifest["audio"], StreamSpec.from_bundle(bundle, manifest)  # read_manifest checked the audio entry
 
 
 def _context(audio: dict, key: str) -> tuple[int, int]:
@@ -245,7 +244,7 @@ class _AudioInput:
             _existing_file(self.source, "input audio file")
         try:
             self.sound = soundfile.SoundFile(self.source if hasattr(self.source, "read") else str(self.source))
-        except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+        except (RuntimeError, TypeError) as error:  # soundfile's LibsndfileError is a RuntimeError
             raise ValueError(f"{self.source} cannot be read as audio: {error}") from None
         return self.sound
 

@@ -165,9 +165,7 @@ def _write_data(directory: Path, manifest: dict, quantizer, frequencies, referen
         save_file(reference, str(directory / REFERENCE_FILE))
         manifest["files"].append(REFERENCE_FILE)
     write_manifest(directory, manifest)
-    for name in manifest["files"]:
-        if name.endswith(".onnx"):
-            check_onnx_file(directory / name)
+    _check_onnx_files(directory, manifest)
     _set_modes(directory)
 
 
@@ -193,9 +191,7 @@ def verify(path: str | Path, *, encoder: torch.nn.Module | None = None, decoder:
         raise ValueError(f"this bundle's {missing[0]} graph holds a user network: pass the {missing[0]} module to "
                          "verify it")
     quantizer, encoder, decoder = _frozen_copies(load(directory), encoder, decoder)
-    for name in manifest["files"]:
-        if name.endswith(".onnx"):
-            check_onnx_file(directory / name)
+    _check_onnx_files(directory, manifest)
     num_quantizers = manifest["num_quantizers"]
     encoder_graph = EncoderGraph(quantizer, encoder, INDEX_DTYPES[manifest["index_dtype"]], num_quantizers)
     decoder_graph = DecoderGraph(quantizer, decoder, num_quantizers) if "decoder" in manifest else None
@@ -213,13 +209,18 @@ def _verify_recorded(directory: Path, manifest: dict, provider: str) -> VerifyRe
                          f"records no reference outputs (it was exported before vqdeploy recorded them): verify it "
                          f"in Python with verify(bundle, {networks}), or export it again to record them")
     quantizer = load(directory)
-    for name in manifest["files"]:
-        if name.endswith(".onnx"):
-            check_onnx_file(directory / name)
+    _check_onnx_files(directory, manifest)
     report = verify_recorded(directory, manifest, quantizer, load_reference(directory, manifest, quantizer),
                              provider)
     report.raise_if_failed()
     return report
+
+
+def _check_onnx_files(directory: Path, manifest: dict) -> None:
+    """onnx.checker and the standard-ops rule on every graph of the bundle."""
+    for name in manifest["files"]:
+        if name.endswith(".onnx"):
+            check_onnx_file(directory / name)
 
 
 def _unwrap_sequential(quantizer, encoder, decoder):
