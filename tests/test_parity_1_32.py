@@ -3,8 +3,11 @@ for masked padding, code counts starting at one, its 0-d bool flags in checkpoin
 
 1.32.0 runs in one subprocess for the whole module (reference_release.py): each case builds a fresh 1.32.0 module,
 saves its state, and runs one training step on the same inputs.  vqdeploy loads that state strictly and runs the
-same step; indices must be identical, outputs, the input's gradient (through the rotation trick) and the
-codebook state after the step within the rounding bound of one step (tolerances.py).
+same step, eager and (the cases of ``COMPILED``) compiled with fullgraph; indices must be identical, outputs, the
+input's and the parameters' gradients (through the rotation trick) and the codebook state after the step within
+the rounding bound of one step (tolerances.py).  1.32.0's codebook writes go to new storage there
+(``out_of_place_codebook``, reference_worker.py): in place, they reach the tensors its backward reads
+(``test_1_32_gradient_reads_the_updated_codebook``).
 
 Masks are compared on a single Euclidean head without projections: 1.32.0's masked commitment loss compares the
 codes with the raw input, so it fails with heads or projections and is off with cosine similarity.
@@ -20,7 +23,7 @@ from vqdeploy import (FSP, FSQ, LFQ, BinaryMapper, EvoLFQ, GroupedResidualFSQ, G
 
 import vqdeploy.residual_vq as residual_vq
 from reference_release import run_cases, split_state
-from reference_worker import module_from_spec
+from reference_worker import Autoencoder, module_from_spec
 from tolerances import LFQ_ENTROPY_RTOL, assert_no_drift, assert_rounding_close
 
 SHAPE = (2, 24, 16)
@@ -45,6 +48,8 @@ CASES = {
     "vq_cosine_diversity_breakdown": (VectorQuantize, dict(BASE, use_cosine_sim=True,
                                                            codebook_diversity_loss_weight=1.0),
                                       SHAPE, dict(return_loss_breakdown=True)),
+    "vq_diversity_projection": (VectorQuantize, dict(dim=32, codebook_size=64, codebook_dim=16,
+                                                     codebook_diversity_loss_weight=0.1), (2, 64, 32), {}),
     "vq_layernorm_projection": (VectorQuantize, dict(BASE, codebook_dim=8, layernorm_after_project_in=True), SHAPE,
                                 {}),
     "vq_3d_fmap": (VectorQuantize, dict(BASE, accept_3d_fmap=True), (2, 16, 2, 3, 4), {}),
@@ -163,26 +168,51 @@ def _inputs(name: str) -> dict:
 
 PRE_STEPS = {"vq_accumulated_ema": [dict(accum_ema_update=True)] * 2}
 POST_METHODS = {"vq_manual_ema_update": ["_codebook.update_ema"]}
+# also compiled (fullgraph): the configurations of issue 23, and the defaults' rotation trick
+COMPILED = ("vq", "vq_diversity_projection", "hierarchical")
+IN_PLACE = "vq_diversity_projection"  # also run with 1.32.0's codebook writes in place, as it ships
+
+
+def _case(name: str, /, **changes) -> dict:
+    cls, config, _, forward = CASES[name]
+    return dict(name=name, **{"class": cls.__name__}, config=config, seed=0, train=True, forward=forward,
+                **({"diveq_variance": 0.0} if config.get("diveq") else {}), out_of_place_codebook=True,
+                pre_steps=PRE_STEPS.get(name, []), post_methods=POST_METHODS.get(name, [])) | changes
+
+
+# training with the defaults (rotation trick, EMA, commitment) inside an autoencoder, as 1.32.0 ships
+TRAJECTORY = dict(name="trajectory", **{"class": "VectorQuantize"}, config=dict(dim=16, codebook_size=64), seed=0,
+                  train=True, trajectory=dict(lr=0.01))
+TRAJECTORY_STEPS, TRAJECTORY_BATCH = 50, (4, 16, 24)
+
+
+def _trajectory_batches() -> torch.Tensor:
+    """Clustered features (10 centres and noise), so the codes have structure to learn: (steps, *batch)."""
+    generator = torch.Generator().manual_seed(23)
+    centres = 1.5 * torch.randn(10, TRAJECTORY_BATCH[-1], generator=generator)
+    which = torch.randint(0, 10, (TRAJECTORY_STEPS, *TRAJECTORY_BATCH[:-1]), generator=generator)
+    return centres[which] + 0.3 * torch.randn(TRAJECTORY_STEPS, *TRAJECTORY_BATCH, generator=generator)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    cases = [dict(name=name, **{"class": cls.__name__}, config=config, seed=0, train=True, forward=forward,
-                  **({"diveq_variance": 0.0} if config.get("diveq") else {}),
-                  frozen_gradient="diversity" in name, pre_steps=PRE_STEPS.get(name, []),
-                  post_methods=POST_METHODS.get(name, [])) for name, (cls, config, _, forward) in CASES.items()]
-    return run_cases(cases, {name: _inputs(name) for name in CASES}, tmp_path_factory.mktemp("reference_1_32"))
+    cases = [_case(name) for name in CASES] + [_case(IN_PLACE, name="in_place", out_of_place_codebook=False),
+                                               TRAJECTORY]
+    inputs = ({name: _inputs(name) for name in CASES} | {"in_place": _inputs(IN_PLACE)}
+              | {"trajectory": {"x": _trajectory_batches()}})
+    return run_cases(cases, inputs, tmp_path_factory.mktemp("reference_1_32"))
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_training_step_matches_1_32(reference, name, monkeypatch):
+@pytest.mark.parametrize("name, mode", [(name, "eager") for name in CASES] + [(name, "compiled") for name in COMPILED])
+def test_training_step_matches_1_32(reference, name, mode, monkeypatch):
     cls, config, _, forward = CASES[name]
     config = {key: module_from_spec(value) if isinstance(value, dict) and "module" in value else value
               for key, value in config.items()}
     monkeypatch.setattr(residual_vq, "DIVEQ_VARIANCE", 0.0)  # as the reference's run (see reference_worker.py)
     results, inputs = reference[name], _inputs(name)
-    ours = cls(**config)
-    ours.load_state_dict(split_state(results, "state"), strict=True)
+    module = cls(**config)
+    module.load_state_dict(split_state(results, "state"), strict=True)
+    ours = torch.compile(module, fullgraph=True) if mode == "compiled" else module
     x = inputs["x"].clone().requires_grad_()
     kwargs = {key: inputs[key] for key in ("mask", "lens") if key in inputs}
     kwargs.update({key[3:]: value for key, value in inputs.items() if key.startswith("kw.")})
@@ -216,13 +246,13 @@ def test_training_step_matches_1_32(reference, name, monkeypatch):
         return  # its loss trains the values, as the paper does (README): gradients compared without a loss
     ((quantized * inputs["grad"]).sum() + loss.sum()).backward()
     assert_rounding_close(x.grad, results["x_grad"], **bound, msg="input gradient", rtol=loss_rtol)
-    for key, value in ours.named_parameters():
+    for key, value in module.named_parameters():
         if f"grad.{key}" in results or value.grad is not None:
             assert_rounding_close(value.grad, results[f"grad.{key}"], **bound, msg=f"{key} gradient", rtol=loss_rtol)
     for method in POST_METHODS.get(name, []):
-        operator.attrgetter(method)(ours)()
+        operator.attrgetter(method)(module)()
     after = split_state(results, "after")
-    for key, value in ours.state_dict().items():
+    for key, value in module.state_dict().items():
         if key.endswith(("embed", "embed_avg", "cluster_size")) and _state_comparable(name, config, key):
             assert_rounding_close(value, after[key], **bound, msg=key)
             assert_no_drift(value, after[key], msg=key)
@@ -246,6 +276,49 @@ def _state_comparable(name: str, config: dict, key: str) -> bool:
     if "beam" not in name:
         return True
     return key.startswith("layers.0.") and not config.get("shared_codebook")
+
+
+def test_fifty_training_steps_match_1_32(reference):
+    """Every step of 50 that 1.32.0 trains (a linear autoencoder around ``VectorQuantize`` with the defaults:
+    the rotation trick, EMA, the commitment loss; Adam on the reconstruction), taken from 1.32.0's state before
+    that step: the same indices, outputs, losses, gradients and codebook update.  Later steps start from
+    codebooks, cluster sizes and encoders that training has moved, which one step from a fresh module does not
+    reach; each starts from 1.32.0's own state, so rounding does not accumulate over the trajectory."""
+    results = reference["trajectory"]
+    batches = _trajectory_batches()
+    for step, x in enumerate(batches):
+        prefix = f"step{step}."
+        model = Autoencoder(VectorQuantize(**TRAJECTORY["config"]), x.shape[-1], TRAJECTORY["config"]["dim"]).train()
+        model.load_state_dict(split_state(results, prefix + "state"), strict=True)
+        quantized, indices, loss, total = model(x)
+        total.backward()
+        bound = dict(n=x.numel(), data=torch.cat([x.flatten(), quantized.detach().flatten()]))
+        assert torch.equal(indices, results[prefix + "indices"]), f"step {step}"
+        for key, value in (("quantized", quantized), ("loss", loss.reshape(-1)), ("total", total.reshape(-1))):
+            assert_rounding_close(value, results[prefix + key], **bound, msg=f"{key} at step {step}")
+        for key, value in model.named_parameters():
+            assert_rounding_close(value.grad, results[f"{prefix}grad.{key}"], **bound, msg=f"{key} gradient at {step}")
+        after = split_state(results, prefix + "after")
+        for key, value in model.state_dict().items():
+            if key.endswith(("embed", "embed_avg", "cluster_size")):
+                assert_rounding_close(value, after[key], **bound, msg=f"{key} at step {step}")
+    final = split_state(results, f"step{TRAJECTORY_STEPS - 1}.after")
+    assert (final["quantizer._codebook.cluster_size"] > 0.5).sum() >= 8  # the codes did train (10 clusters)
+
+
+def test_1_32_gradient_reads_the_updated_codebook(reference):
+    """Why 1.32.0's codebook writes go to new storage in this suite: as it ships, its EMA step overwrites the
+    codebook through ``.data`` after the forward, and the distances' backward (the diversity loss's path to the
+    input and ``project_in``) reads the overwritten codes.  The same step with the writes out of place has the
+    same forward, loss, indices and codebook state, bit for bit, and another gradient: so 1.32.0's gradient is
+    not the derivative of what its forward computed.  vqdeploy's is (``test_training_step_matches_1_32`` compares
+    it with the out-of-place step; README, differences)."""
+    shipped, out_of_place = reference["in_place"], reference[IN_PLACE]
+    for key in ("quantized", "indices", "loss", *(k for k in out_of_place if k.startswith("after."))):
+        assert torch.equal(shipped[key], out_of_place[key]), key
+    for key in ("x_grad", "grad.project_in.weight", "grad.project_in.bias"):
+        assert not torch.allclose(shipped[key], out_of_place[key], rtol=0.01, atol=1e-3), key
+    assert torch.equal(shipped["grad.project_out.weight"], out_of_place["grad.project_out.weight"])
 
 
 def test_lfq_mask_batch_entropy_1_32(reference):
