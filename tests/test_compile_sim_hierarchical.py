@@ -43,3 +43,35 @@ def test_hierarchical_vq_compiles_to_one_graph(mode):
     mask = torch.ones(2, 4, 8, dtype=torch.bool)
     mask[1, 2:] = False
     check_compiled(eager, lambda: torch.randn(2, 4, 8, DIM), lambda x: dict(mask=mask))
+
+
+ONE_TOKEN_LEVEL_CASES = {  # (kwargs, input shape, modes): a level of one token upsampled to the full length
+    # (issue 23).  Its linear interpolation's backward was a scatter-add that inductor's CPU code could not emit,
+    # in training, for every 1-d scale set with a 1, either layout, shared or per-level codebooks
+    "issue_23_scales_1_2_4_8_channel_first": (dict(scales=(1, 2, 4, 8)), (2, DIM, 8), ("train", "eval")),
+    "scales_1_3_8_own_codebooks_channel_last": (
+        dict(scales=(1, 3, 8), codebook_size=[32, 16, 16], shared_codebook=False, share_quant_resi=0,
+             channel_first=False), (2, 8, DIM), ("train",)),
+}
+
+
+@pytest.fixture
+def two_threads():
+    """Inductor's CPU code took the failing (parallel) path only with more than one thread, and pytest-xdist
+    workers run with one (conftest.py): compile these cases with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name, mode", [(name, mode) for name, (_, _, modes) in ONE_TOKEN_LEVEL_CASES.items()
+                                        for mode in modes])
+def test_hierarchical_vq_one_token_level_compiles(name, mode, two_threads):
+    """The coarsest level is broadcast to the full length, and that compiles (eval never failed: it is the
+    backward that did)."""
+    kwargs, shape, _ = ONE_TOKEN_LEVEL_CASES[name]
+    torch.manual_seed(0)
+    eager = HierarchicalVQ(**{**dict(dim=DIM, codebook_size=CODEBOOK_SIZE, kmeans_init=False,
+                                     threshold_ema_dead_code=0), **kwargs}).train(mode == "train")
+    check_compiled(eager, lambda: torch.randn(shape))

@@ -166,7 +166,13 @@ class HierarchicalVQ(nn.Module):
         return pooled, pooled_mask[:, 0] > 0
 
     def upsample(self, q: torch.Tensor, full_shape: tuple[int, ...], level: int) -> torch.Tensor:
-        """A level's codes (b, dim, *level_shape) at the full size, through phi."""
+        """A level's codes (b, dim, *level_shape) at the full size, through phi.
+
+        An axis of one token is broadcast, not interpolated (linear interpolation of one sample is that sample):
+        the interpolation's backward is a scatter-add whose target does not move along that axis, which
+        inductor's vectorised multi-threaded CPU code cannot emit (torch 2.13: ``CppVecKernel.store`` asserts a
+        vector index for ``atomic_add``)."""
+        q = q.expand(*q.shape[:2], *(full if size == 1 else size for size, full in zip(q.shape[2:], full_shape)))
         if tuple(q.shape[2:]) != tuple(full_shape):
             mode = ("linear", "bilinear", "trilinear")[self.spatial_dims - 1]
             q = F.interpolate(q, size=full_shape, mode=mode, align_corners=False)
