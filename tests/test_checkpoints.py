@@ -119,9 +119,11 @@ def _eval_statistics(results: dict, x: torch.Tensor) -> dict:
 def _check_moved_values(ours: LatentQuantize, indices: torch.Tensor, quantized: torch.Tensor, results: dict) -> None:
     """Once the values have moved, 1.32.0's indices are not the levels it chose: it recomputes them from the
     chosen values as if they were on the initial grid, ``sum((value * 2 * half_width + half_width) * basis)``
-    truncated to an integer, and its ``indices_to_codes`` decodes them on the initial grid.  vqdeploy's outputs equal 1.32.0's (the same values
-    chosen, in the same order: the storage loads as saved), its indices are the chosen levels and decode to its
-    output exactly; 1.32.0's are the truncation of those values, and do not decode to its own output."""
+    truncated to an integer, and its ``indices_to_codes`` decodes them on the initial grid.  vqdeploy's outputs
+    equal 1.32.0's (the same values chosen, in the same order: the storage loads as saved), its indices are the
+    chosen levels and decode to its output exactly; 1.32.0's are that truncation (for the moved values of
+    ``_inputs``, every such sum lies at least 0.002 from an integer, far above the sum's rounding), and do not
+    decode to its own output."""
     values = ours.lookup(indices)  # (b, n, codebook_dim): the chosen values, before project_out
     half_width = ours._levels // 2
     basis = torch.cumprod(torch.cat([half_width.new_ones(1), ours._levels[:-1]]), 0)
