@@ -8,7 +8,7 @@ bundle over eight seeds and on held-out encoder features, and prints how many to
 identical, near-ties and real disagreements (the old all-identical rule failed on near-ties).
 
 Needs audiolm-pytorch 2.0.7 and its audio stack beside vqdeploy, which this project does not install
-(torchaudio pins its own torch build; see the README's Benchmarks section):
+(torchaudio pins its own torch build; see docs/benchmarks.md):
 
     python -m venv venv-alm && . venv-alm/bin/activate
     pip install "torch==2.9.1" "torchaudio==2.9.*" local-attention gateloop-transformer beartype \\

@@ -57,7 +57,7 @@ def train(model: torch.nn.Module, batches, args: argparse.Namespace, name: str, 
     torch.compile(fullgraph=True) unless ``args.eager``.
 
     The first step runs eagerly so that k-means initialises the codebooks outside the graph; the compiled steps
-    then carry no k-means branch (see the README's compile notes)."""
+    then carry no k-means branch (see the compile notes in docs/compile.md)."""
     print(f"training {name} for {args.steps} steps, {'eager' if args.eager else 'torch.compile(fullgraph=True)'}")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     step_fn = model if args.eager else torch.compile(model, fullgraph=True)
