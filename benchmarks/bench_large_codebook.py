@@ -10,7 +10,7 @@ safetensors) and the same input: one warm-up step (the compile, for vqdeploy com
 steps from the same starting state.  Reported: the median step time, the peak RSS during the timed steps above
 the RSS before them (the memory a step needs beyond the model and the input; Linux resets the peak first), their ratios to 1.14.17's, and how many of
 the step's indices differ from 1.14.17's (float32 near-ties aside, none).  The references build the tokens x codes distance matrix and a one-hot of the
-same size; vqdeploy matches rows block by block (``primitives.SCORE_BLOCK_ELEMENTS``) and sums per code with an
+same size; vqdeploy matches rows block by block (``search/torch_path.SCORE_BLOCK_ELEMENTS``) and sums per code with an
 index_add.  1.32.0 comes from tests/install-references.sh (``.reference/vqp-1.32.0``).
 """
 

@@ -70,9 +70,9 @@ def test_options_compile_to_one_graph(name, mode):
 
 def test_blockwise_nearest_code_search_compiles(monkeypatch):
     """The large-codebook search (row blocks of the score matrix) in a compiled training step."""
-    import vqdeploy.primitives as primitives
+    import vqdeploy.search.torch_path as torch_path
 
-    monkeypatch.setattr(primitives, "SCORE_BLOCK_ELEMENTS", 5 * CODEBOOK_SIZE)
+    monkeypatch.setattr(torch_path, "SCORE_BLOCK_ELEMENTS", 5 * CODEBOOK_SIZE)
     eager = _build(dict(threshold_ema_dead_code=1))
     compare_eager_compiled(eager, torch.compile(twin(eager), fullgraph=True), lambda: input_for(eager, tokens=TOKENS),
                            lambda x: {}, steps=2)

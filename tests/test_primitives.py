@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from vqdeploy import primitives as P
+from vqdeploy.search import torch_path
 
 
 def test_nearest_codes_match_exact_distances():
@@ -19,7 +20,7 @@ def test_large_codebooks_are_matched_block_by_block(monkeypatch):
     x, codes = torch.randn(2, 50, 6, dtype=torch.float64), torch.randn(2, 9, 6, dtype=torch.float64)
     exact = torch.cdist(x, codes).argmin(dim=-1)
     cosine = (F.normalize(x, dim=-1) @ F.normalize(codes, dim=-1).transpose(1, 2)).argmax(dim=-1)
-    monkeypatch.setattr(P, "SCORE_BLOCK_ELEMENTS", 2 * 9 * 7)  # 7 rows per block: 8 blocks, the last one short
+    monkeypatch.setattr(torch_path, "SCORE_BLOCK_ELEMENTS", 2 * 9 * 7)  # 7 rows per block: 8 blocks, the last one short
     assert torch.equal(P.nearest_codes(x, codes), exact)
     assert torch.equal(P.nearest_codes(F.normalize(x, dim=-1), F.normalize(codes, dim=-1), use_cosine_sim=True),
                        cosine)

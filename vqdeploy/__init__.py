@@ -26,13 +26,13 @@ _SUBMODULE_NAMES = {
     "random_projection": ("RandomProjectionQuantizer",),
     "residual_fsq": ("GroupedResidualFSQ", "ResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes"),
     "residual_lfq": ("GroupedResidualLFQ", "ResidualLFQ"),
-    "residual": ("ResidualOutput", "ResidualOutputWithCodes", "ResidualQuantizer"),
+    "residual": ("ResidualQuantizer",),
+    "returns": ("QuantizeLossOutput", "QuantizeOutput", "ResidualOutput", "ResidualOutputWithCodes"),
     "residual_vq": ("GroupedResidualVQ", "ResidualVQ"),
     "hierarchical_vq": ("HierarchicalVQ",),
     "sequential": ("Sequential",),
     "sim_vq": ("ResidualSimVQ", "SimVQ"),
-    "vector_quantize": ("QuantizeLossOutput", "QuantizeOutput", "QuantizeOutputWithBreakdown", "VectorQuantize",
-                        "VQLossBreakdown"),
+    "vector_quantize": ("QuantizeOutputWithBreakdown", "VectorQuantize", "VQLossBreakdown"),
 }
 _WHERE = {name: module for module, names in _SUBMODULE_NAMES.items() for name in names}
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import number, positive_int
 from .layout import check_indices_dtype
 from .primitives import draw_uniform
-from .vector_quantize import _number, _positive_int
 
 NAT = math.log(2)  # one bit, in nats
 MAX_BITS = 24  # the one-hot and the straight-through table have 2^bits entries per token
@@ -47,10 +47,10 @@ class BinaryMapper(nn.Module):
 
     def __init__(self, bits: int = 1, kl_loss_threshold: float = NAT, deterministic_on_eval: bool = False):
         super().__init__()
-        _positive_int("bits", bits)
+        positive_int("bits", bits)
         if bits > MAX_BITS:
             raise ValueError(f"bits must be at most {MAX_BITS} (each token's one-hot has 2^bits entries), got {bits}")
-        _number("kl_loss_threshold", kl_loss_threshold)
+        number("kl_loss_threshold", kl_loss_threshold)
         self.bits = bits
         self.num_codes = 2 ** bits
         self.kl_loss_threshold = kl_loss_threshold
@@ -99,7 +99,7 @@ class BinaryMapper(nn.Module):
         Defaults: straight-through gradient and aux loss in training; sampled bits unless ``deterministic`` (or
         ``deterministic_on_eval`` in eval), which thresholds at probability 0.5."""
         self._check_logits(logits)
-        _number("temperature", temperature, 0.0, low_open=True)
+        number("temperature", temperature, 0.0, low_open=True)
         deterministic = self.deterministic_on_eval and not self.training if deterministic is None else deterministic
         straight_through = self.training if straight_through is None else straight_through
         calc_aux_loss = self.training if calc_aux_loss is None else calc_aux_loss

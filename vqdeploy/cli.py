@@ -42,7 +42,7 @@ def _progress(message: str) -> None:
 
 
 def _export(args) -> int:
-    from .export.bundle import QUANTIZER_CLASS_NAMES
+    from .bundle_format import QUANTIZER_CLASS_NAMES
 
     if args.cls not in QUANTIZER_CLASS_NAMES:
         raise CommandError(f"unknown class {args.cls!r}; known: {', '.join(QUANTIZER_CLASS_NAMES)}")
@@ -105,7 +105,7 @@ def _parse_shape(text: str | None) -> list[int] | None:
 
 
 def _build(name: str, config: dict):
-    from .export.bundle import quantizer_classes
+    from .bundle_format import quantizer_classes
 
     try:
         return quantizer_classes()[name](**config)
@@ -117,7 +117,7 @@ def _load_weights(quantizer, path: str, name: str) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .export.bundle import BundleError
+    from .bundle_format import BundleError
 
     _progress(f"loading {path}")
     try:
@@ -145,7 +145,7 @@ def _verify(args) -> int:
 
 
 def _info(args) -> int:
-    from .export.bundle import FREQUENCIES_FILE, REFERENCE_FILE, manifest_sha256, read_manifest
+    from .bundle_format import FREQUENCIES_FILE, REFERENCE_FILE, manifest_sha256, read_manifest
 
     manifest = read_manifest(args.bundle)
     rows = [("class", manifest["class"]), ("config", json.dumps(manifest["config"])),

@@ -16,8 +16,8 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from .checks import number, positive_int
 from .lfq import LFQ
-from .vector_quantize import _number, _positive_int
 
 
 class EvoLFQOutput(NamedTuple):
@@ -56,10 +56,10 @@ class EvoLFQ(nn.Module):
         super().__init__()
         for name, value in (("pop_size", pop_size), ("tournament_size", tournament_size),
                             ("generations", generations)):
-            _positive_int(name, value)
+            positive_int(name, value)
         if not isinstance(elitism_count, int) or isinstance(elitism_count, bool) or not 0 <= elitism_count < pop_size:
             raise ValueError(f"elitism_count must be an int in [0, pop_size) ({pop_size}), got {elitism_count!r}")
-        _number("mutation_rate", mutation_rate, 0.0, 1.0)
+        number("mutation_rate", mutation_rate, 0.0, 1.0)
         if lfq is None:
             if dim is None and codebook_size is None:
                 raise ValueError("EvoLFQ needs an lfq, or dim / codebook_size to build one")

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import number
 from .config import records_config
 from .fsq import check_levels
 from .grid import GridQuantizer
 from .primitives import draw_uniform
-from .vector_quantize import _number
 
 UNIT_VARIANCE = 0.28867513459481287  # the standard deviation of U(0, 1): bin centres map to unit variance
 _SQRT2 = math.sqrt(2.0)
@@ -89,7 +89,7 @@ class FSP(GridQuantizer):
                  need_inv_act: bool = False, vector_norm: str = "var_tanh"):
         super().__init__()
         levels = check_levels(levels)
-        _number("quantize_rate", quantize_rate, 0.0, 1.0)
+        number("quantize_rate", quantize_rate, 0.0, 1.0)
         if act_name not in CDF_ACTIVATIONS:
             raise ValueError(f"act_name must be one of {sorted(CDF_ACTIVATIONS)}, got {act_name!r}")
         if vector_norm not in VECTOR_NORM_PRESETS:

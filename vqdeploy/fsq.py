@@ -19,11 +19,12 @@ from typing import NamedTuple, Sequence
 import torch
 from einops import rearrange
 
+from .checks import number
 from .config import records_config
 from .defaults import behaves_as_latest, release_for
 from .grid import GridQuantizer
 from .primitives import draw_uniform, round_ste
-from .vector_quantize import QuantizeOutput, _number
+from .returns import QuantizeOutput
 
 
 class FSQOutput(NamedTuple):
@@ -64,7 +65,7 @@ class FSQ(GridQuantizer):
         if 2 in levels and not preserve_symmetry and behaves_as_latest(release, "FSQ", "levels of 2"):
             raise ValueError(f"levels {levels} hold a 2: turn on preserve_symmetry, or use 3 or more levels "
                              "(1.32.0's rule; defaults='1.14.17' allows it)")
-        _number("noise_dropout", noise_dropout, 0.0, 1.0)
+        number("noise_dropout", noise_dropout, 0.0, 1.0)
         if noise_dropout > 0 and not preserve_symmetry:
             raise ValueError("noise_dropout needs preserve_symmetry=True (as 1.32.0)")
         self.return_indices = bool(return_indices)

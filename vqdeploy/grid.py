@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import positive_int
 from .layout import check_grid_indices, to_tokens
-from .vector_quantize import _positive_int
 
 
 class CosineSimLinear(nn.Module):
@@ -39,7 +39,7 @@ class GridQuantizer(nn.Module):
                      cosine_sim_project_in_scale: float | None = None) -> None:
         """``has_projections``: None projects when ``dim`` differs from the codes' channels; True always (as
         LFQ allows); ``cosine_sim_project_in_scale``: project in with :class:`CosineSimLinear` at that scale."""
-        _positive_int("num_codebooks", num_codebooks)
+        positive_int("num_codebooks", num_codebooks)
         keep_num_codebooks_dim = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
         if num_codebooks > 1 and not keep_num_codebooks_dim:
             raise ValueError("keep_num_codebooks_dim=False needs num_codebooks=1 (indices need a codebook axis)")
@@ -48,7 +48,7 @@ class GridQuantizer(nn.Module):
         self.effective_codebook_dim = codebook_dim * num_codebooks
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
         self.dim = self.effective_codebook_dim if dim is None else dim
-        _positive_int("dim", self.dim)
+        positive_int("dim", self.dim)
         needs_projections = self.dim != self.effective_codebook_dim
         if has_projections is False and needs_projections:
             raise ValueError(f"has_projections=False needs dim == num_codebooks * codebook_dim "

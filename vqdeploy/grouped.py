@@ -12,9 +12,10 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from .checks import positive_int
 from .layout import check_indices_dtype, to_tokens
 from .residual import ResidualQuantizer, prepare_call
-from .vector_quantize import QuantizeLossOutput, _positive_int
+from .returns import QuantizeLossOutput
 
 
 class GroupedOutput(NamedTuple):
@@ -36,8 +37,8 @@ class GroupedResidualQuantizer(nn.Module):
     def __init__(self, dim: int, groups: int, make_group: Callable[[int], ResidualQuantizer],
                  accept_image_fmap: bool = False, channel_last: bool = True):
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("groups", groups)
+        positive_int("dim", dim)
+        positive_int("groups", groups)
         if dim % groups:
             raise ValueError(f"groups ({groups}) must divide dim ({dim})")
         self.dim = dim
@@ -58,10 +59,6 @@ class GroupedResidualQuantizer(nn.Module):
     def codebook_sizes(self) -> tuple[int, ...]:
         """Codes of each layer (every group has the same)."""
         return self.rvqs[0].codebook_sizes
-
-    @property
-    def split_dim(self) -> int:
-        return 1 if self.accept_image_fmap or not self.channel_last else -1
 
     def _per_group(self, indices, what: str = "indices") -> Sequence[torch.Tensor]:
         if isinstance(indices, torch.Tensor):

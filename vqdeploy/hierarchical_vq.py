@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import number, positive_int
 from .config import records_config
 from .layout import check_indices_dtype, lens_to_mask
-from .vector_quantize import VectorQuantize, _number, _positive_int
+from .vector_quantize import VectorQuantize
 
 
 class HierarchicalOutput(NamedTuple):
@@ -62,7 +63,7 @@ def _level_shape(scale, spatial_dims: int) -> tuple[int, ...]:
     else:
         raise ValueError(f"each scale must be an int or a sequence of {spatial_dims} ints, got {scale!r}")
     for size in shape:
-        _positive_int("each scale", size)
+        positive_int("each scale", size)
     return shape
 
 
@@ -85,10 +86,10 @@ class HierarchicalVQ(nn.Module):
         super().__init__()
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("choose at most one of accept_image_fmap and accept_3d_fmap")
-        _positive_int("dim", dim)
-        _number("nested_dropout", nested_dropout, 0.0, 1.0)
-        _positive_int("nested_dropout_min_levels", nested_dropout_min_levels)
-        _number("quant_resi", quant_resi)
+        positive_int("dim", dim)
+        number("nested_dropout", nested_dropout, 0.0, 1.0)
+        positive_int("nested_dropout_min_levels", nested_dropout_min_levels)
+        number("quant_resi", quant_resi)
         if not isinstance(scales, (tuple, list)) or not scales:
             raise ValueError(f"scales must be a non-empty sequence of level sizes, got {scales!r}")
         spatial_dims = 2 if accept_image_fmap else 3 if accept_3d_fmap else 1

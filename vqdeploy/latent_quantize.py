@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import number, positive_int
 from .config import records_config
 from .defaults import behaves_as_latest, release_for
 from .fsq import check_levels
 from .grid import GridQuantizer
 from .primitives import masked_mse
-from .vector_quantize import _number, _positive_int
 
 
 class LatentQuantizeOutput(NamedTuple):
@@ -92,13 +92,13 @@ class LatentQuantize(GridQuantizer):
                 raise ValueError("levels given as one int needs codebook_dim (1.32.0) or dim (1.14.17 repeats it "
                                  "dim times)")
             count = codebook_dim if codebook_dim > 0 else dim
-            _positive_int("codebook_dim" if codebook_dim > 0 else "dim", count)
+            positive_int("codebook_dim" if codebook_dim > 0 else "dim", count)
             levels = [levels] * count
         levels = check_levels(levels)
         if codebook_dim > 0 and codebook_dim != len(levels):
             raise ValueError(f"codebook_dim={codebook_dim} must equal the number of levels ({len(levels)})")
-        _number("commitment_loss_weight", commitment_loss_weight, 0.0)
-        _number("quantization_loss_weight", quantization_loss_weight, 0.0)
+        number("commitment_loss_weight", commitment_loss_weight, 0.0)
+        number("quantization_loss_weight", quantization_loss_weight, 0.0)
         if in_place_codebook_optimizer is not None and not optimize_values:
             raise ValueError("in_place_codebook_optimizer needs optimize_values=True (fixed values have nothing "
                              "to optimize)")

@@ -26,12 +26,13 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import number, positive_int
 from .config import records_config
 from .defaults import default_for, release_for
 from .distributed import all_reduce_sum_differentiable
 from .grid import GridQuantizer
 from .primitives import bit_table, factorized_code_entropies, l2norm, soft_clamp
-from .vector_quantize import QuantizeOutput, _number, _positive_int
+from .returns import QuantizeOutput
 
 
 class LFQOutput(NamedTuple):
@@ -52,7 +53,7 @@ def _codebook_dim(dim: int | None, codebook_size: int | None) -> int:
     if dim is None and codebook_size is None:
         raise ValueError("LFQ needs dim or codebook_size")
     if codebook_size is None:
-        _positive_int("dim", dim)
+        positive_int("dim", dim)
         return dim
     if not isinstance(codebook_size, int) or codebook_size < 2 or codebook_size & (codebook_size - 1):
         raise ValueError(f"codebook_size must be a power of two >= 2 for lookup-free quantization, got "
@@ -81,19 +82,19 @@ class LFQ(GridQuantizer):
         commitment_loss_weight = default_for(self.defaults_release, "LFQ", "commitment_loss_weight",
                                              commitment_loss_weight)
         codebook_dim = _codebook_dim(dim, codebook_size)
-        _number("entropy_loss_weight", entropy_loss_weight)
-        _number("commitment_loss_weight", commitment_loss_weight)
-        _number("diversity_gamma", diversity_gamma)
-        _number("codebook_scale", codebook_scale, 0.0, low_open=True)
-        _number("frac_per_sample_entropy", frac_per_sample_entropy, 0.0, 1.0, low_open=True)
-        _number("entropy_loss_offset", entropy_loss_offset)
+        number("entropy_loss_weight", entropy_loss_weight)
+        number("commitment_loss_weight", commitment_loss_weight)
+        number("diversity_gamma", diversity_gamma)
+        number("codebook_scale", codebook_scale, 0.0, low_open=True)
+        number("frac_per_sample_entropy", frac_per_sample_entropy, 0.0, 1.0, low_open=True)
+        number("entropy_loss_offset", entropy_loss_offset)
         if soft_clamp_input_value is not None:  # 1.14.17 asked for >= 1, 1.32.0 for >= codebook_scale
-            _number("soft_clamp_input_value", soft_clamp_input_value, min(1.0, codebook_scale))
+            number("soft_clamp_input_value", soft_clamp_input_value, min(1.0, codebook_scale))
         if channel_first is not None and not isinstance(channel_first, bool):
             raise TypeError(f"channel_first must be None (decide by the input's rank), True or False, "
                             f"got {channel_first!r}")
         if cosine_sim_project_in_scale is not None:
-            _number("cosine_sim_project_in_scale", cosine_sim_project_in_scale, 0.0, low_open=True)
+            number("cosine_sim_project_in_scale", cosine_sim_project_in_scale, 0.0, low_open=True)
 
         cosine_scale = None
         if cosine_sim_project_in:
@@ -166,7 +167,7 @@ class LFQ(GridQuantizer):
                 mask: torch.Tensor | None = None):
         """x: (b, n, dim) or channel-first images/video (b, dim, *spatial); mask: bool (b, n) of tokens that
         count in the losses.  Returns ``(quantized, indices, aux_loss)``, and a ``LossBreakdown`` when asked."""
-        _number("inv_temperature", inv_temperature, 0.0, low_open=True)
+        number("inv_temperature", inv_temperature, 0.0, low_open=True)
         tokens, layout = self._tokens(x)
         token_weights = layout.token_weights(mask, tokens.shape[0])
         quantized, indices, loss, breakdown = self._quantize(tokens, token_weights, inv_temperature)

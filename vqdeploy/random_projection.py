@@ -18,8 +18,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .checks import positive_int
 from .config import records_config
-from .vector_quantize import VectorQuantize, _positive_int
+from .vector_quantize import VectorQuantize
 
 
 @records_config
@@ -31,7 +32,7 @@ class RandomProjectionQuantizer(nn.Module):
         super().__init__()
         for name, value in (("dim", dim), ("codebook_size", codebook_size), ("codebook_dim", codebook_dim),
                             ("num_codebooks", num_codebooks)):
-            _positive_int(name, value)
+            positive_int(name, value)
         for fixed in ("heads", "use_cosine_sim", "separate_codebook_per_head", "dim", "codebook_dim"):
             if fixed in vector_quantize_kwargs:
                 raise TypeError(f"RandomProjectionQuantizer sets {fixed} of its codebooks itself")

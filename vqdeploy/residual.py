@@ -19,31 +19,15 @@ sample_codebook_temp, freeze_codebook, active)``, ``encode_tokens(tokens)`` and
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from .checks import number, positive_int
 from .layout import TokenLayout, check_index_range, check_indices_dtype, to_tokens
 from .primitives import SEED_LIMIT, uniform_from_seed
-from .vector_quantize import QuantizeLossOutput, _number, _positive_int
-
-
-class ResidualOutput(NamedTuple):
-    """What a residual quantizer's ``forward`` returns; unpacks like the reference's tuple."""
-
-    quantized: torch.Tensor  # the input's shape
-    indices: torch.Tensor  # (b, *tokens, q); -1 where a layer was dropped out
-    losses: torch.Tensor  # (q,), or (1, q) with layers that return (1,) losses (1.14.17)
-
-
-class ResidualOutputWithCodes(NamedTuple):
-    """``forward(..., return_all_codes=True)``: also every layer's codes."""
-
-    quantized: torch.Tensor
-    indices: torch.Tensor
-    losses: torch.Tensor
-    all_codes: torch.Tensor  # (q, b, *tokens, codebook_dim), zeros where dropped
+from .returns import QuantizeLossOutput, ResidualOutput, ResidualOutputWithCodes
 
 
 def dropout_active_count(uniform: torch.Tensor, cutoff_index: int, num_quantizers: int,
@@ -73,7 +57,7 @@ def check_seed(seed) -> None:
 def prepare_call(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, sample_codebook_temp, seed):
     """Validate a residual or grouped forward's arguments: ``(tokens (b, n, dim), layout, token weights)``."""
     if sample_codebook_temp is not None:
-        _number("sample_codebook_temp", sample_codebook_temp, 0.0)
+        number("sample_codebook_temp", sample_codebook_temp, 0.0)
     if seed is not None:
         check_seed(seed)
     tokens, layout = to_tokens(x, module.dim, module.channel_last, module.accept_image_fmap,
@@ -89,8 +73,8 @@ class ResidualQuantizer(nn.Module):
                  quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
                  accept_image_fmap: bool = False, channel_last: bool = True):
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("quantize_dropout_multiple_of", quantize_dropout_multiple_of)
+        positive_int("dim", dim)
+        positive_int("quantize_dropout_multiple_of", quantize_dropout_multiple_of)
         if not isinstance(quantize_dropout_cutoff_index, int) or quantize_dropout_cutoff_index < 0:
             raise ValueError(f"quantize_dropout_cutoff_index must be an int >= 0, got {quantize_dropout_cutoff_index!r}")
         num_quantizers = len(layers)

@@ -18,13 +18,13 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .checks import positive_int
 from .config import records_config
 from .defaults import behaves_as_latest, default_for, release_for
 from .fsq import FSQ, check_levels
 from .grouped import GroupedResidualQuantizer
 from .primitives import soft_clamp
 from .residual import ResidualQuantizer
-from .vector_quantize import _positive_int
 
 
 class ResidualFSQOutput(NamedTuple):
@@ -68,7 +68,7 @@ class ResidualFSQ(ResidualQuantizer):
                  soft_clamp_input_value: float | Sequence[float] | torch.Tensor | None = None,
                  bound_hard_clamp: bool | None = None, bound_input_once: bool | None = None, **kwargs):
         levels = check_levels(levels)
-        _positive_int("num_quantizers", num_quantizers)
+        positive_int("num_quantizers", num_quantizers)
         for own in ("dim", "channel_first"):
             if own in kwargs:
                 raise TypeError(f"ResidualFSQ sets {own} of its FSQ layers itself")

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from .checks import positive_int
 from .config import records_config
 from .defaults import behaves_as_latest, release_for
 from .grouped import GroupedResidualQuantizer
 from .lfq import LFQ, _codebook_dim
 from .residual import ResidualQuantizer
-from .vector_quantize import _positive_int
 
 
 @records_config
@@ -23,7 +23,7 @@ class ResidualLFQ(ResidualQuantizer):
                  quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
                  accept_image_fmap: bool = False, channel_last: bool = True,
                  soft_clamp_input_value: float | None = None, **kwargs):
-        _positive_int("num_quantizers", num_quantizers)
+        positive_int("num_quantizers", num_quantizers)
         for own in ("dim", "codebook_scale", "codebook_size"):
             if own in kwargs:
                 raise TypeError(f"ResidualLFQ sets {own} of its LFQ layers itself")

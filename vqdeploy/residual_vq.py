@@ -8,14 +8,16 @@ import operator
 import torch
 from torch import nn
 
+from .checks import number, positive_int
 from .config import records_config
 from .defaults import behaves_as_latest, release_for
 from .beam_search import beam_search, masked_token_mean
 from .grouped import GroupedResidualQuantizer
 from .implicit_codebook import ImplicitCodebookMLP
 from .primitives import directional_reparam, draw_uniform, normal_from_uniform
-from .residual import ResidualOutput, ResidualQuantizer
-from .vector_quantize import VectorQuantize, _number, _positive_int
+from .residual import ResidualQuantizer
+from .returns import ResidualOutput
+from .vector_quantize import VectorQuantize
 
 
 DIVEQ_VARIANCE = 5e-3  # the noise on the error's direction, 1.32.0's default (ResidualVQ does not expose it)
@@ -40,7 +42,7 @@ class ResidualVQ(ResidualQuantizer):
                  beam_size: int | None = None, eval_beam_size: int | None = None,
                  beam_score_quantizer_weights: list[float] | None = None, diveq: bool = False,
                  implicit_neural_codebook: bool = False, mlp_kwargs: dict | None = None, **vector_quantize_kwargs):
-        _number("quant_grad_frac", quant_grad_frac)
+        number("quant_grad_frac", quant_grad_frac)
         if implicit_neural_codebook:  # the layers' codes learn by gradient through the MLPs (1.32.0's setup)
             vector_quantize_kwargs.update(learnable_codebook=True, ema_update=False)
         if mlp_kwargs is not None and not isinstance(mlp_kwargs, dict):
@@ -52,7 +54,7 @@ class ResidualVQ(ResidualQuantizer):
         codebook_sizes = _layer_codebook_sizes(codebook_size, num_quantizers)
         for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
             if value is not None:
-                _positive_int(name, value)
+                positive_int(name, value)
         if eval_beam_size is not None and beam_size is None:
             raise ValueError("eval_beam_size needs beam_size (1.32.0's rule); pass beam_size=1 to search only in eval")
         weights = [1.0] * len(codebook_sizes) if beam_score_quantizer_weights is None \
@@ -61,13 +63,13 @@ class ResidualVQ(ResidualQuantizer):
             raise ValueError(f"beam_score_quantizer_weights needs one weight per quantizer ({len(codebook_sizes)}), "
                              f"got {beam_score_quantizer_weights!r}")
         for weight in weights:
-            _number("each beam_score_quantizer_weights entry", weight)
+            number("each beam_score_quantizer_weights entry", weight)
         if shared_codebook and len(set(codebook_sizes)) > 1:
             raise ValueError(f"shared_codebook needs one codebook_size for every layer, got {codebook_size!r}")
         if heads != 1:
             raise ValueError(f"ResidualVQ quantizes with one head (heads=1), got heads={heads!r}")
         codebook_dim = dim if codebook_dim is None else codebook_dim
-        _positive_int("codebook_dim", codebook_dim)
+        positive_int("codebook_dim", codebook_dim)
         channel_last = vector_quantize_kwargs.pop("channel_last", True)
         vector_quantize_kwargs.pop("accept_image_fmap", None)
         release = release_for(vector_quantize_kwargs.get("defaults"))
@@ -130,7 +132,7 @@ class ResidualVQ(ResidualQuantizer):
 
     def beam_for_call(self, beam_size: int | None) -> int | None:
         if beam_size is not None:
-            _positive_int("beam_size", beam_size)
+            positive_int("beam_size", beam_size)
         beam = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
         return beam if beam is not None and beam > 1 else None
 
@@ -189,17 +191,17 @@ class ResidualVQ(ResidualQuantizer):
 def _layer_codebook_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
     """``codebook_size`` (an int, or a tuple/list of one per layer) -> one size per layer, checked."""
     if num_quantizers is not None:
-        _positive_int("num_quantizers", num_quantizers)
+        positive_int("num_quantizers", num_quantizers)
     if isinstance(codebook_size, (tuple, list)):
         sizes = tuple(codebook_size)
         if not sizes or num_quantizers not in (None, len(sizes)):
             raise ValueError(f"codebook_size must give one size per quantizer ({num_quantizers}), got {codebook_size!r}")
         for size in sizes:
-            _positive_int("each codebook_size", size)
+            positive_int("each codebook_size", size)
         return sizes
     if num_quantizers is None:
         raise TypeError("ResidualVQ needs num_quantizers, or codebook_size as a tuple of one size per layer")
-    _positive_int("codebook_size", codebook_size)
+    positive_int("codebook_size", codebook_size)
     return (codebook_size,) * num_quantizers
 
 

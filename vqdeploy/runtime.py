@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export.bundle import read_manifest
+from .bundle_format import read_manifest
 from .export.consistency import check_bundle
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,

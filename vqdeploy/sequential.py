@@ -14,7 +14,7 @@ from torch import nn
 
 def is_quantizer(module: nn.Module) -> bool:
     """vqdeploy's quantizer classes (those a bundle can hold, and the hierarchical one)."""
-    from .export.bundle import quantizer_classes
+    from .bundle_format import quantizer_classes
 
     return isinstance(module, tuple(quantizer_classes().values()))
 

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import number, positive_int
 from .config import records_config
 from .layout import check_index_range, check_indices_dtype, to_tokens
 from .primitives import lookup_codes, masked_mse, nearest_codes, rotate_to
-from .residual import ResidualOutput, ResidualOutputWithCodes, ResidualQuantizer, prepare_call
-from .vector_quantize import QuantizeOutput, _number, _positive_int
+from .residual import ResidualQuantizer, prepare_call
+from .returns import QuantizeOutput, ResidualOutput, ResidualOutputWithCodes
 
 
 class SimVQLayerOutput(NamedTuple):
@@ -41,12 +42,12 @@ class SimVQ(nn.Module):
                  rotation_trick: bool = True, input_to_quantize_commit_loss_weight: float = 0.25,
                  commitment_weight: float = 1.0, frozen_codebook_dim: int | None = None):
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("codebook_size", codebook_size)
+        positive_int("dim", dim)
+        positive_int("codebook_size", codebook_size)
         frozen_codebook_dim = dim if frozen_codebook_dim is None else frozen_codebook_dim
-        _positive_int("frozen_codebook_dim", frozen_codebook_dim)
-        _number("input_to_quantize_commit_loss_weight", input_to_quantize_commit_loss_weight)
-        _number("commitment_weight", commitment_weight)
+        positive_int("frozen_codebook_dim", frozen_codebook_dim)
+        number("input_to_quantize_commit_loss_weight", input_to_quantize_commit_loss_weight)
+        number("commitment_weight", commitment_weight)
         if codebook_transform is not None and not isinstance(codebook_transform, nn.Module):
             raise TypeError(f"codebook_transform must be an nn.Module, got {type(codebook_transform).__name__}")
         if init_fn is not None and not callable(init_fn):
@@ -144,7 +145,7 @@ class ResidualSimVQ(ResidualQuantizer):
                  quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
                  quantize_dropout_multiple_of: int = 1, channel_first: bool = False, rotation_trick: bool = True,
                  **sim_vq_kwargs):
-        _positive_int("num_quantizers", num_quantizers)
+        positive_int("num_quantizers", num_quantizers)
         if heads != 1:
             raise ValueError(f"ResidualSimVQ quantizes with one head (heads=1), got heads={heads!r}")
         layers = [SimVQ(dim=dim, codebook_size=codebook_size, rotation_trick=rotation_trick,

@@ -7,7 +7,6 @@ training included, compiles with ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from .checks import number, positive_int
 from .config import records_config
 from . import distributed as D
 from .codebooks import Codebook, CodebookConfig
@@ -22,14 +22,7 @@ from .defaults import behaves_as_latest, default_for, release_for
 from .layout import check_index_range, check_indices_dtype, lens_to_mask, to_tokens
 from .primitives import (codebook_diversity_loss, counts_per_code, directional_reparam, draw_uniform, gather_codes,
                          masked_cross_entropy, masked_mse, normal_from_uniform, orthogonal_loss, rotate_to)
-
-
-class QuantizeOutput(NamedTuple):
-    """What ``forward`` returns; unpacks like the reference's tuple."""
-
-    quantized: torch.Tensor  # the input's shape
-    indices: torch.Tensor  # (b, *tokens) or (b, *tokens, heads)
-    loss: torch.Tensor  # () under 1.32.0's defaults, (1,) under 1.14.17's
+from .returns import QuantizeLossOutput, QuantizeOutput
 
 
 class VQLossBreakdown(NamedTuple):
@@ -48,29 +41,6 @@ class QuantizeOutputWithBreakdown(NamedTuple):
     indices: torch.Tensor
     loss: torch.Tensor
     breakdown: VQLossBreakdown
-
-
-class QuantizeLossOutput(NamedTuple):
-    """What ``forward(x, indices=...)`` returns: the quantized input and the
-    cross-entropy of the distances against the given codes (NaturalSpeech 2)."""
-
-    quantized: torch.Tensor
-    ce_loss: torch.Tensor
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
-    """A finite Python number in [low, high] ((low, high] with ``low_open``): options are fixed at trace time."""
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
-            or (high is not None and value > high):
-        bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"{name} must be a finite number in {bounds}, got {value}")
 
 
 def _restore_candidates(layout, candidates: torch.Tensor) -> torch.Tensor:
@@ -139,23 +109,23 @@ class VectorQuantize(nn.Module):
     ):
         super().__init__()
         self.defaults_release = release = release_for(defaults)
-        _positive_int("dim", dim)
-        _positive_int("codebook_size", codebook_size)
-        _positive_int("heads", heads)
-        _positive_int("kmeans_iters", kmeans_iters)
+        positive_int("dim", dim)
+        positive_int("codebook_size", codebook_size)
+        positive_int("heads", heads)
+        positive_int("kmeans_iters", kmeans_iters)
         if codebook_dim is not None:
-            _positive_int("codebook_dim", codebook_dim)
+            positive_int("codebook_dim", codebook_dim)
         if orthogonal_reg_max_codes is not None:
-            _positive_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes)
-        _number("decay", decay, 0.0, 1.0)
-        _number("eps", eps, 0.0, low_open=True)
-        _number("affine_param_batch_decay", affine_param_batch_decay, 0.0, 1.0)
-        _number("affine_param_codebook_decay", affine_param_codebook_decay, 0.0, 1.0)
-        _number("commitment_weight", commitment_weight, 0.0)
-        _number("orthogonal_reg_weight", orthogonal_reg_weight, 0.0)
-        _number("sample_codebook_temp", sample_codebook_temp, 0.0)
-        _number("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
-        _number("directional_reparam_variance", directional_reparam_variance, 0.0)
+            positive_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes)
+        number("decay", decay, 0.0, 1.0)
+        number("eps", eps, 0.0, low_open=True)
+        number("affine_param_batch_decay", affine_param_batch_decay, 0.0, 1.0)
+        number("affine_param_codebook_decay", affine_param_codebook_decay, 0.0, 1.0)
+        number("commitment_weight", commitment_weight, 0.0)
+        number("orthogonal_reg_weight", orthogonal_reg_weight, 0.0)
+        number("sample_codebook_temp", sample_codebook_temp, 0.0)
+        number("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
+        number("directional_reparam_variance", directional_reparam_variance, 0.0)
         # DiVeQ and a vq_bridge learn the codebook by gradient: no EMA, a learnable codebook (1.32.0's defaults)
         if vq_bridge is not None and not isinstance(vq_bridge, nn.Module):
             raise TypeError(f"vq_bridge must be an nn.Module transforming the codes, got {type(vq_bridge).__name__}")
@@ -171,12 +141,12 @@ class VectorQuantize(nn.Module):
                              "1.32.0 requires")
         if ema_update and learnable_codebook:
             raise ValueError("learnable_codebook=True needs ema_update=False (the EMA would overwrite learned codes)")
-        _number("codebook_diversity_loss_weight", codebook_diversity_loss_weight, 0.0)
-        _number("codebook_diversity_temperature", codebook_diversity_temperature, 0.0, low_open=True)
+        number("codebook_diversity_loss_weight", codebook_diversity_loss_weight, 0.0)
+        number("codebook_diversity_temperature", codebook_diversity_temperature, 0.0, low_open=True)
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("accept_image_fmap and accept_3d_fmap exclude each other (accept_3d_fmap is for "
                              "(batch, dim, depth, height, width) input)")
-        _number("sync_update_v", sync_update_v, 0.0, 1.0)
+        number("sync_update_v", sync_update_v, 0.0, 1.0)
         if sync_update_v > 0 and not learnable_codebook:
             raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
 
@@ -397,7 +367,7 @@ class VectorQuantize(nn.Module):
         codes of every token, best first, on a trailing axis of the indices and the loss and before the features
         of the output (1.32.0's layout), with a loss per candidate and no EMA step."""
         if sample_codebook_temp is not None:
-            _number("sample_codebook_temp", sample_codebook_temp, 0.0)
+            number("sample_codebook_temp", sample_codebook_temp, 0.0)
         tokens, layout = self._to_tokens(x)
         if lens is not None:
             if mask is not None:
@@ -533,8 +503,7 @@ class VectorQuantize(nn.Module):
         return commit_codes, quantized
 
     def _check_topk(self, topk, training: bool) -> int:
-        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
-            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        positive_int("topk", topk)
         if self.heads > 1:
             raise ValueError("topk needs a single-head VectorQuantize (heads=1)")
         if training and (self.commitment_use_cross_entropy_loss or self.in_place_codebook_optimizer is not None
@@ -633,7 +602,7 @@ class VectorQuantize(nn.Module):
                 raise ValueError(f"ema_update_weight must be a number or a tensor of shape ({self.codebook_size},) or "
                                  f"({books}, {self.codebook_size}), got shape {tuple(weight.shape)}")
         elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
-            _number("ema_update_weight", weight, 0.0)
+            number("ema_update_weight", weight, 0.0)
         else:
             raise TypeError(f"ema_update_weight must be a number, a tensor or a callable, got {type(weight).__name__}")
 

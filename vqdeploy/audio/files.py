@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..codestream import StreamError, StreamSpec
-from ..export.bundle import read_manifest
+from ..bundle_format import read_manifest
 from ..outputs import AtomicOutput, check_output
 from ..progress import Progress
 from .chunking import windowed

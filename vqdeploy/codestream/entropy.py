@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export.bundle import FREQUENCIES_FILE, BundleError  # noqa: F401  (FREQUENCIES_FILE re-exported)
+from ..bundle_format import FREQUENCIES_FILE, BundleError  # noqa: F401  (FREQUENCIES_FILE re-exported)
 
 MAX_CODED_SIZE = 1 << 20  # larger codebooks are packed: a range coder's model is one table entry per code
 PROBABILITY_BITS = 24  # constriction quantizes a categorical model to 24-bit probabilities, each at least 2^-24
@@ -135,8 +135,3 @@ class RangeCoder:
         except Exception as error:  # constriction asserts on data no model's encoder could have written
             raise ValueError(f"the range coder refuses the data ({type(error).__name__}: {error})") from None
         return np.asarray(decoded, dtype=np.int64)
-
-    def expected_bits(self, layer: int) -> float:
-        """The model's entropy in bits per code (what coding data like the calibration costs)."""
-        p = self.probabilities(layer)
-        return float(-(p * np.log2(p)).sum())

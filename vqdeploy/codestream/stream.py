@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import positive_int
 from . import records
 from .bitpack import pack, packed_size, unpack
 from .entropy import FREQUENCIES_FILE, RangeCoder, load_frequencies
@@ -47,7 +48,7 @@ class StreamSpec:
 
     @classmethod
     def from_bundle(cls, path: str | Path, manifest: dict | None = None) -> StreamSpec:
-        from ..export.bundle import manifest_sha256, read_manifest
+        from ..bundle_format import manifest_sha256, read_manifest
 
         path = Path(path)
         manifest = read_manifest(path) if manifest is None else manifest
@@ -413,6 +414,5 @@ def _field(layer: int, start: int) -> str:
 def _limit(name: str, value: int | None, default: int) -> int:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    positive_int(name, value)
     return value

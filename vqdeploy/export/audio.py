@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from ..checks import positive_int
+
 PROBES = 3
 
 
@@ -24,10 +26,8 @@ def audio_entry(sample_rate: int, channels: int, encoder: torch.nn.Module, decod
                 example: torch.Tensor, example_features: torch.Tensor | None) -> dict:
     """The manifest's ``audio`` entry.  example: an encoder input (batch, channels, samples);
     example_features: the decoder network's input for it (the quantizer's decode of its indices)."""
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
-        raise ValueError(f"audio sample_rate must be a positive int, got {sample_rate!r}")
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"audio channels must be a positive int, got {channels!r}")
+    positive_int("audio sample_rate", sample_rate)
+    positive_int("audio channels", channels)
     if encoder is None:
         raise ValueError("an audio bundle wraps an encoder network (waveform -> features)")
     if example.ndim != 3 or example.shape[1] != channels:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import REFERENCE_FILE, BundleError
+from ..bundle_format import REFERENCE_FILE, BundleError
 from .graphs import INDEX_DTYPES, EncoderGraph, is_residual
 from .ties import NEAR_TIE_RTOL, Agreement, compare_indices
 

@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 from ..config import TRAINING_ONLY_ARGUMENTS, config_from_json
-from .bundle import (DECODER_FILE, ENCODER_FILE, WEIGHTS_FILE, BundleError, build_quantizer, quantizer_classes,
-                     value_info)
-from .graphs import feature_axis, index_dims, is_residual
+from ..bundle_format import DECODER_FILE, ENCODER_FILE, WEIGHTS_FILE, BundleError, build_quantizer, quantizer_classes
+from .graphs import feature_axis, index_dims, is_residual, value_info
 
 MAX_LAYERS = 1024  # num_quantizers x groups: residual codecs use 4 to 32 layers
 MAX_CHANNELS = 1 << 16  # LatentQuantize's per-channel value tables (levels given as one int, repeated dim times)

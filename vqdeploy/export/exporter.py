@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
+from ..bundle_format import (DECODER_FILE, ENCODER_FILE, FORMAT, FREQUENCIES_FILE, MANIFEST, REFERENCE_FILE,
+                             WEIGHTS_FILE, BundleError, quantizer_classes, read_manifest, write_manifest)
 from ..config import config_to_json
 from .audio import audio_entry
-from .bundle import (DECODER_FILE, ENCODER_FILE, FORMAT, FREQUENCIES_FILE, MANIFEST, REFERENCE_FILE, WEIGHTS_FILE,
-                     BundleError, load, quantizer_classes, read_manifest, value_info, write_manifest)
+from .bundle import load
 from .checks import (MAX_REFERENCE_BYTES, VerifyReport, check_inputs, check_onnx_file, encoder_inputs,
                      load_reference, record_reference, verify_graphs, verify_recorded)
 from .folding import fold_code_transforms
 from .graphs import (INDEX_DTYPES, DecoderGraph, EncoderGraph, default_example, dynamic_input_axes,
-                     dynamic_output_axes, has_decoder, is_residual)
+                     dynamic_output_axes, has_decoder, is_residual, value_info)
 
 DEFAULT_OPSET = 20
 

@@ -157,3 +157,12 @@ def dynamic_output_axes(graph: nn.Module, example: torch.Tensor, axes: list[int]
     with torch.no_grad():
         small, large = graph(example), graph(grown(example, axes, 2))
     return [a for a in range(small.ndim) if small.shape[a] != large.shape[a]]
+
+
+def value_info(value) -> dict:
+    """An ONNX graph input or output as the manifest records it: name, dtype, shape (ints or symbols)."""
+    import onnx
+
+    tensor = value.type.tensor_type
+    shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}

@@ -6,9 +6,8 @@ path, which is also the reference the kernel is measured against.  The kernel it
 Triton, so it is imported only when used.
 """
 
-from .bounds import SCORE_PRECISIONS, round_operand, score_error
-from .dispatch import (MAX_FUSED_DIM, SETTINGS, FusedSearchSettings, fused_search_settings, fused_search_used,
-                       search_nearest)
+from .bounds import MAX_FUSED_DIM, SCORE_PRECISIONS, round_operand, score_error
+from .dispatch import SETTINGS, FusedSearchSettings, fused_search_settings, fused_search_used, search_nearest
 
 __all__ = ["SCORE_PRECISIONS", "round_operand", "score_error", "MAX_FUSED_DIM",
            "SETTINGS", "FusedSearchSettings", "fused_search_settings", "fused_search_used", "search_nearest"]

@@ -42,6 +42,7 @@ SCORE_PRECISIONS = {"bf16": 2.0 ** -8, "tf32": 2.0 ** -11, "ieee": 0.0}
 FLOAT32_UNIT = 2.0 ** -24
 SAFETY = 2.0
 CENTERING_ERROR = SAFETY * 2 * FLOAT32_UNIT * 1.01  # per unit of ||x'||^2
+MAX_FUSED_DIM = 256  # a row block's operands stay in registers up to this code dimension
 
 
 def accumulation_error(dim: int) -> float:

@@ -16,9 +16,8 @@ import warnings
 
 import torch
 
-from .bounds import check_precision
-
-MAX_FUSED_DIM = 256  # a row block's operands stay in registers up to this code dimension
+from .bounds import MAX_FUSED_DIM, check_precision
+from .torch_path import nearest_codes_torch
 
 
 @dataclasses.dataclass
@@ -82,8 +81,6 @@ def fused_nearest_codes(x: torch.Tensor, codes: torch.Tensor, use_cosine_sim: bo
             _BROKEN.append(f"{type(error).__name__}: {error}")
             warnings.warn(f"vqdeploy: the fused nearest-code kernel failed ({_BROKEN[0][:200]}); "
                           "using the float32 torch search", RuntimeWarning, stacklevel=2)
-    from ..primitives import nearest_codes_torch
-
     return nearest_codes_torch(x, codes, use_cosine_sim)
 
 

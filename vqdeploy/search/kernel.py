@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bounds import (CENTERING_ERROR, SAFETY, accumulation_error, check_precision, rounding_error,
+from .bounds import (CENTERING_ERROR, MAX_FUSED_DIM, SAFETY, accumulation_error, check_precision, rounding_error,
                      squared_norm_error)
-from .dispatch import MAX_FUSED_DIM
 
 
 @triton.jit
