@@ -384,3 +384,33 @@ def test_damaged_bundles_and_bad_options_fail_in_one_line(codec, tmp_path, capsy
     for argv, message in cases:
         _refused(argv, capsys, message)
     assert _snapshot(tmp_path) == before
+
+
+def test_a_command_opens_its_bundle_once(codec, tmp_path, monkeypatch):
+    """compress and decompress (command line and Python) read the bundle once: every file hashed once, the
+    manifest's identity taken once, one stream spec; and the untrusted bundle's checks do run (once each)."""
+    import collections
+
+    import vqdeploy.bundle_format as bundle_format
+    import vqdeploy.runtime as runtime
+
+    _, path, _, clip = codec
+    files, wav, calls = len(read_manifest(path)["files"]), _wav(tmp_path, clip), collections.Counter()
+
+    def counted(name, function):
+        def count(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return count
+
+    for module, name in ((bundle_format, "sha256"), (bundle_format, "manifest_sha256"), (runtime, "check_bundle")):
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    monkeypatch.setattr(StreamSpec, "from_bundle", classmethod(counted("spec", StreamSpec.from_bundle.__func__)))
+    runs = [lambda: main(["compress", str(path), str(wav), str(tmp_path / "a.vqc"), "--quiet"]) == 0,
+            lambda: main(["decompress", str(path), str(tmp_path / "a.vqc"), str(tmp_path / "a.wav"), "--quiet"]) == 0,
+            lambda: compress(path, wav, tmp_path / "b.vqc"),
+            lambda: decompress(path, tmp_path / "b.vqc", tmp_path / "b.wav")]
+    for run in runs:
+        calls.clear()
+        assert run()
+        assert calls == {"sha256": files, "manifest_sha256": 1, "spec": 1, "check_bundle": 1}

@@ -305,12 +305,12 @@ def _codec_run(args, run) -> int:
     """compress/decompress: a bad bundle, file, stream or --bandwidth is one line (main prints it)."""
     import soundfile
 
-    from .codestream import StreamSpec
+    from .runtime import OpenedBundle
 
-    spec = StreamSpec.from_bundle(args.bundle)
-    layers = parse_bandwidth(args.bandwidth, spec)
+    bundle = OpenedBundle.open(args.bundle)  # read and hashed once, here
+    layers = parse_bandwidth(args.bandwidth, bundle.spec)
     try:
-        result = run(layers)
+        result = run(bundle, layers)
     except (soundfile.SoundFileError, RuntimeError) as error:  # libsndfile's and onnxruntime's failures
         raise CommandError(str(error)) from None
     print(codec_summary(args.command, result))
@@ -332,8 +332,8 @@ def codec_summary(command: str, result) -> str:
 def _compress(args) -> int:
     from .audio import compress
 
-    return _codec_run(args, lambda layers: compress(
-        args.bundle, args.input, args.output, layers=layers, entropy_coding=args.entropy_coding,
+    return _codec_run(args, lambda bundle, layers: compress(
+        bundle, args.input, args.output, layers=layers, entropy_coding=args.entropy_coding,
         chunk_seconds=args.chunk_seconds, provider=args.provider, progress=not args.quiet))
 
 
@@ -341,8 +341,8 @@ def _decompress(args) -> int:
     from .audio import decompress
 
     with _option_terms(ValueError, "keep_partial", "--keep-partial"):
-        return _codec_run(args, lambda layers: decompress(
-            args.bundle, args.input, args.output, layers=layers, chunk_seconds=args.chunk_seconds,
+        return _codec_run(args, lambda bundle, layers: decompress(
+            bundle, args.input, args.output, layers=layers, chunk_seconds=args.chunk_seconds,
             provider=args.provider, progress=not args.quiet, subtype=args.subtype, keep_partial=args.keep_partial))
 
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 import ast
 import operator
 import warnings
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .bundle_format import read_manifest
+from .codestream import StreamSpec
 from .export.consistency import check_bundle
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
@@ -56,6 +59,22 @@ def symbolic_size(expression: str | int, sizes: dict[str, int]) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class OpenedBundle:
+    """A bundle read once (``read_manifest``: fields, every file's sha256), passed on in its path's place."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, bundle: str | Path | OpenedBundle) -> OpenedBundle:
+        return bundle if isinstance(bundle, cls) else cls(Path(bundle), read_manifest(bundle))
+
+    @cached_property
+    def spec(self) -> StreamSpec:  # made on first use: Session needs none
+        return StreamSpec.from_bundle(self.path, self.manifest)
+
+
 class Session:
     """Encode and decode with a bundle's ONNX graphs.
 
@@ -63,14 +82,14 @@ class Session:
     warning) or "cpu"; tf32: allow TF32 matmuls on CUDA (faster, but indices may then differ from PyTorch
     float32); check_indices: range-check decode's input (one ``aminmax`` read back from CUDA tensors)."""
 
-    def __init__(self, bundle: str | Path, provider: str = "auto", device_id: int = 0, tf32: bool = False,
-                 check_indices: bool = True, session_options=None):
+    def __init__(self, bundle: str | Path | OpenedBundle, provider: str = "auto", device_id: int = 0,
+                 tf32: bool = False, check_indices: bool = True, session_options=None):
         import onnxruntime as ort
 
         if provider not in ("auto", "cuda", "cpu"):
             raise ValueError(f"provider must be 'auto', 'cuda' or 'cpu', got {provider!r}")
-        self.path = Path(bundle)
-        self.manifest = read_manifest(self.path)
+        opened = OpenedBundle.open(bundle)
+        self.path, self.manifest = opened.path, opened.manifest
         check_bundle(self.path, self.manifest)  # an untrusted manifest's sizes must be its files' before any use
         self.device_id = device_id
         self.check_indices = check_indices

@@ -12,6 +12,7 @@ a tool of your choice first, e.g. ``sox in.wav -r 16000 out.wav``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 
 from ..codestream import StreamError, StreamSpec
-from ..bundle_format import read_manifest
 from ..outputs import AtomicOutput, check_output
 from ..progress import Progress
+from ..runtime import OpenedBundle, Session
 from .chunking import windowed
 
 DEFAULT_CHUNK_SECONDS = 10.0
@@ -53,15 +54,16 @@ class CodecRun:
         return self.seconds / self.elapsed if self.elapsed else math.inf
 
 
-def audio_bundle(bundle: str | Path) -> tuple[dict, StreamSpec]:
-    """A bundle's audio entry and stream spec; ValueError for bundles that are not audio codecs."""
-    manifest = read_manifest(bundle)
-    if "audio" not in manifest:
-        raise ValueError(f"{bundle} is not an audio bundle: its manifest records no sample rate and channels "
+def audio_bundle(bundle: str | Path | OpenedBundle) -> tuple[OpenedBundle, dict, StreamSpec]:
+    """A bundle opened (once: an ``OpenedBundle`` passes through), its audio entry and stream spec; ValueError for
+    bundles that are not audio codecs."""
+    bundle = OpenedBundle.open(bundle)
+    if "audio" not in bundle.manifest:
+        raise ValueError(f"{bundle.path} is not an audio bundle: its manifest records no sample rate and channels "
                          "(export it with audio={'sample_rate': ..., 'channels': ...})")
-    if "decoder" not in manifest:
-        raise ValueError(f"{bundle} has no decoder graph")
-    return manifest["audio"], StreamSpec.from_bundle(bundle, manifest)  # read_manifest checked the audio entry
+    if "decoder" not in bundle.manifest:
+        raise ValueError(f"{bundle.path} has no decoder graph")
+    return bundle, bundle.manifest["audio"], bundle.spec  # read_manifest checked the audio entry
 
 
 def _context(audio: dict, key: str) -> tuple[int, int]:
@@ -108,30 +110,22 @@ def read_audio_blocks(sound_file, block_samples: int, hop: int) -> Iterator[torc
         yield block
 
 
-def _session(bundle, session, provider):
-    if session is not None:
-        return session
-    from ..runtime import Session
-
-    return Session(bundle, provider=provider)
-
-
-def compress(bundle: str | Path, source: str | Path, destination, *, layers: int | None = None,
+def compress(bundle: str | Path | OpenedBundle, source: str | Path, destination, *, layers: int | None = None,
              entropy_coding: bool = False, chunk_seconds: float = DEFAULT_CHUNK_SECONDS, session=None,
              provider: str = "cpu", progress: bool = False) -> CodecRun:
     """An audio file -> a code stream (a path, or a binary file object).  layers: how many residual layers to
     write (all by default); session: a ``vqdeploy.runtime.Session`` to reuse.  A path is written only when the
     whole stream is: to a temporary file beside it, renamed into place at the end (never over the input)."""
     started = time.perf_counter()
-    audio, spec = audio_bundle(bundle)
+    bundle, audio, spec = audio_bundle(bundle)
     chunk_tokens(audio, chunk_seconds)
     if isinstance(destination, (str, Path)):
-        destination = check_output(destination, [source, *_bundle_files(bundle)], "output stream")
-    with _AudioInput(source) as sound, _Output(destination, "wb") as out:
+        destination = check_output(destination, [source, *_bundle_files(bundle.path)], "output stream")
+    with _open_audio(source) as sound, _Output(destination, "wb") as out:
         if sound.samplerate != audio["sample_rate"] or sound.channels != audio["channels"]:
             raise ValueError(f"{source} has {sound.channels} channel(s) at {sound.samplerate} Hz; the bundle takes "
                              f"{audio['channels']} at {audio['sample_rate']} Hz (resample or remix it first)")
-        encode = _session(bundle, session, provider).encode
+        encode = (Session(bundle, provider=provider) if session is None else session).encode
         seconds = sound.frames / audio["sample_rate"]
         meter = Progress(f"compress {Path(str(source)).name}", seconds, enabled=progress, started=started)
         block = chunk_tokens(audio, chunk_seconds) * audio["hop"]
@@ -148,7 +142,7 @@ def compress(bundle: str | Path, source: str | Path, destination, *, layers: int
     return CodecRun(seconds, writer.bytes_written, writer.layers, time.perf_counter() - started)
 
 
-def decompress(bundle: str | Path, source, destination: str | Path, *, layers: int | None = None,
+def decompress(bundle: str | Path | OpenedBundle, source, destination: str | Path, *, layers: int | None = None,
                chunk_seconds: float = DEFAULT_CHUNK_SECONDS, session=None, provider: str = "cpu",
                progress: bool = False, subtype: str | None = None, keep_partial: bool = False) -> CodecRun:
     """A code stream (a path, or a binary file object) -> an audio file (format from its extension; subtype:
@@ -159,15 +153,17 @@ def decompress(bundle: str | Path, source, destination: str | Path, *, layers: i
     import soundfile
 
     started = time.perf_counter()
-    audio, spec = audio_bundle(bundle)
+    bundle, audio, spec = audio_bundle(bundle)
     chunk_tokens(audio, chunk_seconds)
-    inputs = _bundle_files(bundle) + ([source] if isinstance(source, (str, Path)) else [])
+    inputs = _bundle_files(bundle.path) + ([source] if isinstance(source, (str, Path)) else [])
     destination = check_output(destination, inputs, "output audio file")
     file_format = _audio_format(destination, subtype)
-    source_file = _StreamInput(source)
-    decode = _session(bundle, session, provider).decode
+    if not hasattr(source, "read"):
+        _existing_file(source, "input stream")
+    decode = (Session(bundle, provider=provider) if session is None else session).decode
     damage: list[StreamError] = []
-    with source_file as stream, AtomicOutput(destination) as out:
+    with (contextlib.nullcontext(source) if hasattr(source, "read") else open(source, "rb")) as stream, \
+            AtomicOutput(destination) as out:
         reader = spec.reader(stream, layers)
         total = _size(stream)
         name = Path(str(getattr(stream, "name", "stream"))).name
@@ -210,9 +206,9 @@ def decompress(bundle: str | Path, source, destination: str | Path, *, layers: i
     return CodecRun(seconds, reader.records.offset, reader.layers, time.perf_counter() - started)
 
 
-def _bundle_files(bundle: str | Path) -> list[Path]:
+def _bundle_files(bundle: Path) -> list[Path]:
     """The bundle's files: inputs that no output may overwrite."""
-    return [path for path in Path(bundle).iterdir() if path.is_file()]
+    return [path for path in bundle.iterdir() if path.is_file()]
 
 
 def _audio_format(destination: Path, subtype: str | None) -> str:
@@ -231,25 +227,17 @@ def _audio_format(destination: Path, subtype: str | None) -> str:
     return extension
 
 
-class _AudioInput:
-    """An audio file opened for reading, with errors that name it (soundfile says 'System error.')."""
+def _open_audio(source):
+    """An audio file opened for reading (a SoundFile: its own context manager), with errors that name it
+    (soundfile says 'System error.')."""
+    import soundfile
 
-    def __init__(self, source):
-        self.source, self.sound = source, None
-
-    def __enter__(self):
-        import soundfile
-
-        if isinstance(self.source, (str, Path)):
-            _existing_file(self.source, "input audio file")
-        try:
-            self.sound = soundfile.SoundFile(self.source if hasattr(self.source, "read") else str(self.source))
-        except (RuntimeError, TypeError) as error:  # soundfile's LibsndfileError is a RuntimeError
-            raise ValueError(f"{self.source} cannot be read as audio: {error}") from None
-        return self.sound
-
-    def __exit__(self, *exc) -> None:
-        self.sound.close()
+    if isinstance(source, (str, Path)):
+        _existing_file(source, "input audio file")
+    try:
+        return soundfile.SoundFile(source if hasattr(source, "read") else str(source))
+    except (RuntimeError, TypeError) as error:  # soundfile's LibsndfileError is a RuntimeError
+        raise ValueError(f"{source} cannot be read as audio: {error}") from None
 
 
 def _write(sound, chunk: torch.Tensor, limit: int | None) -> int:
@@ -275,25 +263,6 @@ def _existing_file(path: str | Path, what: str) -> None:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"the {what} {path} {'is not a file' if path.exists() else 'does not exist'}")
-
-
-class _StreamInput:
-    """A stream path opened for reading (checked on creation), or a caller's file object passed through."""
-
-    def __init__(self, source):
-        self.source, self.file = source, None
-        if not hasattr(source, "read"):
-            _existing_file(source, "input stream")
-
-    def __enter__(self):
-        if hasattr(self.source, "read"):
-            return self.source
-        self.file = open(self.source, "rb")
-        return self.file
-
-    def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.file.close()
 
 
 class _Output:
