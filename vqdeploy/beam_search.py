@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .codebooks import StepOptions
+
 
 def _expand(t: torch.Tensor, k: int) -> torch.Tensor:
     """(b, n, j, ...) -> (b, n, j * k, ...), each beam repeated k times."""
@@ -51,8 +53,8 @@ def beam_search(rvq, tokens: torch.Tensor, token_weights: torch.Tensor | None, b
         weights = None if token_weights is None else token_weights.unsqueeze(-1).expand(b, n, beams).reshape(b, -1)
         layer_input = residual
         k = min(beam_size, layer.codebook_size)
-        out = layer._quantize_topk(residual.reshape(b, n * beams, d), weights, k, sample_codebook_temp,
-                                   freeze_codebook, active, training=training)
+        out = layer.quantize_topk(residual.reshape(b, n * beams, d), weights, active,
+                                  StepOptions(sample_codebook_temp, freeze_codebook, topk=k), training=training)
         quantized = out.quantized.reshape(b, n, beams, k, d)
         codes = out.indices.reshape(b, n, beams, k)
         loss = out.loss.reshape(b, n, beams, k)
@@ -64,7 +66,7 @@ def beam_search(rvq, tokens: torch.Tensor, token_weights: torch.Tensor | None, b
             codes = torch.where(active, codes, -1)
             loss = torch.where(active, loss, torch.zeros((), dtype=loss.dtype, device=x.device))
         candidates = (scores.unsqueeze(-1) + step).reshape(b, n, beams * k)
-        residual = (residual.unsqueeze(3) - rvq._residual_gradient(quantized)).reshape(b, n, beams * k, d)
+        residual = (residual.unsqueeze(3) - rvq.residual_gradient(quantized)).reshape(b, n, beams * k, d)
         quantized_out = (quantized_out.unsqueeze(3) + quantized).reshape(b, n, beams * k, d)
         layer_input = _expand(layer_input, k).unsqueeze(3)
         inputs = layer_input if inputs is None else torch.cat([_expand(inputs, k), layer_input], dim=3)

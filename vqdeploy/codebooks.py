@@ -9,8 +9,10 @@ computes its new values out of place and writes them with ``copy_``, guarded by
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +29,15 @@ class CodebookOutput(NamedTuple):
     quantized: torch.Tensor  # (h, n, d) float32
     indices: torch.Tensor  # (h, n) int64
     logits: torch.Tensor | None  # (h, n, k): -distance or cosine similarity, when asked for or sampled from
+
+
+def _in_float32(method):
+    """Run a codebook entry on float32 rows (x, the first argument) with autocast off."""
+    @functools.wraps(method)
+    def entry(self, x: torch.Tensor, *args, **kwargs):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return method(self, x.float(), *args, **kwargs)
+    return entry
 
 
 def _uniform_init(*shape: int) -> torch.Tensor:
@@ -81,6 +92,29 @@ class CodebookConfig:
     @property
     def syncs_kmeans(self) -> bool:
         return self.use_ddp and self.sync_kmeans
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The per-call options of one step, built once by the quantizer's forward and handed down to the codebook
+    and its EMA update; fixed at trace time like the configuration.
+
+    ema_update_weight: scales the EMA step per code (a number, an (h, k) tensor, or a callable of the
+    batch's sums and counts); accum_ema_update: only add this batch's statistics to those waiting for the
+    next EMA step (gradient accumulation: k such calls and one plain call make one step on all k + 1);
+    topk: the ``topk`` best codes of every row, best first (indices (h, n, topk), codes (h, n, topk, d)),
+    and no EMA step (beam search updates the codebook with the codes it keeps, ``update_from_indices_``);
+    ema_update=False: this call recomputes no codes (counts and sums are still tracked for dead codes);
+    codebook_transform_fn: maps the codes (h, k, d) to each row's own codes (h, b, n, k, d), the implicit
+    neural codebook (QINCo) of 1.32.0's ResidualVQ; rows are then matched against their own codes."""
+
+    sample_codebook_temp: float | None = None  # None: the codebook's own
+    freeze_codebook: bool = False
+    ema_update_weight: Any = None
+    accum_ema_update: bool = False
+    topk: int | None = None
+    ema_update: bool | None = None  # None: the codebook's own
+    codebook_transform_fn: Callable | None = None
 
 
 _FLAGS = ("initted", "batch_stats_need_init", "codebook_mean_needs_init", "codebook_variance_needs_init")
@@ -200,69 +234,57 @@ class Codebook(OptionalStateMixin):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, sample_codebook_temp: float | None = None,
-                freeze_codebook: bool = False, return_logits: bool = False, noise: dict | None = None,
-                ema_update_weight=None, accum_ema_update: bool = False, topk: int | None = None,
-                ema_update: bool | None = None, codebook_transform_fn=None) -> CodebookOutput:
+    @_in_float32
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None, noise: dict | None = None,
+                return_logits: bool = False, options: StepOptions = StepOptions(), **changes) -> CodebookOutput:
         """x: (h, n, d); weights: (h, n) with 0 for rows to ignore (padding);
-        noise: the uniform tensors named by :meth:`noise_shapes` (drawn here when None);
-        ema_update_weight: scales the EMA step per code (a number, an (h, k) tensor, or a callable of the
-        batch's sums and counts); accum_ema_update: only add this batch's statistics to those waiting for the
-        next EMA step (gradient accumulation: k such calls and one plain call make one step on all k + 1);
-        topk: the ``topk`` best codes of every row, best first (indices (h, n, topk), codes (h, n, topk, d)),
-        and no EMA step (beam search updates the codebook with the codes it keeps, ``update_from_indices_``);
-        ema_update=False: this call recomputes no codes (counts and sums are still tracked for dead codes);
-        codebook_transform_fn: maps the codes (h, k, d) to each row's own codes (h, b, n, k, d), the implicit
-        neural codebook (QINCo) of 1.32.0's ResidualVQ; rows are then matched against their own codes."""
-        temperature = self.config.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
-            update_ok = None
-            if self.training:
-                if noise is None:
-                    noise = draw_uniform(self.noise_shapes(x.shape[1], temperature), x.device)
-                data_ok, update_ok = self._update_guards(x, weights)
-                clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
-                if self.config.kmeans_init:
-                    self.init_codebook_(clean, weights, update_ok, noise["kmeans"])
-                if self.config.affine_param:
-                    self.update_affine_(clean, weights, update_ok)
+        noise: the uniform tensors named by :meth:`noise_shapes` (drawn here when None); options: the step's
+        ``StepOptions`` (``changes`` replace some of them, for direct calls)."""
+        if changes:
+            options = dataclasses.replace(options, **changes)
+        temperature = self.config.sample_codebook_temp if options.sample_codebook_temp is None \
+            else options.sample_codebook_temp
+        if self.training:
+            if noise is None:
+                noise = draw_uniform(self.noise_shapes(x.shape[1], temperature), x.device)
+            clean, update_ok = self._guard(x, weights)
+            if self.config.kmeans_init:
+                self.init_codebook_(clean, weights, update_ok, noise["kmeans"])
+            if self.config.affine_param:
+                self.update_affine_(clean, weights, update_ok)
 
-            codes = self.codes_for_matching()
-            if self.training:
-                codes = snapshot(codes)  # the updates below overwrite what codes was read from
-            samples = self.config.stochastic_sample_codes or self.config.straight_through
-            sampling = self.training and samples and temperature > 0
-            logits = None
-            if topk is not None:
-                return self._top_codes(x, codes, topk, temperature if sampling else 0.0, noise, return_logits)
-            if codebook_transform_fn is not None:
-                quantized, indices, logits = self._match_own_codes(
-                    x, codebook_transform_fn(codes), temperature if sampling else 0.0, noise)
+        codes = self.codes_for_matching()
+        if self.training:
+            codes = snapshot(codes)  # the updates below overwrite what codes was read from
+        samples = self.config.stochastic_sample_codes or self.config.straight_through
+        sampling = self.training and samples and temperature > 0
+        logits = None
+        if options.topk is not None:
+            return self._top_codes(x, codes, options.topk, temperature if sampling else 0.0, noise, return_logits)
+        if options.codebook_transform_fn is not None:
+            quantized, indices, logits = self._match_own_codes(
+                x, options.codebook_transform_fn(codes), temperature if sampling else 0.0, noise)
+        else:
+            if not (return_logits or sampling):  # indices alone: matched block by block (large codebooks)
+                indices = nearest_codes(x, codes, self.config.use_cosine_sim)
+            elif self.config.use_cosine_sim:
+                logits = cosine_logits(x, codes)
+                indices = logits.argmax(dim=-1)
             else:
-                if not (return_logits or sampling):  # indices alone: matched block by block (large codebooks)
-                    indices = nearest_codes(x, codes, self.config.use_cosine_sim)
-                elif self.config.use_cosine_sim:
-                    logits = cosine_logits(x, codes)
-                    indices = logits.argmax(dim=-1)
-                else:
-                    scores = sq_dist_scores(x, codes)
-                    indices = scores.argmin(dim=-1)
-                    logits = euclidean_logits(x, codes, scores)
-                if self.training and self.config.stochastic_sample_codes and temperature > 0:
-                    indices = sample_codes(logits, temperature, noise["gumbel"])
+                scores = sq_dist_scores(x, codes)
+                indices = scores.argmin(dim=-1)
+                logits = euclidean_logits(x, codes, scores)
+            if self.training and self.config.stochastic_sample_codes and temperature > 0:
+                indices = sample_codes(logits, temperature, noise["gumbel"])
 
-                quantized = gather_codes(codes, indices)
-                if self.training and self.config.straight_through and temperature > 0:
-                    soft = straight_through_weights(logits, indices, temperature, self.config.reinmax)
-                    quantized = quantized + torch.bmm(soft, codes)
+            quantized = gather_codes(codes, indices)
+            if self.training and self.config.straight_through and temperature > 0:
+                soft = straight_through_weights(logits, indices, temperature, self.config.reinmax)
+                quantized = quantized + torch.bmm(soft, codes)
 
-            recompute = self.config.ema_update if ema_update is None else ema_update
-            tracks = recompute or (self.tracks_counts and self.config.threshold_ema_dead_code > 0)
-            if self.training and tracks and not freeze_codebook:
-                self._learn_from_(clean, indices, weights, update_ok, noise.get("expire"), ema_update_weight,
-                                  accum_ema_update, recompute)
-
+        tracks = self._recomputes_codes(options) or (self.tracks_counts and self.config.threshold_ema_dead_code > 0)
+        if self.training and tracks and not options.freeze_codebook:
+            self._learn_from_(clean, indices, weights, update_ok, noise.get("expire"), options)
         return CodebookOutput(quantized, indices, logits if return_logits else None)
 
     def _match_own_codes(self, x: torch.Tensor, own_codes: torch.Tensor, temperature: float, noise: dict | None):
@@ -279,17 +301,17 @@ class Codebook(OptionalStateMixin):
         chosen = own_codes.gather(2, indices[..., None, None].expand(h, n, 1, d)).squeeze(2)
         return chosen, indices, logits
 
+    @_in_float32
     def quantize_own_codes(self, x: torch.Tensor, codebook_transform_fn) -> CodebookOutput:
         """``quantize`` against each row's own codes (an implicit neural codebook), no state change."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            codes = codebook_transform_fn(self.codes_for_matching().detach())
-            quantized, indices, _ = self._match_own_codes(x.float(), codes, 0.0, None)
+        codes = codebook_transform_fn(self.codes_for_matching().detach())
+        quantized, indices, _ = self._match_own_codes(x, codes, 0.0, None)
         return CodebookOutput(quantized, indices, None)
 
+    @_in_float32
     def top_codes(self, x: torch.Tensor, topk: int) -> CodebookOutput:
         """The ``topk`` nearest codes of rows (h, n, d), best first, no state change (eval)."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._top_codes(x.float(), self.codes_for_matching().detach(), topk, 0.0, None, False)
+        return self._top_codes(x, self.codes_for_matching().detach(), topk, 0.0, None, False)
 
     @property
     def tracks_counts(self) -> bool:
@@ -309,21 +331,18 @@ class Codebook(OptionalStateMixin):
         quantized = gather_codes(codes, indices.reshape(h, n * topk)).reshape(h, n, topk, codes.shape[-1])
         return CodebookOutput(quantized, indices, logits if return_logits else None)
 
+    @_in_float32
     def update_from_indices_(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None = None,
                              count_skipped: bool = True) -> None:
         """The EMA step (and dead-code replacement) for rows x (h, n, d) assigned to ``indices`` (h, n), as a
         training forward would make it (1.32.0's ``update_indices``); -1 marks rows to leave out."""
         if not self.tracks_counts:
             return
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
-            kept = (indices >= 0).float()
-            weights = kept if weights is None else weights * kept
-            indices = indices.clamp(min=0)
-            uniform = self.dead_code_noise(x.shape[1], x.device)
-            data_ok, update_ok = self._update_guards(x, weights, count_skipped)
-            clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
-            self._learn_from_(clean, indices, weights, update_ok, uniform)
+        kept = (indices >= 0).float()
+        weights = kept if weights is None else weights * kept
+        uniform = self.dead_code_noise(x.shape[1], x.device)
+        clean, update_ok = self._guard(x, weights, count_skipped)
+        self._learn_from_(clean, indices.clamp(min=0), weights, update_ok, uniform)
 
     def dead_code_noise(self, num_rows: int, device) -> torch.Tensor | None:
         """The uniform noise that picks replacement rows for dead codes among ``num_rows`` rows (None without
@@ -333,22 +352,25 @@ class Codebook(OptionalStateMixin):
         shape = row_sample_noise_shape(self.config.num_codebooks, num_rows, self.config.codebook_size)
         return draw_uniform({"expire": shape}, device)["expire"]
 
+    def _recomputes_codes(self, options: StepOptions) -> bool:
+        """Whether this step's EMA update recomputes the codes (``ema_update=False``: only counts and sums)."""
+        return self.config.ema_update if options.ema_update is None else options.ema_update
+
     def _learn_from_(self, clean: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None,
-                     update_ok: torch.Tensor, uniform: torch.Tensor | None, ema_update_weight=None,
-                     accum_ema_update: bool = False, recompute_codes: bool = True) -> None:
+                     update_ok: torch.Tensor, uniform: torch.Tensor | None, options: StepOptions = StepOptions()) -> None:
         """``update_ema_`` of clean rows assigned to ``indices``: their sums taken in codebook space (undoing the
         affine reparameterisation's batch statistics), dead codes replaced by the rows as they are."""
         in_codebook_space = clean
         if self.config.affine_param:
             codebook_std, batch_std = self._stds()
             in_codebook_space = (clean - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
-        self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, uniform, ema_update_weight,
-                         accum_ema_update, recompute_codes)
+        self.update_ema_(in_codebook_space, indices, weights, update_ok, clean, uniform, options)
 
     # ------------------------------------------------------------------ training-only state changes
 
-    def _update_guards(self, x: torch.Tensor, weights: torch.Tensor | None, count_skipped: bool = True):
-        """(data_ok, update_ok), 0-d bools agreed by every synchronised rank.
+    def _guard(self, x: torch.Tensor, weights: torch.Tensor | None, count_skipped: bool = True):
+        """The preamble of every state change: (the rows x, zeroed where dropped and wholly when the batch is not
+        finite, update_ok: a 0-d bool agreed by every synchronised rank).
 
         A batch with NaN/Inf in a kept row must not reach the codebook: its
         update is skipped and counted in ``skipped_updates`` (once per step:
@@ -361,9 +383,8 @@ class Codebook(OptionalStateMixin):
         if count_skipped:
             with torch.no_grad():
                 self.skipped_updates.add_((~data_ok).long())
-        if weights is None:
-            return data_ok, data_ok
-        return data_ok, data_ok & any_rank((weights > 0).any())
+        update_ok = data_ok if weights is None else data_ok & any_rank((weights > 0).any())
+        return zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights), update_ok
 
     def _write_(self, update_ok: torch.Tensor, **new_values: torch.Tensor) -> None:
         """Copy new values into the named buffers, or keep the old ones when ``update_ok`` is False."""
@@ -447,22 +468,21 @@ class Codebook(OptionalStateMixin):
 
     def update_ema_(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor | None,
                     update_ok: torch.Tensor, batch_rows: torch.Tensor, uniform: torch.Tensor | None,
-                    ema_update_weight=None, accum_ema_update: bool = False, recompute_codes: bool = True) -> None:
+                    options: StepOptions = StepOptions()) -> None:
         """The EMA step (with the statistics accumulated since the last one), then dead-code replacement,
         written to the buffers once; or, with ``accum_ema_update``, only the accumulation."""
         counts = counts_per_code(indices, self.config.codebook_size, weights)
         sums = sums_per_code(x, indices, self.config.codebook_size, weights)
         if self.config.use_ddp:
             counts, sums = D.all_reduce_sum(counts), D.all_reduce_sum(sums)
-        if accum_ema_update:
+        if options.accum_ema_update:
             self._write_(update_ok, accumulated_counts=self.accumulated_counts + counts,
                          accumulated_sums=self.accumulated_sums + sums)
             return
         counts, sums = counts + self.accumulated_counts, sums + self.accumulated_sums
-        if callable(ema_update_weight):
-            ema_update_weight = ema_update_weight(sums, counts)
-        new = self.ema_values(counts, sums, ema_update_weight)
-        if not recompute_codes:
+        weight = options.ema_update_weight
+        new = self.ema_values(counts, sums, weight(sums, counts) if callable(weight) else weight)
+        if not self._recomputes_codes(options):
             new.pop("embed", None)
         if self.config.threshold_ema_dead_code > 0:
             new = self.replace_dead_codes(new, batch_rows, weights, uniform)
@@ -491,26 +511,22 @@ class Codebook(OptionalStateMixin):
         """A shared codebook with ``manual_ema_update`` after every layer has tracked its statistics (1.32.0's
         ResidualVQ): recompute the codes, then replace codes still dead by rows of any layer.  x: (h, n, d),
         every layer's rows; weights: (h, n), 0 for padding and dropped layers."""
-        data_ok, update_ok = self._update_guards(x, weights, count_skipped=False)  # the layers counted the step
-        clean = zero_dropped_rows(torch.where(data_ok, x, torch.zeros((), device=x.device)), weights)
+        clean, update_ok = self._guard(x, weights, count_skipped=False)  # the layers counted the step
         new = dict(embed=self.codes_from(self.cluster_size, self.embed_avg))
         if self.config.threshold_ema_dead_code > 0:
             new = self.replace_dead_codes(dict(new, embed_avg=self.embed_avg, cluster_size=self.cluster_size), clean,
                                           weights, uniform)
         self._write_(update_ok, **new)
 
+    @_in_float32
     def expire_codes_(self, x: torch.Tensor) -> None:
         """Replace the codes whose count is under the threshold with rows of x (h, n, d), now (1.32.0's
         ``expire_codes_``); non-finite rows are never used."""
         if self.config.threshold_ema_dead_code <= 0:
             return
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
-            data_ok, update_ok = self._update_guards(x, None, count_skipped=False)
-            clean = torch.where(data_ok, x, torch.zeros((), device=x.device))
-            new = dict(embed_avg=self.embed_avg, cluster_size=self.cluster_size)
-            self._write_(update_ok, **self.replace_dead_codes(new, clean, None,
-                                                              self.dead_code_noise(x.shape[1], x.device)))
+        clean, update_ok = self._guard(x, None, count_skipped=False)
+        new = dict(embed_avg=self.embed_avg, cluster_size=self.cluster_size)
+        self._write_(update_ok, **self.replace_dead_codes(new, clean, None, self.dead_code_noise(x.shape[1], x.device)))
 
     def update_ema(self) -> None:
         """Recompute the codes from the EMA counts and sums: with ``manual_ema_update``, when the program chooses

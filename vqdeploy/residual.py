@@ -93,6 +93,8 @@ class ResidualQuantizer(nn.Module):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
 
+    channel_last_maps = False  # also take channel-last feature maps (b, *spatial, dim) (residual SimVQ)
+
     # ------------------------------------------------------------------ hooks for families
 
     def start_residual(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +205,7 @@ class ResidualQuantizer(nn.Module):
             if active is not None:
                 quantized = torch.where(active, quantized, torch.zeros((), dtype=quantized.dtype,
                                                                         device=quantized.device))
-            residual = residual - self._residual_gradient(quantized)
+            residual = residual - self.residual_gradient(quantized)
             quantized_out = quantized if quantized_out is None else quantized_out + quantized
             if target is not None:
                 ce_loss = out.ce_loss if ce_loss is None else ce_loss + out.ce_loss
@@ -241,13 +243,10 @@ class ResidualQuantizer(nn.Module):
                            num_quantizers, active_count):
         raise TypeError(f"{type(self).__name__} has no beam search (ResidualVQ has)")
 
-    def _residual_gradient(self, quantized: torch.Tensor) -> torch.Tensor:
-        """What a layer's output takes off the residual: detached (each layer's loss trains its own input only),
-        or with ``quant_grad_frac`` of its gradient passing to the layers before it (``ResidualVQ``)."""
-        fraction = getattr(self, "quant_grad_frac", 0.0)
-        if fraction <= 0:
-            return quantized.detach()
-        return fraction * quantized + (1.0 - fraction) * quantized.detach()
+    def residual_gradient(self, quantized: torch.Tensor) -> torch.Tensor:
+        """What a layer's output takes off the residual: detached, each layer's loss trains its own input only
+        (``ResidualVQ`` passes a fraction of the gradient on)."""
+        return quantized.detach()
 
     def end_of_step_(self, layer_inputs: list[torch.Tensor], token_weights: torch.Tensor | None,
                      active_count: torch.Tensor | None) -> None:
@@ -257,8 +256,7 @@ class ResidualQuantizer(nn.Module):
 
     def encode(self, x: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:
         """Indices (b, *tokens, q) for ``x``, without touching any state (the export encoder)."""
-        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap,
-                                   getattr(self, "channel_last_maps", False))
+        tokens, layout = to_tokens(x, self.dim, self.channel_last, self.accept_image_fmap, self.channel_last_maps)
         return layout.restore_indices(self.encode_tokens(tokens, num_quantizers))
 
     def encode_tokens(self, tokens: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:

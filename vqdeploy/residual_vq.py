@@ -128,6 +128,11 @@ class ResidualVQ(ResidualQuantizer):
         out = directional_reparam(projected, quantized, normal_from_uniform(uniform), DIVEQ_VARIANCE)
         return out if token_weights is None else torch.where(token_weights.unsqueeze(-1) > 0, out, quantized)
 
+    def residual_gradient(self, quantized: torch.Tensor) -> torch.Tensor:
+        """With ``quant_grad_frac`` > 0, that fraction of a layer's gradient also passes to the layers before it."""
+        fraction = self.quant_grad_frac
+        return quantized.detach() if fraction <= 0 else fraction * quantized + (1.0 - fraction) * quantized.detach()
+
     # ------------------------------------------------------------------ beam search
 
     def beam_for_call(self, beam_size: int | None) -> int | None:
@@ -152,10 +157,7 @@ class ResidualVQ(ResidualQuantizer):
             self.end_of_step_(inputs, token_weights, active_count)
         out = self.project_out(quantized)
         if token_weights is not None:
-            kept = token_weights.unsqueeze(-1) > 0
-            padding = torch.zeros((), dtype=out.dtype, device=out.device) \
-                if self.layers[0].return_zeros_for_masked_padding else tokens
-            out = torch.where(kept, out, padding)
+            out = self.layers[0].restore_padding(out, tokens, token_weights.unsqueeze(-1) > 0)
         return ResidualOutput(out, indices, masked_token_mean(losses, token_weights))
 
     def encode_tokens(self, tokens: torch.Tensor, num_quantizers: int | None = None) -> torch.Tensor:

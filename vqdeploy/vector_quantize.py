@@ -17,12 +17,13 @@ from torch import nn
 from .checks import number, positive_int
 from .config import records_config
 from . import distributed as D
-from .codebooks import Codebook, CodebookConfig
-from .defaults import behaves_as_latest, default_for, release_for
+from .codebooks import Codebook, StepOptions
+from .defaults import release_for
 from .layout import check_index_range, check_indices_dtype, lens_to_mask, to_tokens
 from .primitives import (codebook_diversity_loss, counts_per_code, directional_reparam, draw_uniform, gather_codes,
                          masked_cross_entropy, masked_mse, normal_from_uniform, orthogonal_loss, rotate_to)
 from .returns import QuantizeLossOutput, QuantizeOutput
+from .vq_arguments import checked_arguments, codebook_config
 
 
 class VQLossBreakdown(NamedTuple):
@@ -52,6 +53,17 @@ def _restore_candidates(layout, candidates: torch.Tensor) -> torch.Tensor:
     if layout.kind in ("sequence", "channel_last_map"):
         return candidates.reshape(b, *layout.spatial, k, d)
     return candidates.permute(0, 3, 1, 2).reshape(b, d, *layout.spatial, k)
+
+
+# constructor arguments kept as attributes as they are (after checked_arguments)
+_PLAIN_ATTRIBUTES = (
+    "dim", "heads", "separate_codebook_per_head", "codebook_size", "codebook_dim", "eps", "freeze_codebook",
+    "directional_reparam", "directional_reparam_variance", "commitment_weight", "commitment_use_cross_entropy_loss",
+    "learnable_codebook", "orthogonal_reg_weight", "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes",
+    "sync_update_v", "accept_3d_fmap", "channel_last", "route_gradients_to_input", "codebook_diversity_loss_weight",
+    "codebook_diversity_temperature", "rotation_trick", "masked_indices_are_minus_one", "scalar_loss",
+    "feature_map_codes_channel_first", "return_zeros_for_masked_padding", "sync_codebook",
+)
 
 
 @records_config
@@ -108,124 +120,20 @@ class VectorQuantize(nn.Module):
         defaults: str | None = None,
     ):
         super().__init__()
+        args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         self.defaults_release = release = release_for(defaults)
-        positive_int("dim", dim)
-        positive_int("codebook_size", codebook_size)
-        positive_int("heads", heads)
-        positive_int("kmeans_iters", kmeans_iters)
-        if codebook_dim is not None:
-            positive_int("codebook_dim", codebook_dim)
-        if orthogonal_reg_max_codes is not None:
-            positive_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes)
-        number("decay", decay, 0.0, 1.0)
-        number("eps", eps, 0.0, low_open=True)
-        number("affine_param_batch_decay", affine_param_batch_decay, 0.0, 1.0)
-        number("affine_param_codebook_decay", affine_param_codebook_decay, 0.0, 1.0)
-        number("commitment_weight", commitment_weight, 0.0)
-        number("orthogonal_reg_weight", orthogonal_reg_weight, 0.0)
-        number("sample_codebook_temp", sample_codebook_temp, 0.0)
-        number("threshold_ema_dead_code", threshold_ema_dead_code, 0.0)
-        number("directional_reparam_variance", directional_reparam_variance, 0.0)
-        # DiVeQ and a vq_bridge learn the codebook by gradient: no EMA, a learnable codebook (1.32.0's defaults)
-        if vq_bridge is not None and not isinstance(vq_bridge, nn.Module):
-            raise TypeError(f"vq_bridge must be an nn.Module transforming the codes, got {type(vq_bridge).__name__}")
-        learned = bool(directional_reparam) or vq_bridge is not None
-        ema_update = not learned if ema_update is None else ema_update
-        learnable_codebook = learned if learnable_codebook is None else learnable_codebook
-        if vq_bridge is not None and (ema_update or not learnable_codebook):
-            raise ValueError("vq_bridge needs learnable_codebook=True and ema_update=False (the codes learn through it)")
-        if directional_reparam and (straight_through or rotation_trick):
-            raise ValueError("directional_reparam excludes rotation_trick and straight_through (one gradient path)")
-        if directional_reparam and threshold_ema_dead_code <= 0:
-            raise ValueError("directional_reparam needs dead-code replacement (threshold_ema_dead_code > 0), as "
-                             "1.32.0 requires")
-        if ema_update and learnable_codebook:
-            raise ValueError("learnable_codebook=True needs ema_update=False (the EMA would overwrite learned codes)")
-        number("codebook_diversity_loss_weight", codebook_diversity_loss_weight, 0.0)
-        number("codebook_diversity_temperature", codebook_diversity_temperature, 0.0, low_open=True)
-        if accept_image_fmap and accept_3d_fmap:
-            raise ValueError("accept_image_fmap and accept_3d_fmap exclude each other (accept_3d_fmap is for "
-                             "(batch, dim, depth, height, width) input)")
-        number("sync_update_v", sync_update_v, 0.0, 1.0)
-        if sync_update_v > 0 and not learnable_codebook:
-            raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
-
-        self.dim = dim
-        self.heads = heads
-        self.separate_codebook_per_head = separate_codebook_per_head
-        self.codebook_size = codebook_size
-        codebook_dim = dim if codebook_dim is None else codebook_dim
-        self.codebook_dim = codebook_dim
-        codebook_input_dim = codebook_dim * heads
+        a = checked_arguments(args, release)
+        for name in _PLAIN_ATTRIBUTES:
+            setattr(self, name, a[name])
+        codebook_input_dim = self.codebook_dim * heads
         self.has_projections = codebook_input_dim != dim
         self.project_in = nn.Linear(dim, codebook_input_dim) if self.has_projections else nn.Identity()
         if self.has_projections and layernorm_after_project_in:  # the reference's keys: project_in.0, project_in.1
             self.project_in = nn.Sequential(self.project_in, nn.LayerNorm(codebook_input_dim))
         self.project_out = nn.Linear(codebook_input_dim, dim) if self.has_projections else nn.Identity()
-
-        self.eps = eps
-        self.freeze_codebook = freeze_codebook
-        self.directional_reparam = bool(directional_reparam)
-        self.directional_reparam_variance = float(directional_reparam_variance)
-        self.commitment_weight = 0.0 if directional_reparam else commitment_weight  # DiVeQ has no commitment loss
-        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
-        self.learnable_codebook = learnable_codebook
         self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0
-        self.orthogonal_reg_weight = orthogonal_reg_weight
-        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
-        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
-        self.sync_update_v = sync_update_v
         self.accept_image_fmap = accept_image_fmap or accept_3d_fmap  # channels first, any number of axes
-        self.accept_3d_fmap = accept_3d_fmap
-        self.channel_last = channel_last
-        self.route_gradients_to_input = route_gradients_to_input
-        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
-        self.codebook_diversity_temperature = codebook_diversity_temperature
-        if rotation_trick and straight_through:
-            raise ValueError("rotation_trick=True and straight_through=True exclude each other (rotation_trick is a "
-                             "gradient through the nearest code, straight_through one through sampled codes)")
-        if rotation_trick is None:
-            rotation_trick = default_for(release, "VectorQuantize", "rotation_trick") and dim > 1 \
-                and not straight_through and not directional_reparam
-        self.rotation_trick = bool(rotation_trick)
-        self.masked_indices_are_minus_one = behaves_as_latest(release, "VectorQuantize", "index of masked tokens")
-        self.scalar_loss = behaves_as_latest(release, "VectorQuantize", "shape of the loss")
-        self.feature_map_codes_channel_first = behaves_as_latest(release, "VectorQuantize",
-                                                                 "get_codes_from_indices of feature maps")
-        self.return_zeros_for_masked_padding = bool(
-            default_for(release, "VectorQuantize", "return_zeros_for_masked_padding", return_zeros_for_masked_padding))
-
-        if sync_codebook is None:
-            sync_codebook = D.is_distributed()
-        self.sync_codebook = sync_codebook
-
-        self._codebook = Codebook(CodebookConfig(
-            dim=codebook_dim,
-            use_cosine_sim=use_cosine_sim,
-            codebook_size=codebook_size,
-            num_codebooks=heads if separate_codebook_per_head else 1,
-            kmeans_init=kmeans_init,
-            kmeans_iters=kmeans_iters,
-            sync_kmeans=sync_kmeans,
-            decay=decay,
-            eps=eps,
-            threshold_ema_dead_code=threshold_ema_dead_code,
-            use_ddp=sync_codebook,
-            learnable_codebook=self.has_codebook_orthogonal_loss or learnable_codebook,
-            sample_codebook_temp=sample_codebook_temp,
-            ema_update=ema_update,
-            affine_param=affine_param,
-            sync_affine_param=sync_affine_param,
-            affine_param_batch_decay=affine_param_batch_decay,
-            affine_param_codebook_decay=affine_param_codebook_decay,
-            stochastic_sample_codes=stochastic_sample_codes,
-            straight_through=straight_through,
-            reinmax=reinmax,
-            initial_cluster_size=default_for(release, "VectorQuantize", "initial cluster_size"),
-            manual_ema_update=manual_ema_update,
-            codes_from_kmeans_state=behaves_as_latest(release, "VectorQuantize", "codes after k-means init"),
-            dead_codes_without_ema=behaves_as_latest(release, "VectorQuantize", "dead codes without EMA"),
-        ), vq_bridge)
+        self._codebook = Codebook(codebook_config(a, release), vq_bridge)
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters()) if in_place_codebook_optimizer is not None else None
         )
@@ -381,17 +289,16 @@ class VectorQuantize(nn.Module):
         if codebook_transform_fn is not None and (not callable(codebook_transform_fn) or topk is not None
                                                   or self.heads > 1):
             raise ValueError("codebook_transform_fn must be a callable, on a single-head VectorQuantize, without topk")
-        if topk is not None:
-            if indices is not None or return_loss_breakdown or ema_update_weight is not None or accum_ema_update:
-                raise ValueError("topk does not combine with indices, return_loss_breakdown or EMA arguments")
-            out = self._quantize_topk(tokens, token_weights, topk, sample_codebook_temp,
-                                      freeze_codebook or self.freeze_codebook, None)
-            return QuantizeOutput(_restore_candidates(layout, out.quantized), layout.restore_indices(out.indices),
-                                  layout.restore_indices(out.loss))
+        if topk is not None and (indices is not None or return_loss_breakdown or ema_update_weight is not None
+                                 or accum_ema_update):
+            raise ValueError("topk does not combine with indices, return_loss_breakdown or EMA arguments")
         out = self.quantize_tokens(tokens, token_weights, target, sample_codebook_temp, freeze_codebook,
                                    return_loss_breakdown=return_loss_breakdown, ema_update_weight=ema_update_weight,
-                                   accum_ema_update=accum_ema_update, ema_update=ema_update,
+                                   accum_ema_update=accum_ema_update, topk=topk, ema_update=ema_update,
                                    codebook_transform_fn=codebook_transform_fn)
+        if topk is not None:
+            return QuantizeOutput(_restore_candidates(layout, out.quantized), layout.restore_indices(out.indices),
+                                  layout.restore_indices(out.loss))
         quantized = layout.restore_features(out[0])
         if indices is not None:
             return QuantizeLossOutput(quantized, out.ce_loss)
@@ -412,10 +319,11 @@ class VectorQuantize(nn.Module):
         layer, which then trains nothing (its outputs are the caller's to discard).
         Returns a ``QuantizeOutput`` with indices (b, n) or (b, n, heads) (a
         ``QuantizeOutputWithBreakdown`` with ``return_loss_breakdown``), or a ``QuantizeLossOutput``.
-        topk: the ``topk`` nearest codes of every token instead of one (see ``_quantize_topk``)."""
-        freeze_codebook = freeze_codebook or self.freeze_codebook
+        topk: the ``topk`` nearest codes of every token instead of one (see ``quantize_topk``)."""
+        options = StepOptions(sample_codebook_temp, freeze_codebook or self.freeze_codebook, ema_update_weight,
+                              accum_ema_update, topk, ema_update, codebook_transform_fn)
         if topk is not None:
-            return self._quantize_topk(tokens, token_weights, topk, sample_codebook_temp, freeze_codebook, active)
+            return self.quantize_topk(tokens, token_weights, active, options)
         batch = tokens.shape[0]
         row_weights = None if token_weights is None else self._split_token_values(token_weights)
         target_rows = None
@@ -436,29 +344,24 @@ class VectorQuantize(nn.Module):
             codebook_weights = gate.expand(rows.shape[:2]) if row_weights is None else row_weights * gate
         want_logits = target is not None or (self.training and (self.commitment_use_cross_entropy_loss
                                                                  or self.codebook_diversity_loss_weight > 0))
-        codebook_kwargs = dict(weights=codebook_weights, sample_codebook_temp=sample_codebook_temp,
-                               freeze_codebook=freeze_codebook, return_logits=want_logits,
-                               ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update,
-                               ema_update=ema_update, codebook_transform_fn=codebook_transform_fn)
-        noise = self._draw_noise(rows.shape[1], sample_codebook_temp, tuple(rows.shape)) if self.training else None
-        quantized, code_indices, logits = self._codebook(rows, noise=noise, **codebook_kwargs)
+        noise = self._draw_noise(rows.shape[1], options.sample_codebook_temp, tuple(rows.shape)) \
+            if self.training else None
+        quantized, code_indices, logits = self._codebook(rows, codebook_weights, noise, want_logits, options)
 
         zero = torch.zeros((), device=tokens.device)
         inplace_loss = zero
-        if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
+        if self.in_place_codebook_optimizer is not None and self.training and not options.freeze_codebook:
             inplace_loss = self._in_place_codebook_step(quantized, rows, codebook_weights)
-            quantized, code_indices, logits = self._codebook(rows, **codebook_kwargs)
+            quantized, code_indices, logits = self._codebook(rows, codebook_weights, None, want_logits, options)
 
         quantized = quantized.to(rows.dtype)
         commit_quantized = quantized
         if self.training:
-            commit_quantized, quantized = self._gradient_path(rows, quantized, noise, freeze_codebook)
+            commit_quantized, quantized = self._gradient_path(rows, quantized, noise, options.freeze_codebook)
 
         out = self.project_out(self._merge_rows(quantized, batch))
         if token_weights is not None:
-            padding = torch.zeros((), dtype=out.dtype, device=out.device) if self.return_zeros_for_masked_padding \
-                else tokens
-            out = torch.where(token_weights.unsqueeze(-1) > 0, out, padding)
+            out = self.restore_padding(out, tokens, token_weights.unsqueeze(-1) > 0)
 
         if target is not None:
             return QuantizeLossOutput(out, masked_cross_entropy(logits, target_rows, row_weights))
@@ -502,6 +405,12 @@ class VectorQuantize(nn.Module):
             quantized = quantized + self.sync_update_v * (quantized - quantized.detach())
         return commit_codes, quantized
 
+    def restore_padding(self, out: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The output where ``kept``, and zeros (or, under 1.14.17's defaults, the input ``tokens``) elsewhere."""
+        padding = torch.zeros((), dtype=out.dtype, device=out.device) if self.return_zeros_for_masked_padding \
+            else tokens
+        return torch.where(kept, out, padding)
+
     def _check_topk(self, topk, training: bool) -> int:
         positive_int("topk", topk)
         if self.heads > 1:
@@ -512,15 +421,15 @@ class VectorQuantize(nn.Module):
                              "in_place_codebook_optimizer or straight_through")
         return min(topk, self.codebook_size)
 
-    def _quantize_topk(self, tokens, token_weights, topk: int, sample_codebook_temp, freeze_codebook, active,
-                       training: bool | None = None):
+    def quantize_topk(self, tokens: torch.Tensor, token_weights: torch.Tensor | None, active: torch.Tensor | None,
+                      options: StepOptions, training: bool | None = None):
         """The ``topk`` nearest codes of every token, best first (1.32.0's ``forward(topk=)``, which beam search
         builds on): quantized (b, n, topk, dim), indices (b, n, topk) and a loss per candidate (b, n, topk), the
         commitment error of each code (weighted when ``commitment_weight`` > 0; in training plus the diversity
         and orthogonal terms).  The codebook only gets k-means and affine statistics, no EMA step.
         ``training=False`` computes the eval result whatever the module's mode (a pure encode)."""
         training = self.training if training is None else training
-        topk = self._check_topk(topk, training)
+        topk = self._check_topk(options.topk, training)
         b, n, _ = tokens.shape
         weights = token_weights
         if active is not None:
@@ -531,23 +440,20 @@ class VectorQuantize(nn.Module):
         noise = logits = None
         if training:
             want_logits = self.codebook_diversity_loss_weight > 0
-            noise = self._draw_noise(rows.shape[1], sample_codebook_temp, (*rows.shape[:2], topk, rows.shape[2]))
-            codes, indices, logits = self._codebook(rows, weights=row_weights, freeze_codebook=True, noise=noise,
-                                                    sample_codebook_temp=sample_codebook_temp,
-                                                    return_logits=want_logits, topk=topk)
+            noise = self._draw_noise(rows.shape[1], options.sample_codebook_temp,
+                                     (*rows.shape[:2], topk, rows.shape[2]))
+            codes, indices, logits = self._codebook(rows, row_weights, noise, want_logits, options, topk=topk)
         else:
             codes, indices, _ = self._codebook.top_codes(rows, topk)
         codes = codes.to(rows.dtype)
         rows_k = rows.unsqueeze(-2).expand_as(codes)
         commit_codes, quantized = codes, codes
         if training:
-            commit_codes, quantized = self._gradient_path(rows_k, codes, noise, freeze_codebook)
+            commit_codes, quantized = self._gradient_path(rows_k, codes, noise, options.freeze_codebook)
         out = self.project_out(quantized.reshape(b, n, topk, -1))
         kept = None if weights is None else weights.reshape(b, n, 1) > 0
         if kept is not None:
-            padding = torch.zeros((), dtype=out.dtype, device=out.device) if self.return_zeros_for_masked_padding \
-                else tokens.unsqueeze(-2)
-            out = torch.where(kept.unsqueeze(-1), out, padding)
+            out = self.restore_padding(out, tokens.unsqueeze(-2), kept.unsqueeze(-1))
         commit = (commit_codes - rows_k).pow(2).mean(dim=-1).reshape(b, n, topk)
         if kept is not None:
             commit = torch.where(kept, commit, torch.zeros((), dtype=commit.dtype, device=commit.device))
