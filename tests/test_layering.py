@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vqdeploy"
-GROUND = ("vqdeploy.checks", "vqdeploy.returns")  # import nothing of vqdeploy
+GROUND = ("vqdeploy.checks", "vqdeploy.returns", "vqdeploy.registry")  # import nothing of vqdeploy
 # above export: the facade's ``load``, the command line, the runtime and the audio codec on top of it
 EXPORT_USERS = {"vqdeploy", "vqdeploy.cli", "vqdeploy.runtime", "vqdeploy.audio", "vqdeploy.export"}
 

@@ -10,31 +10,28 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from .registry import CLASSES as _CLASSES
+
 __version__ = "0.1.0"
 
-# submodule -> the public names it defines
+# submodule -> the public names it defines besides the quantizer classes (those come from the registry)
 _SUBMODULE_NAMES = {
-    "binary_mapper": ("BinaryMapper", "BinaryMapperOutput", "BinaryMapperOutputWithIndices"),
+    "binary_mapper": ("BinaryMapperOutput", "BinaryMapperOutputWithIndices"),
     "codebooks": ("Codebook", "CodebookConfig"),
     "defaults": ("active_defaults", "use_defaults"),
-    "fsq": ("FSQ", "FSQOutput"),
-    "fsp": ("FSP", "FSPOutput"),
-    "latent_quantize": ("LatentQuantize", "LatentQuantizeOutput"),
-    "evo_lfq": ("EvoLFQ", "EvoLFQOutput", "EvolutionResult"),
-    "lfq": ("LFQ", "LFQOutput", "LossBreakdown"),
+    "fsq": ("FSQOutput",),
+    "fsp": ("FSPOutput",),
+    "latent_quantize": ("LatentQuantizeOutput",),
+    "evo_lfq": ("EvoLFQOutput", "EvolutionResult"),
+    "lfq": ("LFQOutput", "LossBreakdown"),
     "grouped": ("GroupedOutput", "GroupedOutputWithCodes", "GroupedResidualQuantizer"),
-    "random_projection": ("RandomProjectionQuantizer",),
-    "residual_fsq": ("GroupedResidualFSQ", "ResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes"),
-    "residual_lfq": ("GroupedResidualLFQ", "ResidualLFQ"),
+    "residual_fsq": ("ResidualFSQOutput", "ResidualFSQOutputWithCodes"),
     "residual": ("ResidualQuantizer",),
     "returns": ("QuantizeLossOutput", "QuantizeOutput", "ResidualOutput", "ResidualOutputWithCodes"),
-    "residual_vq": ("GroupedResidualVQ", "ResidualVQ"),
-    "hierarchical_vq": ("HierarchicalVQ",),
-    "sequential": ("Sequential",),
-    "sim_vq": ("ResidualSimVQ", "SimVQ"),
-    "vector_quantize": ("QuantizeOutputWithBreakdown", "VectorQuantize", "VQLossBreakdown"),
+    "vector_quantize": ("QuantizeOutputWithBreakdown", "VQLossBreakdown"),
 }
 _WHERE = {name: module for module, names in _SUBMODULE_NAMES.items() for name in names}
+_WHERE.update({entry.name: entry.module.rpartition(".")[2] for entry in _CLASSES})
 
 
 def load(bundle, max_derived_bytes: int | None = None):
@@ -61,14 +58,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = [
-    "load", "use_defaults", "active_defaults", "VectorQuantize", "QuantizeOutput", "QuantizeLossOutput",
-    "QuantizeOutputWithBreakdown", "VQLossBreakdown", "Codebook", "CodebookConfig",
-    "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ", "FSQOutput", "FSP", "FSPOutput",
-    "BinaryMapper", "BinaryMapperOutput", "BinaryMapperOutputWithIndices",
-    "ResidualFSQ", "GroupedResidualFSQ", "ResidualFSQOutput", "ResidualFSQOutputWithCodes",
-    "LFQ", "LFQOutput", "LossBreakdown", "LatentQuantize", "LatentQuantizeOutput", "ResidualLFQ", "GroupedResidualLFQ",
-    "EvoLFQ", "EvoLFQOutput", "EvolutionResult",
-    "ResidualQuantizer", "GroupedResidualQuantizer", "SimVQ", "ResidualSimVQ", "Sequential", "HierarchicalVQ",
-    "ResidualOutput", "ResidualOutputWithCodes", "GroupedOutput", "GroupedOutputWithCodes",
-]
+__all__ = ["load", *_WHERE]

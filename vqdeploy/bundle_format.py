@@ -14,6 +14,8 @@ import json
 import math
 from pathlib import Path
 
+from .registry import EXPORTED, load_class
+
 FORMAT = "vqdeploy-bundle"
 # 2: optional code frequencies and audio entry; 3: optional reference outputs.  A bundle is written with the
 # lowest version that describes what it holds (1 without any of them).
@@ -25,9 +27,7 @@ WEIGHTS_FILE = "weights.safetensors"
 FREQUENCIES_FILE = "code_frequencies.safetensors"  # per-layer code counts for entropy-coded streams (optional)
 REFERENCE_FILE = "reference_outputs.safetensors"  # PyTorch's outputs at export, for wrapped bundles (optional)
 OPTIONAL_FILES = (FREQUENCIES_FILE, REFERENCE_FILE)
-QUANTIZER_CLASS_NAMES = ("VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "RandomProjectionQuantizer", "FSQ",
-                         "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ",
-                         "LatentQuantize", "SimVQ", "ResidualSimVQ", "HierarchicalVQ", "FSP")
+QUANTIZER_CLASS_NAMES = EXPORTED  # the registry's classes with an export family
 
 
 class BundleError(ValueError):
@@ -50,9 +50,7 @@ def manifest_sha256(directory: str | Path) -> str:
 
 def quantizer_classes() -> dict[str, type]:
     """The classes a bundle may name; nothing else is ever constructed from a manifest (imports them, and torch)."""
-    import vqdeploy
-
-    return {name: getattr(vqdeploy, name) for name in QUANTIZER_CLASS_NAMES}
+    return {name: load_class(name) for name in QUANTIZER_CLASS_NAMES}
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

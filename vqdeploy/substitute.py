@@ -28,38 +28,19 @@ import sys
 import types
 
 from . import defaults as _defaults
+from .registry import CLASSES, load_class
 
 REFERENCE = "vector_quantize_pytorch"
 
-# the reference's submodules (1.14.17 to 1.32.0) -> the public names each one defines
+# the reference's submodules (1.14.17 to 1.32.0) -> the public names each one defines (the registry's references)
+_REFERENCED = [entry for entry in CLASSES if entry.reference is not None]
 SUBMODULES: dict[str, tuple[str, ...]] = {
-    "vector_quantize_pytorch": ("VectorQuantize",),
-    "residual_vq": ("ResidualVQ", "GroupedResidualVQ"),
-    "random_projection_quantizer": ("RandomProjectionQuantizer",),
-    "finite_scalar_quantization": ("FSQ",),
-    "lookup_free_quantization": ("LFQ",),
-    "residual_lfq": ("ResidualLFQ", "GroupedResidualLFQ"),
-    "residual_fsq": ("ResidualFSQ", "GroupedResidualFSQ"),
-    "latent_quantization": ("LatentQuantize",),
-    "sim_vq": ("SimVQ",),
-    "residual_sim_vq": ("ResidualSimVQ",),
-    "finite_scalar_perturbation": ("FSP",),
-    "evo_lookup_free_quantization": ("EvoLFQ",),
-    "binary_mapper": ("BinaryMapper",),
-    "hierarchical_vq": ("HierarchicalVQ",),
-    "utils": ("Sequential",),
-}
+    submodule: tuple(entry.name for entry in _REFERENCED if entry.reference == submodule)
+    for submodule in dict.fromkeys(entry.reference for entry in _REFERENCED)}
 
 
 class NotProvided(ImportError):
     """A name of the reference that vqdeploy does not have (an ImportError, so ``from ... import`` says why)."""
-
-
-def _provided() -> dict[str, object]:
-    import vqdeploy
-
-    return {name: getattr(vqdeploy, name) for names in SUBMODULES.values() for name in names
-            if hasattr(vqdeploy, name)}
 
 
 def _module(name: str, names: tuple[str, ...], provided: dict[str, object]) -> types.ModuleType:
@@ -102,7 +83,7 @@ def substitute(defaults: str | None = None) -> types.ModuleType:
         raise RuntimeError(f"vector_quantize_pytorch is imported already ({', '.join(loaded)}): call "
                            "vqdeploy.substitute.substitute() before anything imports it, or run the program with "
                            "`python -m vqdeploy.substitute`")
-    provided = _provided()
+    provided = {entry.name: load_class(entry.name) for entry in _REFERENCED}
     top_names = tuple(name for names in SUBMODULES.values() for name in names)
     package = _module(REFERENCE, top_names, provided)
     package.__path__ = []  # a package, so `import vector_quantize_pytorch.residual_vq` finds the entries below

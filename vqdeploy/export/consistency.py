@@ -31,17 +31,13 @@ from torch import nn
 
 from ..config import TRAINING_ONLY_ARGUMENTS, config_from_json
 from ..bundle_format import DECODER_FILE, ENCODER_FILE, WEIGHTS_FILE, BundleError, build_quantizer, quantizer_classes
+from ..registry import BY_NAME
 from .graphs import feature_axis, index_dims, is_residual, value_info
 
 MAX_LAYERS = 1024  # num_quantizers x groups: residual codecs use 4 to 32 layers
 MAX_CHANNELS = 1 << 16  # LatentQuantize's per-channel value tables (levels given as one int, repeated dim times)
 MAX_DERIVED_BYTES = 1 << 31  # tensors a config makes beyond its weights (FSQ grids, LFQ code tables)
 MAX_HEADER_BYTES = 100 << 20  # a safetensors header lists names and shapes: far below this
-
-# classes whose **kwargs go on to another class's constructor
-KWARGS_GO_TO = {"ResidualVQ": "VectorQuantize", "GroupedResidualVQ": "ResidualVQ", "ResidualFSQ": "FSQ",
-                "GroupedResidualFSQ": "ResidualFSQ", "ResidualLFQ": "LFQ", "GroupedResidualLFQ": "ResidualLFQ",
-                "RandomProjectionQuantizer": "VectorQuantize"}
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -52,7 +48,8 @@ def constructor_arguments(name: str) -> set[str]:
     """Every argument a quantizer class (and the classes its **kwargs reach) accepts."""
     parameters = inspect.signature(quantizer_classes()[name].__init__).parameters.values()
     names = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
-    return names | (constructor_arguments(KWARGS_GO_TO[name]) if name in KWARGS_GO_TO else set())
+    further = BY_NAME[name].kwargs_go_to  # the class its **kwargs go on to
+    return names | (constructor_arguments(further) if further else set())
 
 
 def check_bundle(directory: Path, manifest: dict, max_derived_bytes: int | None = None) -> nn.Module:

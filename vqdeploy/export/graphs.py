@@ -12,21 +12,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..grid import GridQuantizer
-from ..grouped import GroupedResidualQuantizer
-from ..random_projection import RandomProjectionQuantizer
-from ..residual import ResidualQuantizer
+from ..registry import family_of
 
 INDEX_DTYPES = {"int64": torch.int64, "int32": torch.int32}
 
 
 def is_residual(quantizer: nn.Module) -> bool:
     """Residual and grouped quantizers: several layers, where -1 marks a dropped one."""
-    return isinstance(quantizer, (ResidualQuantizer, GroupedResidualQuantizer))
+    return family_of(quantizer) in ("residual", "grouped")
 
 
 def has_decoder(quantizer: nn.Module) -> bool:
-    return not isinstance(quantizer, RandomProjectionQuantizer)
+    return family_of(quantizer) != "projection"
 
 
 def _bandwidth_kwargs(quantizer: nn.Module, num_quantizers: int | None) -> dict:
@@ -83,15 +80,16 @@ class DecoderGraph(nn.Module):
 def index_dims(quantizer: nn.Module, num_quantizers: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The fixed sizes around an encoder's token axes: ``(leading, trailing)``, e.g. ((groups,), (k,)) for
     grouped residual indices (groups, b, *tokens, k), ((), (heads,)) for VectorQuantize with heads."""
-    if isinstance(quantizer, GroupedResidualQuantizer):
+    family = family_of(quantizer)
+    if family == "grouped":
         return (quantizer.groups,), (num_quantizers or quantizer.num_quantizers,)
-    if isinstance(quantizer, ResidualQuantizer):
+    if family == "residual":
         return (), (num_quantizers or quantizer.num_quantizers,)
-    if isinstance(quantizer, GridQuantizer):
+    if family == "grid":
         return (), (quantizer.num_codebooks,) if quantizer.keep_num_codebooks_dim else ()
-    if hasattr(quantizer, "level_shapes"):  # HierarchicalVQ: one token sequence, every level's map in order
+    if family == "hierarchical":  # one token sequence, every level's map in order
         return (), ()
-    columns = quantizer.num_codebooks if isinstance(quantizer, RandomProjectionQuantizer) else quantizer.heads
+    columns = quantizer.num_codebooks if family == "projection" else quantizer.heads
     return (), (columns,) if columns > 1 else ()
 
 
@@ -99,14 +97,14 @@ def feature_axis(quantizer: nn.Module, ndim: int) -> int:
     """Which axis of a quantizer's input holds the features (the one axis that is not dynamic)."""
     channel_first = (getattr(quantizer, "accept_image_fmap", False) or not getattr(quantizer, "channel_last", True)
                      or getattr(quantizer, "channel_first", False))
-    image_like = ndim >= 4 and isinstance(quantizer, GridQuantizer) and quantizer.maps_channel_first
+    image_like = ndim >= 4 and family_of(quantizer) == "grid" and quantizer.maps_channel_first
     return 1 if channel_first or image_like else ndim - 1
 
 
 def default_example(quantizer: nn.Module) -> torch.Tensor:
     """A small input in the layout the quantizer expects (batch 2: torch.export specialises sizes 0 and 1)."""
     dim = quantizer.dim
-    if hasattr(quantizer, "level_shapes"):  # HierarchicalVQ: its finest level's size
+    if family_of(quantizer) == "hierarchical":  # its finest level's size
         spatial = quantizer.level_shapes[-1]
         return torch.randn((2, dim, *spatial) if quantizer.channel_first else (2, *spatial, dim))
     if getattr(quantizer, "accept_3d_fmap", False):

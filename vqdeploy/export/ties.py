@@ -52,19 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fsp import FSP
-from ..fsq import FSQ
-from ..grid import CosineSimLinear, GridQuantizer
-from ..grouped import GroupedResidualQuantizer
-from ..hierarchical_vq import HierarchicalVQ
-from ..latent_quantize import LatentQuantize
-from ..sim_vq import SimVQ
+from ..grid import CosineSimLinear
 from ..layout import to_tokens
-from ..lfq import LFQ
-from ..random_projection import RandomProjectionQuantizer
-from ..residual import ResidualQuantizer
-from ..residual_fsq import ResidualFSQ
-from ..vector_quantize import VectorQuantize
+from ..registry import entry_of, family_of
 from .graphs import index_dims, is_residual
 
 NEAR_TIE_RTOL = 2.0 ** -16
@@ -91,7 +81,7 @@ def compare_indices(quantizer: nn.Module, features: torch.Tensor, expected: torc
     if num_differ == 0 or not classify:
         return Agreement(tokens, tokens - num_differ, 0 if classify else None, 0 if classify else None, 0.0)
     rows = differs.nonzero().squeeze(1)
-    if isinstance(quantizer, HierarchicalVQ):
+    if family_of(quantizer) == "hierarchical":
         with torch.no_grad():
             ratios = _hierarchical_ratios(copy.deepcopy(quantizer).cpu().double(), features.detach().cpu(),
                                           expected.reshape(features.shape[0], -1), got.reshape(features.shape[0], -1),
@@ -117,9 +107,10 @@ def compare_indices(quantizer: nn.Module, features: torch.Tensor, expected: torc
 
 def _tokens(quantizer: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """The quantizer's input as tokens (b, n, dim), in the order its indices are laid out."""
-    if isinstance(quantizer, GridQuantizer):
+    family = family_of(quantizer)
+    if family == "grid":
         return quantizer._tokens(features)[0]
-    if isinstance(quantizer, RandomProjectionQuantizer):
+    if family == "projection":
         return features
     return to_tokens(features, quantizer.dim, quantizer.channel_last, quantizer.accept_image_fmap,
                      getattr(quantizer, "channel_last_maps", False))[0]
@@ -147,24 +138,25 @@ def _per_token(quantizer: nn.Module, indices: torch.Tensor) -> torch.Tensor:
 
 def _ratios(quantizer: nn.Module, x, magnitude, expected, got) -> torch.Tensor:
     """m / (NEAR_TIE_RTOL * e) per token at its first differing layer, the worst over groups: (M,)."""
-    if isinstance(quantizer, GroupedResidualQuantizer):
+    family = family_of(quantizer)
+    if family == "grouped":
         chunks = zip(quantizer.rvqs, x.chunk(quantizer.groups, dim=-1), magnitude.chunk(quantizer.groups, dim=-1))
         return torch.stack([_residual_ratios(rvq, xg, mg, expected[:, g], got[:, g])
                             for g, (rvq, xg, mg) in enumerate(chunks)]).amax(dim=0)
-    if isinstance(quantizer, ResidualQuantizer):
+    if family == "residual":
         return _residual_ratios(quantizer, x, magnitude, expected[:, 0], got[:, 0])
-    if isinstance(quantizer, RandomProjectionQuantizer):
+    if family == "projection":
         x, magnitude = _random_projection(quantizer, x, magnitude)
         quantizer = quantizer.vq
     return _layer(quantizer, x, magnitude, expected[:, 0, 0], got[:, 0, 0])[0]
 
 
-def _residual_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> torch.Tensor:
+def _residual_ratios(rvq, x, magnitude, expected, got) -> torch.Tensor:
     """Walk the layers with PyTorch's codes (the same as onnxruntime's up to the first difference)."""
     if (getattr(rvq, "eval_beam_size", None) or 1) > 1:
         return _beam_ratios(rvq, x, magnitude, expected, got)
     residual, magnitude = _projected(rvq.project_in, x, magnitude)
-    if isinstance(rvq, ResidualFSQ) and rvq.bounds_input_once:  # |bound(z)| <= h, with z's error times h
+    if getattr(rvq, "bounds_input_once", False):  # ResidualFSQ's |bound(z)| <= h, with z's error times h
         magnitude = rvq.layers[0].bound_scale() * (1 + magnitude)
     # (1.32.0's soft clamp tanh(z / v) * v moves no value, nor its error, by more than z's own)
     residual = rvq.start_residual(residual)
@@ -182,7 +174,7 @@ def _residual_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> tor
     return ratios
 
 
-def _beam_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> torch.Tensor:
+def _beam_ratios(rvq, x, magnitude, expected, got) -> torch.Tensor:
     """A beam search encoder: onnxruntime's path is a near-tie when its score (minus the weighted commitment
     errors summed over the layers, in float64) is at least PyTorch's within the rounding of that sum; a worse
     path is real.  (A rounding flip of a pruning decision that leads to a clearly worse path is reported as
@@ -205,7 +197,7 @@ def _beam_ratios(rvq: ResidualQuantizer, x, magnitude, expected, got) -> torch.T
     return _ratio(scores[0] - scores[1], torch.maximum(*sizes))
 
 
-def _hierarchical_ratios(hvq: HierarchicalVQ, features, expected, got, wrapped: bool) -> torch.Tensor:
+def _hierarchical_ratios(hvq, features, expected, got, wrapped: bool) -> torch.Tensor:
     """Per token (b, T): each sample's levels are walked with PyTorch's codes (every level depends on all
     coarser ones); the first level where onnxruntime's codes differ decides, with the nearest-code rule on the
     pooled residual (its magnitude: the pooled magnitudes of the input and of every coarser level's output), and
@@ -240,7 +232,7 @@ def _hierarchical_ratios(hvq: HierarchicalVQ, features, expected, got, wrapped: 
     return torch.where(expected != got, sample_ratio[:, None], -torch.inf)
 
 
-def _random_projection(rpq: RandomProjectionQuantizer, x, magnitude):
+def _random_projection(rpq, x, magnitude):
     """The BEST-RQ projection: normalised features through fixed random matrices."""
     normed, magnitude = _projected(rpq.norm, x, magnitude)
     projected = torch.einsum("nd,hde->nhe", normed, rpq.rand_projs).flatten(1)
@@ -279,18 +271,18 @@ def _layer(layer: nn.Module, z, magnitude, expected, got):
     PyTorch's indices select (M, dim))."""
     z, magnitude = _projected(layer.project_in, z, magnitude)
     m = z.shape[0]
-    if isinstance(layer, VectorQuantize):
+    decision = entry_of(layer).decision
+    if decision == "vq_code":
         z, magnitude = z.reshape(m, layer.heads, -1), magnitude.reshape(m, layer.heads, -1)
         ratio, codes = _nearest_code(layer._codebook.codes_for_matching(), layer._codebook.config.use_cosine_sim,
                                      z, magnitude, expected, got)
-    elif isinstance(layer, SimVQ):  # one Euclidean codebook, the transformed frozen codes
+    elif decision == "sim_code":  # one Euclidean codebook, the transformed frozen codes
         ratio, codes = _nearest_code(layer.codebook[None], False, z[:, None], magnitude[:, None],
                                      expected.reshape(m, 1), got.reshape(m, 1))
-    else:
+    else:  # per channel of each codebook
         z, magnitude = z.reshape(m, layer.num_codebooks, -1), magnitude.reshape(m, layer.num_codebooks, -1)
         expected, got = expected.reshape(m, -1), got.reshape(m, -1)
-        decide = {FSQ: _fsq_level, LFQ: _lfq_sign, LatentQuantize: _latent_value, FSP: _fsp_bin}[type(layer)]
-        ratio, codes = decide(layer, z, magnitude, expected, got)
+        ratio, codes = _CHANNEL_DECISIONS[decision](layer, z, magnitude, expected, got)
     ratio = torch.where(expected.reshape(m, -1) != got.reshape(m, -1), ratio, -torch.inf).amax(dim=-1)
     return ratio, layer.project_out(codes.flatten(1))
 
@@ -323,7 +315,7 @@ def _channel_ratio(margin, size, differs):
     return torch.where(differs, _ratio(margin, size), -torch.inf).amax(dim=-1)
 
 
-def _fsq_level(fsq: FSQ, z, magnitude, expected, got):
+def _fsq_level(fsq, z, magnitude, expected, got):
     """Each channel's level is the rounding of its position on the levels (``FSQ.level_position``: the bounded
     value, or the symmetric bound's bracket, after an orthogonal rotation when there is one)."""
     if fsq.orthogonal_rotation:
@@ -337,7 +329,7 @@ def _fsq_level(fsq: FSQ, z, magnitude, expected, got):
     return _channel_ratio(margin, size, ours != theirs), codes
 
 
-def _lfq_sign(lfq: LFQ, z, magnitude, expected, got):
+def _lfq_sign(lfq, z, magnitude, expected, got):
     """Each channel's sign, after the soft clamp and any rotation (the sphere scales a token's channels
     together and never flips a sign); the codes returned are the output's (on the sphere, rotated back)."""
     z = lfq.soft_clamp(z)
@@ -349,7 +341,7 @@ def _lfq_sign(lfq: LFQ, z, magnitude, expected, got):
     return _channel_ratio(margin, magnitude, ours != theirs), lfq.rotate_back(lfq.to_sphere(ours))
 
 
-def _fsp_bin(fsp: FSP, z, magnitude, expected, got):
+def _fsp_bin(fsp, z, magnitude, expected, got):
     """Each channel's bin is the floor of its position (``FSP.level_position``: the CDF activation times the
     levels), i.e. the nearest bin centre k + 1/2."""
     position = fsp.level_position(z)
@@ -360,10 +352,15 @@ def _fsp_bin(fsp: FSP, z, magnitude, expected, got):
     return _channel_ratio(margin, size, ours != theirs), codes
 
 
-def _latent_value(lq: LatentQuantize, z, magnitude, expected, got):
+def _latent_value(lq, z, magnitude, expected, got):
     table = lq.value_table()
     ours, theirs = lq.indices_to_level_indices(expected), lq.indices_to_level_indices(got)
     values, other = lq.level_values(ours, table), lq.level_values(theirs, table)
     margin = ((z - other).abs() - (z - values).abs()) / 2
     size = magnitude + table.abs().amax(dim=-1)
     return _channel_ratio(margin, size, ours != theirs), values
+
+
+# a registry ``decision`` made per channel -> its margins and sizes
+_CHANNEL_DECISIONS = {"fsq_level": _fsq_level, "lfq_sign": _lfq_sign, "latent_value": _latent_value,
+                      "fsp_bin": _fsp_bin}
