@@ -15,7 +15,7 @@ from vqdeploy.audio import compress, decode_blocks, decompress, encode_blocks
 from vqdeploy.cli import main
 from vqdeploy.codestream import FREQUENCIES_FILE, StreamError, StreamSpec
 from vqdeploy.export import BundleError, export, read_manifest
-from vqdeploy.export.audio import decoder_context, encoder_context
+from vqdeploy.export.audio_fields import decoder_context, encoder_context
 from vqdeploy.export.ties import compare_indices
 from vqdeploy.runtime import Session
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import number, positive_int
-from .layout import check_indices_dtype
+from .token_layout import check_indices_dtype
 from .primitives import draw_uniform
 
 NAT = math.log(2)  # one bit, in nats

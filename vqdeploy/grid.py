@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checks import positive_int
-from .layout import check_grid_indices, to_tokens
+from .token_layout import check_grid_indices, to_tokens
 
 
 class CosineSimLinear(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .checks import positive_int
-from .layout import check_indices_dtype, to_tokens
+from .token_layout import check_indices_dtype, to_tokens
 from .residual import ResidualQuantizer, prepare_call
 from .returns import QuantizeLossOutput
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .checks import number, positive_int
 from .config import records_config
-from .layout import check_indices_dtype, lens_to_mask
+from .token_layout import check_indices_dtype, lens_to_mask
 from .vector_quantize import VectorQuantize
 
 

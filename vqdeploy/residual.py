@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .checks import number, positive_int
-from .layout import TokenLayout, check_index_range, check_indices_dtype, to_tokens
+from .token_layout import TokenLayout, check_index_range, check_indices_dtype, to_tokens
 from .primitives import SEED_LIMIT, uniform_from_seed
 from .returns import QuantizeLossOutput, ResidualOutput, ResidualOutputWithCodes
 

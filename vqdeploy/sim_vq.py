@@ -18,7 +18,7 @@ from torch import nn
 
 from .checks import number, positive_int
 from .config import records_config
-from .layout import check_index_range, check_indices_dtype, to_tokens
+from .token_layout import check_index_range, check_indices_dtype, to_tokens
 from .primitives import lookup_codes, masked_mse, nearest_codes, rotate_to
 from .residual import ResidualQuantizer, prepare_call
 from .returns import QuantizeOutput, ResidualOutput, ResidualOutputWithCodes

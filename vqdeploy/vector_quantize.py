@@ -19,7 +19,7 @@ from .config import records_config
 from . import distributed as D
 from .codebooks import Codebook, StepOptions
 from .defaults import release_for
-from .layout import check_index_range, check_indices_dtype, lens_to_mask, to_tokens
+from .token_layout import check_index_range, check_indices_dtype, lens_to_mask, to_tokens
 from .primitives import (codebook_diversity_loss, counts_per_code, directional_reparam, draw_uniform, gather_codes,
                          masked_cross_entropy, masked_mse, normal_from_uniform, orthogonal_loss, rotate_to)
 from .returns import QuantizeLossOutput, QuantizeOutput

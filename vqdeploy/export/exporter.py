@@ -21,7 +21,7 @@ import torch
 from ..bundle_format import (DECODER_FILE, ENCODER_FILE, FORMAT, FREQUENCIES_FILE, MANIFEST, REFERENCE_FILE,
                              WEIGHTS_FILE, BundleError, quantizer_classes, read_manifest, write_manifest)
 from ..config import config_to_json
-from .audio import audio_entry
+from .audio_fields import audio_entry
 from .bundle import load
 from .checks import (MAX_REFERENCE_BYTES, VerifyReport, check_inputs, check_onnx_file, encoder_inputs,
                      load_reference, record_reference, verify_graphs, verify_recorded)

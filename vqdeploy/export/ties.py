@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..grid import CosineSimLinear
-from ..layout import to_tokens
+from ..token_layout import to_tokens
 from ..registry import entry_of, family_of
 from .graphs import index_dims, is_residual
 
